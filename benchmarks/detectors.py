@@ -1,0 +1,83 @@
+"""Time fit and score of every detector on ImageNet-shaped synthetic outputs.
+
+Shapes follow the paper's setting: a 1% ImageNet bank (12,811 x 2048), 50,000 ID and 10,000 OOD queries,
+1000 classes. For knn and nnguide the achieved GFLOP/s of scoring (2 * queries * bank * dim flops for the
+inner products) is printed next to a plain fp32 matmul of the same shape on the same device, the practical
+limit. Usage: python benchmarks/detectors.py [--small] [--device cuda] [--backend torch]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ood_detectors import available_detectors, create_detector  # noqa: E402
+
+
+def synthetic_outputs(n: int, dim: int, classes: int, weight: torch.Tensor, generator: torch.Generator,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    raw = torch.randn(n, dim, generator=generator).relu()
+    return {"feas": torch.nn.functional.normalize(raw, dim=1).to(device),
+            "logits": (raw @ weight).to(device),
+            "labels": torch.randint(0, classes, (n,), generator=generator).to(device)}
+
+
+def timed(fn, device: torch.device, repeats: int = 1):
+    """(result, best seconds over repeats) with the device synchronised around each call."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="10x smaller shapes, for a quick run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto", help="nearest-neighbour search: auto, faiss or torch")
+    parser.add_argument("--repeats", type=int, default=2, help="timings keep the best of this many runs")
+    parser.add_argument("--detectors", nargs="+", default=available_detectors())
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    bank_size, id_size, ood_size, dim, classes = 12811, 50000, 10000, 2048, 1000
+    if args.small:
+        bank_size, id_size, ood_size = bank_size // 10, id_size // 10, ood_size // 10
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(dim, classes, generator=generator) / dim ** 0.5
+    bank = synthetic_outputs(bank_size, dim, classes, weight, generator, device)
+    queries = synthetic_outputs(id_size + ood_size, dim, classes, weight, generator, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; bank {bank_size} x {dim}, queries {id_size} ID + {ood_size} OOD, {classes} classes")
+
+    inner_product_flops = 2 * (id_size + ood_size) * bank_size * dim
+    bank_t = bank["feas"].T.contiguous()
+    _, matmul_seconds = timed(lambda: queries["feas"] @ bank_t, device, args.repeats)
+    matmul_rate = inner_product_flops / matmul_seconds / 1e9
+    print(f"plain matmul ({id_size + ood_size} x {dim}) @ ({dim} x {bank_size}): "
+          f"{matmul_seconds:.3f} s, {matmul_rate:.0f} GFLOP/s")
+
+    print(f"\n| detector | fit (s) | score {id_size + ood_size} (s) | GFLOP/s | % of matmul |")
+    print("|---|---:|---:|---:|---:|")
+    for detector_name in args.detectors:
+        kwargs = {"backend": args.backend} if detector_name in ("knn", "nnguide") else {}
+        detector, fit_seconds = timed(lambda: create_detector(detector_name, **kwargs).fit(bank), device)
+        detector.score_samples(queries)  # warm-up (moves the bank to the device, autotuning)
+        _, score_seconds = timed(lambda: detector.score_samples(queries), device, args.repeats)
+        rate = inner_product_flops / score_seconds / 1e9 if detector_name in ("knn", "nnguide") else None
+        rate_cells = f"{rate:.0f} | {100 * rate / matmul_rate:.0f}%" if rate else "- | -"
+        print(f"| {detector_name} | {fit_seconds:.2f} | {score_seconds:.3f} | {rate_cells} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The detector interface (fit / score_samples, as scikit-learn names them), input checks and the registry."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from sklearn.exceptions import NotFittedError
+
+Outputs = Mapping[str, torch.Tensor]  # "feas" (N, D), "logits" (N, C), "labels" (N,)
+
+_FLOAT_FIELDS = ("feas", "logits")
+
+
+@dataclasses.dataclass(eq=False)
+class OODDetector:
+    """Base class: dataclass fields are hyper-parameters; learned state ends with `_` and is set by `fit`.
+
+    Subclasses name the output fields they read in `fit_fields` / `score_fields` and implement
+    `_fit(outputs)` and `_score(outputs) -> Tensor (N,)`, with higher meaning more in-distribution.
+    """
+
+    fit_fields: ClassVar[tuple[str, ...]] = ("logits",)
+    score_fields: ClassVar[tuple[str, ...]] = ("logits",)
+
+    def fit(self, train_outputs: Outputs) -> "OODDetector":
+        """Learn whatever the score needs from the bank (the training sample); returns self."""
+        outputs = check_outputs(train_outputs, self.fit_fields, where=f"{self.name}.fit")
+        self._fit(outputs)
+        self.dims_ = {field: outputs[field].shape[1] for field in _FLOAT_FIELDS if field in outputs}
+        return self
+
+    def score_samples(self, outputs: Outputs) -> torch.Tensor:
+        """Scores of shape (N,) on the input's device; higher = more in-distribution."""
+        if not hasattr(self, "dims_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(train_outputs) first")
+        checked = check_outputs(outputs, self.score_fields, where=f"{self.name}.score_samples", dims=self.dims_)
+        return self._score(checked)
+
+    def hyper_parameters(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @property
+    def name(self) -> str:
+        return _NAMES.get(type(self), type(self).__name__)
+
+    def _fit(self, outputs: Outputs) -> None:
+        """Most confidence scores learn nothing."""
+
+    def _score(self, outputs: Outputs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def check_outputs(outputs: Outputs, fields: tuple[str, ...], where: str,
+                  dims: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """The named fields as tensors, after checking presence, shapes, dtypes, finiteness and dims seen at fit."""
+    if not isinstance(outputs, Mapping):
+        raise ValueError(f"{where}: outputs must be a dict of tensors, got {type(outputs).__name__}")
+    checked: dict[str, torch.Tensor] = {}
+    for field in fields:
+        if field not in outputs:
+            raise ValueError(f"{where}: outputs lack '{field}' (has: {', '.join(map(str, outputs)) or 'nothing'})")
+        value = outputs[field]
+        tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{where}: '{field}' must be a torch.Tensor, got {type(value).__name__}")
+        if field == "labels":
+            if tensor.ndim != 1 or tensor.is_floating_point():
+                raise ValueError(f"{where}: 'labels' must be a 1-D integer tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+        else:
+            if tensor.ndim != 2 or not tensor.is_floating_point():
+                raise ValueError(f"{where}: '{field}' must be a 2-D float tensor (N, dim), "
+                                 f"got {tensor.dtype} {tuple(tensor.shape)}")
+            if dims is not None and field in dims and tensor.shape[1] != dims[field]:
+                raise ValueError(f"{where}: '{field}' has dimension {tensor.shape[1]} but the detector was "
+                                 f"fitted on dimension {dims[field]} (shape {tuple(tensor.shape)})")
+            bad_rows = (~torch.isfinite(tensor)).any(dim=1).sum().item()
+            if bad_rows:
+                raise ValueError(f"{where}: '{field}' has NaN or inf in {bad_rows} of {tensor.shape[0]} rows")
+        if tensor.shape[0] == 0:
+            raise ValueError(f"{where}: '{field}' is empty (shape {tuple(tensor.shape)})")
+        checked[field] = tensor
+    lengths = {field: tensor.shape[0] for field, tensor in checked.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{where}: fields disagree on the number of samples: {lengths}")
+    return checked
+
+
+# ---- registry: detector name -> class, filled by @register_detector at import -------------------------
+_DETECTORS: dict[str, type[OODDetector]] = {}
+_NAMES: dict[type, str] = {}
+DetectorClass = TypeVar("DetectorClass", bound=type[OODDetector])
+
+
+def register_detector(name: str) -> Callable[[DetectorClass], DetectorClass]:
+    """Class decorator: make the detector available to `create_detector(name)`."""
+    def add(cls: DetectorClass) -> DetectorClass:
+        if name in _DETECTORS:
+            raise KeyError(f"detector '{name}' is registered twice")
+        _DETECTORS[name], _NAMES[cls] = cls, name
+        return cls
+    return add
+
+
+def available_detectors() -> list[str]:
+    return sorted(_DETECTORS)
+
+
+def create_detector(name: str, **hyper_parameters: Any) -> OODDetector:
+    """A new, unfitted detector; unknown names and hyper-parameters are ValueErrors listing the valid ones."""
+    if name not in _DETECTORS:
+        close = difflib.get_close_matches(name, _DETECTORS, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown detector '{name}'{hint}; valid: {', '.join(available_detectors())}")
+    cls = _DETECTORS[name]
+    valid = [field.name for field in dataclasses.fields(cls)]
+    for key in hyper_parameters:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"detector '{name}' has no hyper-parameter '{key}'{hint}; "
+                             f"valid: {', '.join(valid) or 'none'}")
+    return cls(**hyper_parameters)
+
+
+def check_positive_int(value: Any, what: str) -> None:
+    """Hyper-parameter check shared by the detectors: a positive int, else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")

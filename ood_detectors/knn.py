@@ -1,0 +1,40 @@
+"""Deep nearest neighbours (Sun et al., ICML 2022)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ood_detectors.base import OODDetector, Outputs, check_positive_int, register_detector
+from ood_detectors.search import InnerProductSearch
+
+
+@register_detector("knn")
+@dataclasses.dataclass(eq=False)
+class KNN(OODDetector):
+    """score(x) = the k-th largest inner product <z, z_i> over the bank's normalised features z_i.
+
+    For unit vectors this is 1 - d^2/2 of the k-th nearest neighbour, the official "min of the top-k
+    similarities".
+    """
+
+    k: int = 10
+    backend: str = "auto"  # nearest-neighbour search: "auto", "faiss" or "torch"
+
+    fit_fields = ("feas",)
+    score_fields = ("feas",)
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.k, "knn: k")
+
+    def _fit(self, outputs: Outputs) -> None:
+        check_k_fits_bank(self.k, outputs["feas"].shape[0], "knn")
+        self.index_ = InnerProductSearch(outputs["feas"], backend=self.backend)
+
+    def _score(self, outputs: Outputs) -> torch.Tensor:
+        return self.index_.search(outputs["feas"], self.k)[:, -1]
+
+
+def check_k_fits_bank(k: int, bank_size: int, detector: str) -> None:
+    if k > bank_size:
+        raise ValueError(f"{detector}: k={k} is larger than the bank ({bank_size} samples)")

@@ -1,0 +1,56 @@
+"""The two nearest-neighbour search backends agree with brute force and with each other."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ood_detectors import create_detector
+from ood_detectors.search import InnerProductSearch, faiss_available
+
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
+
+
+def random_unit_rows(n: int, dim: int, seed: int) -> torch.Tensor:
+    rows = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=needs_faiss)])
+def test_top_k_equals_brute_force(backend):
+    bank, queries = random_unit_rows(500, 32, seed=0), random_unit_rows(70, 32, seed=1)
+    expected = np.sort((queries @ bank.T).numpy(), axis=1)[:, ::-1][:, :7]
+    found = InnerProductSearch(bank, backend=backend).search(queries, 7)
+    np.testing.assert_allclose(found.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_backend_merges_bank_and_query_chunks_exactly():
+    """Tiny chunk budgets force many query chunks and many bank blocks; the merged top-k must not change."""
+    bank, queries = random_unit_rows(3000, 16, seed=2), random_unit_rows(50, 16, seed=3)
+    whole = InnerProductSearch(bank, backend="torch").search(queries, 5)
+    chunked = InnerProductSearch(bank, backend="torch", chunk_bytes=4 * 7 * 128, bank_block_rows=128)
+    torch.testing.assert_close(chunked.search(queries, 5), whole)  # 8 query chunks x 24 bank blocks
+
+
+@needs_faiss
+@pytest.mark.parametrize("name", ["knn", "nnguide"])
+def test_detectors_score_the_same_with_either_backend(name):
+    feas = random_unit_rows(400, 20, seed=4)
+    bank = {"feas": feas, "logits": torch.randn(400, 5, generator=torch.Generator().manual_seed(5))}
+    test = {"feas": random_unit_rows(60, 20, seed=6), "logits": torch.randn(60, 5)}
+    via_faiss = create_detector(name, backend="faiss").fit(bank).score_samples(test)
+    via_torch = create_detector(name, backend="torch").fit(bank).score_samples(test)
+    torch.testing.assert_close(via_faiss, via_torch, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_clear_errors():
+    bank = random_unit_rows(10, 4, seed=7)
+    index = InnerProductSearch(bank, backend="torch")
+    with pytest.raises(ValueError, match="k=11 must be between 1 and the bank size 10"):
+        index.search(bank, 11)
+    with pytest.raises(ValueError, match=r"queries must have shape \(N, 4\)"):
+        index.search(torch.zeros(3, 5), 1)
+    with pytest.raises(ValueError, match="unknown search backend 'annoy'"):
+        InnerProductSearch(bank, backend="annoy")
+    with pytest.raises(ValueError, match="non-empty 2-D float tensor"):
+        InnerProductSearch(torch.zeros(0, 4))
