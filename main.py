@@ -1,0 +1,71 @@
+"""Command line: parse the flags, resolve the experiment config, run the pipeline, print the table.
+
+    python main.py --model resnet50-supcon --train-data imagenet1k --id-data imagenet1k \
+        --ood-data inaturalist sun places textures openimage-o --detectors energy nnguide knn \
+        --data-root ~/datasets --output-dir logs/run1
+
+The official repository's flag names (--model_name/-m, --ood_detectors, -bs, ...) are accepted as aliases.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from errors import UserError
+from pipeline.config import resolve_experiment
+from pipeline.experiment import run_experiment
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="NNGuide and baselines: OOD detection on cached features.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--config", type=Path, help="experiment YAML (configs/experiments/*.yaml); flags below override it")
+    add("--model", "--model_name", "-m", dest="model", help="configs/models/<name>.yaml")
+    add("--train-data", "--train_data_name", "-td", dest="train_data", help="dataset the bank is drawn from")
+    add("--id-data", "--id_data_name", "-id", dest="id_data", help="in-distribution test dataset")
+    add("--ood-data", "--ood_data_name", "-ood", dest="ood_data", nargs="+", help="OOD test datasets")
+    add("--detectors", "--ood_detectors", dest="detectors", nargs="+", help="configs/detectors/<name>.yaml")
+    add("--data-root", "--data_root_path", dest="data_root", help="folder with the datasets (default ~/datasets)")
+    add("--output-dir", dest="output_dir", help="where results.csv, results.md and config.yaml go")
+    add("--cache-dir", dest="cache_dir", help="feature cache (default saved_model_outputs)")
+    add("--pretrained-dir", dest="pretrained_dir", help="checkpoints (default pretrained_models)")
+    add("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    add("--gpu_idx", "-g", dest="gpu_idx", type=int, help="official alias: --gpu_idx 1 means --device cuda:1")
+    add("--batch-size", "--batch_size", "-bs", dest="batch_size", type=int)
+    add("--num-workers", "--num_workers", "-nw", dest="num_workers", type=int)
+    add("--seed", type=int, help="draws the bank")
+    add("--bank-ratio", dest="bank_ratio", type=float, help="fraction of the train split in the bank (0.01)")
+    add("--amp", choices=["off", "bf16"], help="bf16 autocast for extraction (changes the last digits)")
+    add("--channels-last", dest="channels_last", action="store_true", default=None)
+    add("--download", action="store_true", default=None, help="let torchvision download CIFAR/SVHN")
+    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override any config value, e.g. detectors.nnguide.k=100 or bank_ratio=0.05")
+    add("--debug", action="store_true", help="show the full traceback of user errors")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    flags = {key: value for key, value in vars(args).items()
+             if key not in ("config", "overrides", "debug", "gpu_idx")}
+    if args.gpu_idx is not None:
+        flags["device"] = f"cuda:{args.gpu_idx}"
+    try:
+        config = resolve_experiment(args.config, flags, args.overrides)
+        _, table = run_experiment(config)
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"\nresults: {Path(config.output_dir) / 'results.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The experiment pipeline: typed config -> datasets -> backbone -> cached features -> detectors -> report."""

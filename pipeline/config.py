@@ -1,0 +1,235 @@
+"""Typed, validated configuration: YAML files under configs/ parsed into dataclasses, plus CLI overrides.
+
+Every mistake is a UserError naming the file, the key and the closest valid key. Nothing here is global:
+`resolve_experiment` returns a fresh ExperimentConfig that the rest of the pipeline only reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from dataloaders import DatasetConfig
+from errors import UserError, did_you_mean
+from models import ModelConfig
+from ood_detectors import OODDetector, create_detector
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+Config = TypeVar("Config")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One run: a model, where its bank / ID / OOD images come from, and the detectors to compare."""
+
+    model: str                                    # configs/models/<model>.yaml (or a path to a model YAML)
+    train_data: str                               # dataset whose "train" split the bank is drawn from
+    id_data: str                                  # dataset whose "test" split is the in-distribution test set
+    ood_data: list[str]                           # datasets whose "test" split is an OOD test set, in table order
+    detectors: dict[str, dict[str, Any]]          # table name -> {"detector": registered name, hyper-parameters}
+    data_root: str = "~/datasets"                 # folder holding every dataset in its official layout
+    output_dir: str = "logs/latest"               # results.csv, results.md, config.yaml and plots go here
+    cache_dir: str = "saved_model_outputs"        # extracted features, reused across runs
+    pretrained_dir: str = "pretrained_models"     # checkpoints looked up here, then in the torch hub cache
+    device: str = "auto"                          # "auto" = CUDA when available, else CPU; or "cuda:1", "cpu"
+    batch_size: int = 64                          # images per forward pass
+    num_workers: int = 8                          # DataLoader worker processes
+    seed: int = 0                                 # draws the bank: RandomState(seed).permutation of the train split
+    bank_ratio: float = 0.01                      # fraction of the train split in the bank; 1.0 = all of it
+    amp: str = "off"                              # "bf16" autocast for extraction (changes the last digits)
+    channels_last: bool = False                   # channels_last memory format for extraction
+    download: bool = False                        # let torchvision download CIFAR / SVHN when missing
+    chunk_size: int = 10000                       # images per cache file; a restart resumes at this grain
+
+    def __post_init__(self) -> None:
+        checks = [(self.batch_size > 0, "batch_size", "a positive integer"),
+                  (self.num_workers >= 0, "num_workers", "zero or more"),
+                  (0 < self.bank_ratio <= 1, "bank_ratio", "in (0, 1]"),
+                  (self.amp in ("off", "bf16"), "amp", "'off' or 'bf16'"),
+                  (self.chunk_size > 0, "chunk_size", "a positive integer"),
+                  (len(self.ood_data) > 0, "ood_data", "at least one dataset"),
+                  (len(self.detectors) > 0, "detectors", "at least one detector")]
+        for ok, key, expected in checks:
+            if not ok:
+                raise UserError(f"config key '{key}' must be {expected}, got {getattr(self, key)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- YAML -> dataclass -----------------------------------------------------------------------------
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping via safe_load; syntax errors name the file and line."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise UserError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def from_mapping(cls: type[Config], data: Mapping[str, Any], source: str) -> Config:
+    """Build dataclass `cls` from `data`, checking unknown and missing keys and every value's type."""
+    hints = typing.get_type_hints(cls)
+    fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
+    for key in data:
+        if key not in fields:
+            raise UserError(f"{source}: unknown key '{key}'{did_you_mean(str(key), fields)}; "
+                            f"valid keys: {', '.join(fields)}")
+    missing = [name for name, field in fields.items() if name not in data
+               and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{source}: missing key(s): {', '.join(missing)}")
+    values = {key: _coerce(value, hints[key], f"{source}: key '{key}'") for key, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(value: Any, expected: Any, where: str) -> Any:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if expected is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, inner, where)
+    if dataclasses.is_dataclass(expected):
+        if not isinstance(value, Mapping):
+            raise UserError(f"{where} must be a mapping, got {value!r}")
+        return from_mapping(expected, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        return [_coerce(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UserError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise UserError(f"{where} must be a mapping, got {value!r}")
+        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if expected in (str, bool) and isinstance(value, expected):
+        return value
+    raise UserError(f"{where} must be {getattr(expected, '__name__', expected)}, got {value!r}")
+
+
+# ---- named configs under configs/ --------------------------------------------------------------------
+
+def available(kind: str) -> list[str]:
+    """Names of the YAML files in configs/<kind>/."""
+    return sorted(path.stem for path in (CONFIG_ROOT / kind).glob("*.yaml"))
+
+
+def _named_config_path(kind: str, name: str, what: str) -> Path:
+    """configs/<kind>/<name>.yaml, or `name` itself when it is a path to a YAML file."""
+    if name.endswith((".yaml", ".yml")):
+        if not Path(name).is_file():
+            raise UserError(f"{what} config file not found: {name}")
+        return Path(name)
+    path = CONFIG_ROOT / kind / f"{name}.yaml"
+    if not path.is_file():
+        choices = available(kind)
+        raise UserError(f"unknown {what} '{name}'{did_you_mean(name, choices)}; valid: {', '.join(choices)} "
+                        f"(add one as {CONFIG_ROOT / kind / (name + '.yaml')})")
+    return path
+
+
+def load_model_config(name: str) -> ModelConfig:
+    path = _named_config_path("models", name, "model")
+    return from_mapping(ModelConfig, {"name": path.stem, **load_yaml(path)}, str(path))
+
+
+def load_dataset_config(name: str) -> DatasetConfig:
+    path = _named_config_path("datasets", name, "dataset")
+    return from_mapping(DatasetConfig, {"name": path.stem, **load_yaml(path)}, str(path))
+
+
+def load_detector_config(name: str) -> dict[str, Any]:
+    """{"detector": registered name, **hyper-parameters} from configs/detectors/<name>.yaml."""
+    path = _named_config_path("detectors", name, "detector")
+    data = load_yaml(path)
+    if not isinstance(data.get("detector"), str):
+        raise UserError(f"{path}: missing key 'detector' (the registered detector this config sets up)")
+    return data
+
+
+# ---- the experiment: defaults <- --config YAML <- CLI flags <- --set -------------------------------
+
+def resolve_experiment(experiment_file: Path | None, flags: Mapping[str, Any],
+                       overrides: list[str]) -> ExperimentConfig:
+    """Merge an experiment YAML, the CLI flags that were given, and `--set key.path=value` overrides."""
+    merged: dict[str, Any] = {}
+    source = "command line"
+    if experiment_file is not None:
+        merged.update(load_yaml(experiment_file))
+        source = f"{experiment_file} + command line"
+    merged.update({key: value for key, value in flags.items() if value is not None})
+    if isinstance(merged.get("detectors"), list):
+        merged["detectors"] = {name: load_detector_config(name) for name in merged["detectors"]}
+    for override in overrides:
+        _apply_override(merged, override)
+    config = from_mapping(ExperimentConfig, merged, source)
+    # fail now, not after hours of extraction: every name must exist and every hyper-parameter be valid
+    for table_name, detector_config in config.detectors.items():
+        build_detector(table_name, detector_config)
+    load_model_config(config.model)
+    for name in dict.fromkeys([config.train_data, config.id_data, *config.ood_data]):
+        load_dataset_config(name)
+    return config
+
+
+def build_detector(table_name: str, detector_config: dict[str, Any]) -> OODDetector:
+    """An unfitted detector from its config entry {"detector": registered name, **hyper-parameters}."""
+    if not isinstance(detector_config, dict) or not isinstance(detector_config.get("detector"), str):
+        raise UserError(f"detector '{table_name}': expected a mapping with a 'detector' key, got {detector_config!r}")
+    hyper_parameters = {key: value for key, value in detector_config.items() if key != "detector"}
+    try:
+        return create_detector(detector_config["detector"], **hyper_parameters)
+    except ValueError as error:
+        where = "" if table_name == detector_config["detector"] else f"detector '{table_name}': "
+        raise UserError(f"{where}{error}") from None
+
+
+def _apply_override(merged: dict[str, Any], override: str) -> None:
+    """`a.b.c=value`: set merged[a][b][c], the value parsed as YAML (so 10 is an int, 0.5 a float)."""
+    path, sep, raw_value = override.partition("=")
+    if not sep or not path:
+        raise UserError(f"--set '{override}': expected key.path=value, e.g. detectors.nnguide.k=100")
+    keys = path.split(".")
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError:
+        raise UserError(f"--set '{override}': the value is not valid YAML") from None
+    valid_top = [field.name for field in dataclasses.fields(ExperimentConfig)]
+    if keys[0] not in valid_top:
+        raise UserError(f"--set '{override}': unknown key '{keys[0]}'{did_you_mean(keys[0], valid_top)}; "
+                        f"valid keys: {', '.join(valid_top)}")
+    node = merged
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if not isinstance(child, dict):
+            choices = [str(k) for k in node] if depth else valid_top
+            raise UserError(f"--set '{override}': '{'.'.join(keys[:depth + 1])}' is not set or not a mapping"
+                            f"{did_you_mean(key, choices)}")
+        node = child
+    node[keys[-1]] = value

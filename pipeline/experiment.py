@@ -1,0 +1,147 @@
+"""One experiment, top to bottom: datasets -> backbone -> cached features -> detectors -> metrics."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataloaders import ImageDataset, bank_indices, build_dataset
+from errors import UserError
+from models import Backbone, ModelConfig, apply_react, build_backbone, file_sha256, react_threshold, resolve_checkpoint
+from ood_detectors.metrics import ood_metrics
+from pipeline.config import ExperimentConfig, build_detector, load_dataset_config, load_model_config
+from pipeline.extract import ExtractionSettings, FeatureExtractor
+from pipeline.report import write_results
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RawFeatures:
+    """Cached penultimate features (before any clipping) and labels of one image set."""
+
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray    # (N,) int64, -1 = unlabelled
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def model_outputs(raw: RawFeatures, classifier: torch.nn.Linear, clip: float | None,
+                  device: torch.device, name: str) -> dict[str, torch.Tensor]:
+    """What detectors see: L2-normalised features and logits of the (ReAct-clipped) raw features."""
+    features = torch.from_numpy(raw.features).to(device)
+    bad_rows = int((~torch.isfinite(features)).any(dim=1).sum())
+    if bad_rows:
+        raise UserError(f"{name}: {bad_rows} of {len(features)} feature rows are NaN or inf "
+                        f"(check the images and weights, then re-extract with a fresh --cache-dir)")
+    if clip is not None:
+        features = apply_react(features, clip)
+    with torch.inference_mode():
+        logits = classifier(features)
+    return {"feas": torch.nn.functional.normalize(features, dim=1), "logits": logits,
+            "labels": torch.from_numpy(raw.labels).to(device)}
+
+
+class Experiment:
+    """Extracts what the config names (each image set once, from the cache when possible) and scores it."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.data_root = Path(config.data_root).expanduser()
+        self.model_config: ModelConfig = load_model_config(config.model)
+        checkpoint = resolve_checkpoint(self.model_config, Path(config.pretrained_dir))
+        self.backbone: Backbone = build_backbone(self.model_config, Path(config.pretrained_dir))
+        self.transform = self.model_config.transform.build()
+        model_key = {"model": self.model_config.name, "architecture": self.model_config.architecture,
+                     "checkpoint_sha256": file_sha256(checkpoint),
+                     "transform": dataclasses.asdict(self.model_config.transform)}
+        settings = ExtractionSettings(self.device, config.batch_size, config.num_workers, config.amp,
+                                      config.channels_last, config.chunk_size)
+        self.extractor = FeatureExtractor(self.backbone, model_key, Path(config.cache_dir), settings)
+        self.skipped_files: dict[str, list[str]] = {}
+
+    def _dataset(self, name: str, split: str) -> ImageDataset:
+        dataset = build_dataset(load_dataset_config(name), split, self.data_root, self.transform,
+                                self.config.download)
+        if dataset.skipped:
+            self.skipped_files[f"{name}/{split}"] = dataset.skipped
+        return dataset
+
+    def bank(self, train: ImageDataset) -> RawFeatures:
+        """The first int(N * bank_ratio) images of RandomState(seed).permutation(N) over the train split."""
+        order = bank_indices(len(train), 1.0, self.config.seed)  # the bank is a prefix of this order
+        size = len(bank_indices(len(train), self.config.bank_ratio, self.config.seed))
+        ordered = train.subset(order)
+        key = {"dataset": self.config.train_data, "split": "train", "images": train.fingerprint(),
+               "order": f"RandomState({self.config.seed}).permutation"}
+        features = self.extractor.features(ordered, key, f"{self.config.train_data}-train-seed{self.config.seed}",
+                                           num_rows=size)
+        return RawFeatures(features, ordered.labels[:size])
+
+    def test_set(self, name: str, dataset: ImageDataset) -> RawFeatures:
+        key = {"dataset": name, "split": "test", "images": dataset.fingerprint(), "order": "dataset"}
+        return RawFeatures(self.extractor.features(dataset, key, f"{name}-test"), dataset.labels)
+
+    def run(self) -> list[dict]:
+        """One result row per (OOD set, detector), metrics and ID accuracy in percent."""
+        config = self.config
+        # every folder is listed before anything is extracted, so a missing OOD set fails in seconds
+        train = self._dataset(config.train_data, "train")
+        test_sets = {name: self._dataset(name, "test") for name in dict.fromkeys([config.id_data, *config.ood_data])}
+        bank_size = len(bank_indices(len(train), config.bank_ratio, config.seed))
+        for table_name, detector_config in config.detectors.items():
+            k = detector_config.get("k")
+            if isinstance(k, int) and k > bank_size:
+                raise UserError(f"detector '{table_name}': k={k} is larger than the bank ({bank_size} images = "
+                                f"{config.bank_ratio} x {len(train)}); lower k or raise bank_ratio")
+        bank_raw = self.bank(train)
+        test_raws = {name: self.test_set(name, dataset) for name, dataset in test_sets.items()}
+        id_raw = test_raws[config.id_data]
+        ood_raws = {name: test_raws[name] for name in config.ood_data}
+
+        clip = None
+        if self.model_config.react_percentile is not None:
+            clip = react_threshold(bank_raw.features, self.model_config.react_percentile)
+            log.info("ReAct: clipping features at %.4f, the %.2f quantile of the bank", clip,
+                     self.model_config.react_percentile)
+        classifier = self.backbone.classifier.to(self.device)
+        bank = model_outputs(bank_raw, classifier, clip, self.device, f"{config.train_data} bank")
+        id_outputs = model_outputs(id_raw, classifier, clip, self.device, config.id_data)
+        ood_outputs = {name: model_outputs(raw, classifier, clip, self.device, name) for name, raw in ood_raws.items()}
+        id_accuracy = 100 * (id_outputs["logits"].argmax(dim=1) == id_outputs["labels"]).float().mean().item()
+
+        rows = []
+        for table_name, detector_config in config.detectors.items():
+            detector = build_detector(table_name, detector_config).fit(bank)
+            id_scores = detector.score_samples(id_outputs)
+            for ood_name, outputs in ood_outputs.items():
+                ood_scores = detector.score_samples(outputs)
+                metrics = ood_metrics(id_scores, ood_scores)
+                rows.append({"model": self.model_config.name, "train_data": config.train_data, "id_data": config.id_data,
+                             "ood_data": ood_name, "detector": table_name,
+                             **{name: 100 * metrics[name] for name in ("auroc", "fpr95", "aupr_in", "aupr_out",
+                                                                        "dtacc", "fpr95_ood_positive")},
+                             "id_acc": id_accuracy})
+        return rows
+
+
+def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
+    """Run the experiment and write its results; returns the rows and the terminal table."""
+    experiment = Experiment(config)
+    rows = experiment.run()
+    provenance = {"torch": str(torch.__version__), "device": str(experiment.device),
+                  "skipped_non_image_files": {name: len(files) for name, files in experiment.skipped_files.items()}}
+    table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance)
+    return rows, table

@@ -1,0 +1,67 @@
+"""Results as a paper-style table (terminal and markdown), results.csv, and the resolved config."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.cache import write_atomically
+
+CSV_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95", "aupr_in",
+               "aupr_out", "dtacc", "id_acc"]
+
+
+def paper_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Detectors x (each OOD set, Average), two cells each: FPR95 (lower is better) and AUROC."""
+    ood_sets = list(dict.fromkeys(row["ood_data"] for row in rows))
+    detectors = list(dict.fromkeys(row["detector"] for row in rows))
+    cells = {(row["detector"], row["ood_data"]): row for row in rows}
+    header = ["Detector"] + [f"{name} {metric}" for name in [*ood_sets, "Average"]
+                             for metric in ("FPR95", "AUROC")]
+    table = [header]
+    for detector in detectors:
+        results = [cells[(detector, name)] for name in ood_sets]
+        line = [detector]
+        for row in results:
+            line += [f"{row['fpr95']:.2f}", f"{row['auroc']:.2f}"]
+        line += [f"{sum(r['fpr95'] for r in results) / len(results):.2f}",
+                 f"{sum(r['auroc'] for r in results) / len(results):.2f}"]
+        table.append(line)
+    return table
+
+
+def format_markdown(table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" + "---:|" * (len(table[0]) - 1)]
+    lines += ["| " + " | ".join(line) + " |" for line in table[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def format_terminal(table: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    rendered = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+                for line in table]
+    rendered.insert(1, "-" * len(rendered[0]))
+    return "\n".join(rendered)
+
+
+def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config: dict[str, Any],
+                  provenance: dict[str, Any]) -> str:
+    """Writes results.csv, results.md and config.yaml to output_dir; returns the terminal table."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: repr(value) if isinstance(value, float) else value for key, value in row.items()}
+                     for row in rows)
+    table = paper_table(rows)
+    first = rows[0]
+    title = (f"# {first['model']}: ID {first['id_data']}, bank from {first['train_data']} "
+             f"(ID accuracy {first['id_acc']:.2f}%)\n\nFPR95 (lower is better) and AUROC, in percent.\n\n")
+    documents = {"results.csv": buffer.getvalue(), "results.md": title + format_markdown(table),
+                 "config.yaml": yaml.safe_dump({**resolved_config, "provenance": provenance}, sort_keys=False)}
+    for name, text in documents.items():
+        write_atomically(output_dir / name, lambda path, text=text: path.write_text(text))
+    return format_terminal(table)

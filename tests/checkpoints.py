@@ -1,0 +1,50 @@
+"""Random-initialised checkpoints in the real file layouts, so tests never need downloaded weights."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+
+def write_supcon_checkpoint(path: Path, seed: int = 0, num_classes: int = 1000,
+                            data_parallel: bool = False) -> dict[str, Tensor]:
+    """A resnet50 saved as the SupCon training scripts save it; returns the torchvision state dict it holds.
+
+    `data_parallel` adds the 'module.' that nn.DataParallel puts inside the encoder's names.
+    """
+    torch.manual_seed(seed)
+    state_dict = _randomised_state_dict(torchvision.models.resnet50(num_classes=num_classes))
+    encoder = "encoder.module." if data_parallel else "encoder."
+    projection_head = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
+    model_state_dict = {(key if key.startswith("fc.") else encoder + key): tensor
+                        for key, tensor in state_dict.items()}
+    model_state_dict |= {f"head.{key}": tensor for key, tensor in projection_head.state_dict().items()}
+    opt = argparse.Namespace(model="resnet50", dataset="imagenet", method="SupCon", learning_rate=0.5,
+                             temp=0.1, batch_size=1024, epochs=700)
+    torch.save({"opt": opt, "model_state_dict": model_state_dict, "epoch": 700}, path)
+    return state_dict
+
+
+def write_torchvision_checkpoint(path: Path, architecture: str, seed: int = 0, num_classes: int = 1000,
+                                 **model_kwargs: object) -> dict[str, Tensor]:
+    """A torchvision model's plain state dict (as on download.pytorch.org); returns that state dict.
+
+    `model_kwargs` go to the torchvision builder, e.g. image_size=32 for vit_b_16.
+    """
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(architecture, num_classes=num_classes, **model_kwargs)
+    state_dict = _randomised_state_dict(model)
+    torch.save(state_dict, path)
+    return state_dict
+
+
+def _randomised_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Random BatchNorm statistics too, so a test notices buffers that were not loaded."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.state_dict()

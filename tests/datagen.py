@@ -1,0 +1,110 @@
+"""Small deterministic datasets on disk, in each format dataloaders/ reads, for tests to build on."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+
+FLAT_JUNK = ("fake.jpg", "notes.txt")  # the non-image files write_flat_folder adds
+
+
+def random_pixels(rng: np.random.Generator, count: int, height: int, width: int) -> np.ndarray:
+    """uint8 array of shape (count, height, width, 3) with random colours."""
+    return rng.integers(0, 256, size=(count, height, width, 3), dtype=np.uint8)
+
+
+def _save_images(paths: list[Path], pixels: np.ndarray) -> list[Path]:
+    for path, image in zip(paths, pixels):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    return paths
+
+
+def write_class_folders(root: Path, classes: list[str], per_class: int, size: tuple[int, int] = (40, 48),
+                        seed: int = 0) -> list[Path]:
+    """JPEGs `root/<class>/img<j>.JPEG` (ImageNet layout); size is (width, height). Returns the files."""
+    rng = np.random.default_rng(seed)
+    paths = [Path(root) / name / f"img{j}.JPEG" for name in classes for j in range(per_class)]
+    return _save_images(paths, random_pixels(rng, len(paths), size[1], size[0]))
+
+
+def write_class_index_folders(root: Path, num_classes: int, per_class: int, size: tuple[int, int] = (32, 32),
+                              seed: int = 0) -> list[Path]:
+    """JPEGs `root/<class index>/<j>.jpeg` (ImageNet-V2 layout). Returns the files, label-major."""
+    rng = np.random.default_rng(seed)
+    paths = [Path(root) / str(label) / f"{j}.jpeg" for label in range(num_classes) for j in range(per_class)]
+    return _save_images(paths, random_pixels(rng, len(paths), size[1], size[0]))
+
+
+def write_flat_folder(root: Path, count: int, size: tuple[int, int] = (32, 32), with_junk: bool = True,
+                      seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """`count` images `img<i>.jpg` / `img<i>.png` (alternating) directly in `root`, plus FLAT_JUNK.
+
+    Returns (images in natural name order, junk files in name order); `fake.jpg` holds text.
+    """
+    rng = np.random.default_rng(seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    paths = [Path(root) / f"img{i}.{'png' if i % 2 else 'jpg'}" for i in range(count)]
+    images = _save_images(paths, random_pixels(rng, count, size[1], size[0]))
+    junk = [Path(root) / name for name in FLAT_JUNK] if with_junk else []
+    for path in junk:
+        path.write_text("not an image\n")
+    return images, junk
+
+
+def _balanced_labels(rng: np.random.Generator, num_classes: int, per_class: int) -> np.ndarray:
+    return rng.permutation(np.repeat(np.arange(num_classes), per_class)).astype(np.int64)
+
+
+def _write_batch(path: Path, images: np.ndarray, labels: dict[str, list[int]]) -> None:
+    """One pickle batch as the official files hold it: data (N, 3072) channel-major rows, label lists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = {"batch_label": path.name, "filenames": [f"{path.name}_{i}.png" for i in range(len(images))],
+             "data": images.transpose(0, 3, 1, 2).reshape(len(images), -1), **labels}
+    with path.open("wb") as stream:
+        pickle.dump(batch, stream, protocol=2)
+
+
+def write_cifar10(root: Path, per_class: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`root/cifar-10-batches-py/{data_batch_1..5,test_batch}`, each with `per_class` images per class.
+
+    Returns batch file name -> (images (N, 32, 32, 3) uint8, labels (N,) int64).
+    """
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = _balanced_labels(rng, 10, per_class)
+        images = random_pixels(rng, len(labels), 32, 32)
+        _write_batch(Path(root) / "cifar-10-batches-py" / name, images, {"labels": labels.tolist()})
+        written[name] = (images, labels)
+    return written
+
+
+def write_cifar100(root: Path, per_class: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`root/cifar-100-python/{train,test}` with fine and coarse labels; returns name -> (images, fine labels)."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in ("train", "test"):
+        labels = _balanced_labels(rng, 100, per_class)
+        images = random_pixels(rng, len(labels), 32, 32)
+        _write_batch(Path(root) / "cifar-100-python" / name, images,
+                     {"fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist()})
+        written[name] = (images, labels)
+    return written
+
+
+def write_svhn(root: Path, split: str, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`root/<split>_32x32.mat` with X (32, 32, 3, N) and y (N, 1) in 1..10 (10 = digit 0).
+
+    Returns (images (N, 32, 32, 3) uint8, digit labels (N,) int64 in 0..9).
+    """
+    rng = np.random.default_rng(seed)
+    images = random_pixels(rng, count, 32, 32)
+    labels = rng.permutation(np.arange(count) % 10).astype(np.int64)  # every digit once count >= 10
+    Path(root).mkdir(parents=True, exist_ok=True)
+    digits = np.where(labels == 0, 10, labels).astype(np.uint8)[:, None]  # (N, 1)
+    scipy.io.savemat(Path(root) / f"{split}_32x32.mat", {"X": images.transpose(1, 2, 3, 0), "y": digits})
+    return images, labels

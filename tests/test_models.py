@@ -1,0 +1,225 @@
+"""Backbones load real checkpoint layouts strictly and reproduce the torchvision models they wrap."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import pathlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from errors import UserError
+from models import (ARCHITECTURES, Backbone, ModelConfig, TransformConfig, apply_react, build_backbone, file_sha256,
+                    react_threshold, resolve_checkpoint)
+from tests.checkpoints import write_supcon_checkpoint, write_torchvision_checkpoint
+
+SUPCON = ModelConfig(name="resnet50-supcon", architecture="resnet50", checkpoint="resnet50-supcon.pt",
+                     checkpoint_format="supcon", checkpoint_url="https://example.org/resnet50-supcon.pt")
+
+
+@pytest.fixture(scope="module")
+def supcon_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    path = tmp_path_factory.mktemp("pretrained") / SUPCON.checkpoint
+    return path, write_supcon_checkpoint(path)
+
+
+def resave_supcon(source: Path, target: Path, edit: Callable[[dict], object]) -> None:
+    """Copies a SupCon checkpoint with `edit` applied to its model_state_dict."""
+    checkpoint = torch.load(source, weights_only=False)
+    edit(checkpoint["model_state_dict"])
+    torch.save(checkpoint, target)
+
+
+@torch.no_grad()
+def test_supcon_checkpoint_reproduces_torchvision_resnet50(supcon_file):
+    path, state_dict = supcon_file
+    reference = torchvision.models.resnet50()
+    reference.load_state_dict(state_dict)
+    reference.eval()
+    fc_inputs = []
+    reference.fc.register_forward_hook(lambda module, inputs, output: fc_inputs.append(inputs[0]))
+    images = torch.randn(2, 3, 64, 64)
+
+    backbone = build_backbone(SUPCON, path.parent)
+    features, logits = backbone(images)
+
+    assert not backbone.training and backbone.feature_dim == 2048
+    torch.testing.assert_close(logits, reference(images))
+    torch.testing.assert_close(features, fc_inputs[0])
+    torch.testing.assert_close(backbone.features(images), features)
+    torch.testing.assert_close(backbone.classifier(features), logits)
+
+
+def test_supcon_checkpoint_saved_from_data_parallel_loads_the_same_weights(tmp_path, supcon_file):
+    def wrap_encoder(state):
+        for key in [key for key in state if key.startswith("encoder.")]:
+            state[key.replace("encoder.", "encoder.module.")] = state.pop(key)
+    resave_supcon(supcon_file[0], tmp_path / SUPCON.checkpoint, wrap_encoder)
+
+    backbone = build_backbone(SUPCON, tmp_path)
+
+    fc = {f"fc.{key}": tensor for key, tensor in backbone.classifier.state_dict().items()}
+    loaded = backbone.trunk.state_dict() | fc
+    torch.testing.assert_close(loaded, supcon_file[1])
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES.names())
+@torch.no_grad()
+def test_trunk_and_classifier_reproduce_the_torchvision_forward(architecture):
+    model, head = ARCHITECTURES.get(architecture)(10, 32)
+    model.eval()
+    head_inputs = []
+    model.get_submodule(head).register_forward_hook(lambda module, inputs, output: head_inputs.append(inputs[0]))
+    images = torch.randn(2, 3, 32, 32)
+    expected_logits = model(images)
+
+    features, logits = Backbone(model, head).eval()(images)
+
+    torch.testing.assert_close(logits, expected_logits)
+    torch.testing.assert_close(features, head_inputs[0])
+
+
+@torch.no_grad()
+def test_torchvision_checkpoint_loads_strictly(tmp_path):
+    state_dict = write_torchvision_checkpoint(tmp_path / "mobilenet_v2-7ebf99e0.pth", "mobilenet_v2")
+    config = ModelConfig(name="mobilenet_v2", architecture="mobilenet_v2", checkpoint="mobilenet_v2-7ebf99e0.pth",
+                         checkpoint_format="torchvision", transform=TransformConfig(resize=64, crop=64))
+    reference = torchvision.models.mobilenet_v2()
+    reference.load_state_dict(state_dict)
+    images = torch.randn(2, 3, 64, 64)
+
+    features, logits = build_backbone(config, tmp_path)(images)
+
+    assert features.shape == (2, 1280)
+    torch.testing.assert_close(logits, reference.eval()(images))
+
+
+def test_missing_checkpoint_names_where_it_looked_and_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(UserError) as error:
+        resolve_checkpoint(SUPCON, tmp_path / "pretrained")
+    message = str(error.value)
+    assert "resnet50-supcon.pt" in message and "\n" not in message
+    assert str(tmp_path / "pretrained") in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert SUPCON.checkpoint_url in message
+
+
+def test_resolve_checkpoint_prefers_a_given_path_then_the_pretrained_dir_then_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    in_hub = tmp_path / "hub" / "checkpoints" / SUPCON.checkpoint
+    in_hub.parent.mkdir(parents=True)
+    in_hub.write_bytes(b"")
+    assert resolve_checkpoint(SUPCON, tmp_path / "pretrained") == in_hub
+
+    in_pretrained = tmp_path / "pretrained" / SUPCON.checkpoint
+    in_pretrained.parent.mkdir()
+    in_pretrained.write_bytes(b"")
+    assert resolve_checkpoint(SUPCON, tmp_path / "pretrained") == in_pretrained
+
+    given = dataclasses.replace(SUPCON, checkpoint=str(in_hub))
+    assert resolve_checkpoint(given, tmp_path / "pretrained") == in_hub
+
+
+def test_checkpoint_missing_an_encoder_tensor_is_refused(tmp_path, supcon_file):
+    resave_supcon(supcon_file[0], tmp_path / SUPCON.checkpoint,
+                  lambda state: state.pop("encoder.layer1.0.conv1.weight"))
+    with pytest.raises(UserError, match=r"1 missing: layer1\.0\.conv1\.weight$"):
+        build_backbone(SUPCON, tmp_path)
+
+
+def test_checkpoint_with_extra_tensors_is_refused(tmp_path, supcon_file):
+    def add_extras(state):
+        state.update({f"encoder.extra{index}.weight": torch.zeros(1) for index in range(5)})
+    resave_supcon(supcon_file[0], tmp_path / SUPCON.checkpoint, add_extras)
+    with pytest.raises(UserError, match=r"5 unexpected: extra0\.weight, extra1\.weight, extra2\.weight, \.\.\.$"):
+        build_backbone(SUPCON, tmp_path)
+
+
+def test_checkpoint_for_another_number_of_classes_is_refused(tmp_path, supcon_file):
+    def keep_ten_classes(state):
+        state["fc.weight"], state["fc.bias"] = state["fc.weight"][:10], state["fc.bias"][:10]
+    resave_supcon(supcon_file[0], tmp_path / SUPCON.checkpoint, keep_ten_classes)
+    with pytest.raises(UserError, match=r"2 mis-shaped: fc\.weight \(10, 2048\) != \(1000, 2048\), fc\.bias"):
+        build_backbone(SUPCON, tmp_path)
+
+
+def test_torchvision_state_dict_given_as_supcon_is_refused(tmp_path):
+    write_torchvision_checkpoint(tmp_path / SUPCON.checkpoint, "mobilenet_v2")
+    with pytest.raises(UserError, match="no 'model_state_dict'.*checkpoint_format"):
+        build_backbone(SUPCON, tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n", b""])
+def test_file_that_is_not_a_checkpoint_is_refused(tmp_path, content):
+    (tmp_path / SUPCON.checkpoint).write_bytes(content)
+    with pytest.raises(UserError, match=f"{re.escape(str(tmp_path / SUPCON.checkpoint))} is not a PyTorch checkpoint"):
+        build_backbone(SUPCON, tmp_path)
+
+
+@pytest.mark.parametrize("legacy_format", [False, True])
+def test_truncated_checkpoint_is_refused(tmp_path, legacy_format):
+    path = tmp_path / SUPCON.checkpoint
+    torch.save({"model_state_dict": {"encoder.conv1.weight": torch.zeros(1000)}}, path,
+               _use_new_zipfile_serialization=not legacy_format)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        build_backbone(SUPCON, tmp_path)
+
+
+@pytest.mark.parametrize("forbidden, name", [
+    (os.system, "system"),                                 # a function: unpickling could run code
+    (pathlib.PurePosixPath("/data"), "pathlib.PurePosixPath"),  # a class outside the allowlist
+])
+def test_checkpoint_holding_a_forbidden_global_is_refused(tmp_path, forbidden, name):
+    torch.save({"opt": argparse.Namespace(data_folder=forbidden), "model_state_dict": {}},
+               tmp_path / SUPCON.checkpoint)
+    with pytest.raises(UserError, match=f"refused to load .*{name}"):
+        build_backbone(SUPCON, tmp_path)
+
+
+def test_model_config_rejects_unknown_names_and_bad_react_percentile():
+    with pytest.raises(UserError, match="unknown architecture 'resnet5'.*did you mean 'resnet50'"):
+        dataclasses.replace(SUPCON, architecture="resnet5")
+    with pytest.raises(UserError, match="unknown checkpoint format 'timm'; valid: supcon, torchvision"):
+        dataclasses.replace(SUPCON, checkpoint_format="timm")
+    with pytest.raises(UserError, match="react_percentile"):
+        dataclasses.replace(SUPCON, react_percentile=95)
+
+
+def test_react_threshold_is_the_quantile_of_all_bank_activations_and_clips_above_it():
+    bank_features = np.random.default_rng(0).exponential(size=(100, 16)).astype(np.float32)
+    threshold = react_threshold(bank_features, 0.9)
+    assert threshold == pytest.approx(np.quantile(bank_features.ravel(), 0.9))
+
+    features = torch.tensor([[0.5 * threshold, 2.0 * threshold]])
+    clipped = apply_react(features, threshold)
+    torch.testing.assert_close(clipped, torch.tensor([[0.5 * threshold, threshold]]))
+    assert features[0, 1] == 2.0 * threshold
+
+
+def test_transform_crops_and_normalises():
+    mean_colour = tuple(round(255 * channel) for channel in TransformConfig().mean)
+    image = Image.new("RGB", (400, 300), mean_colour)
+    tensor = TransformConfig(resize=128, crop=112, interpolation="bicubic").build()(image)
+    assert tensor.shape == (3, 112, 112)
+    assert tensor.abs().max() < 0.02
+    assert TransformConfig(mean=[0.5, 0.5, 0.5]).mean == (0.5, 0.5, 0.5)
+
+
+def test_transform_rejects_an_unknown_interpolation():
+    with pytest.raises(UserError, match="'nearest'; valid: bilinear, bicubic"):
+        TransformConfig(interpolation="nearest")
+
+
+def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path):
+    content = os.urandom(3 * 2**20 + 5)
+    (tmp_path / "weights.pt").write_bytes(content)
+    assert file_sha256(tmp_path / "weights.pt") == hashlib.sha256(content).hexdigest()

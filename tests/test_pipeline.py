@@ -1,0 +1,152 @@
+"""main.py end to end on generated data in the official layouts, with a random-initialised SupCon ResNet-50."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main
+from dataloaders import bank_indices
+from models import build_backbone
+from pipeline.config import load_model_config
+
+REPO = Path(__file__).resolve().parents[1]
+OOD_SETS = ["inaturalist", "textures", "cifar10", "svhn"]
+DETECTORS = ["nnguide", "knn", "energy", "msp", "maxlogit", "kl", "vim", "mahalanobis", "ssd"]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def first_run(data_root, tiny_model_yaml, tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    argv = ["--model", str(tiny_model_yaml), "--train-data", "imagenet1k", "--id-data", "imagenet1k",
+            "--ood-data", *OOD_SETS, "--detectors", *DETECTORS, "--data-root", str(data_root),
+            "--output-dir", str(work / "out"), "--cache-dir", str(work / "cache"), "--device", "cpu",
+            "--batch-size", "8", "--num-workers", "0", "--bank-ratio", "0.5", "--set", "chunk_size=7"]
+    assert main.main(argv) == 0
+    return work, argv
+
+
+def test_results_csv_has_one_row_per_ood_set_and_detector(first_run):
+    work, _ = first_run
+    rows = read_csv(work / "out/results.csv")
+    assert list(rows[0]) == ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95",
+                             "aupr_in", "aupr_out", "dtacc", "id_acc"]
+    assert [(row["ood_data"], row["detector"]) for row in rows] == \
+        [(ood, det) for det in DETECTORS for ood in OOD_SETS]
+    for row in rows:
+        assert row["model"] == "resnet50-supcon-tiny" and row["train_data"] == "imagenet1k"
+        for metric in ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "id_acc"):
+            assert 0.0 <= float(row[metric]) <= 100.0
+    assert (work / "out/results.md").read_text().count("\n| nnguide |") == 1
+    config = (work / "out/config.yaml").read_text()
+    assert "bank_ratio: 0.5" in config and "skipped_non_image_files" in config
+
+
+def test_bank_is_the_official_seeded_sample_and_features_match_the_network(first_run, data_root, tiny_model_yaml):
+    work, _ = first_run
+    (bank_entry,) = (work / "cache/resnet50-supcon-tiny").glob("imagenet1k-train-seed0-*")
+    cached = np.concatenate([np.load(path) for path in sorted(bank_entry.glob("rows_*.npy"))])
+    assert cached.shape == (24, 2048)  # int(48 * 0.5) rows, in chunks of 7
+    np.random.seed(0)
+    official = np.arange(48)
+    np.random.shuffle(official)
+    np.testing.assert_array_equal(bank_indices(48, 0.5, 0), official[:24])
+
+    config = load_model_config(str(tiny_model_yaml))
+    backbone = build_backbone(config, REPO / "pretrained_models")
+    transform = config.transform.build()
+    train_files = sorted((data_root / "imagenet1k/imagenet/train").glob("*/*"))
+    from PIL import Image
+    for row in (0, 9, 23):
+        with Image.open(train_files[official[row]]) as image:
+            expected = backbone.features(transform(image.convert("RGB"))[None])[0]
+        # batched and single-image convolutions differ in float rounding only
+        np.testing.assert_allclose(cached[row], expected.detach().numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_second_run_extracts_nothing_and_gives_identical_results(first_run, caplog):
+    work, argv = first_run
+    stored = {path: path.stat().st_mtime_ns for path in (work / "cache").rglob("rows_*.npy")}
+    second_out = work / "again"
+    argv = [*argv[:argv.index("--output-dir")], "--output-dir", str(second_out),
+            *argv[argv.index("--output-dir") + 2:]]
+    with caplog.at_level("INFO"):
+        assert main.main(argv) == 0
+    assert "extracting" not in caplog.text
+    assert {path: path.stat().st_mtime_ns for path in (work / "cache").rglob("rows_*.npy")} == stored
+    assert (second_out / "results.csv").read_bytes() == (work / "out/results.csv").read_bytes()
+
+
+def test_larger_bank_extracts_only_the_new_images(first_run, caplog):
+    work, argv = first_run
+    argv = [*argv, "--bank-ratio", "0.75", "--output-dir", str(work / "bigger")]
+    with caplog.at_level("INFO"):
+        assert main.main(argv) == 0
+    assert "extracting 12 of 36 images of imagenet1k-train-seed0" in caplog.text
+    assert caplog.text.count("extracting") == 1
+
+
+def test_official_flag_aliases(first_run, data_root, tiny_model_yaml):
+    work, _ = first_run
+    argv = ["-m", str(tiny_model_yaml), "-td", "imagenet1k", "-id", "imagenet1k", "-ood", *OOD_SETS,
+            "--ood_detectors", *DETECTORS, "--data_root_path", str(data_root), "-bs", "8", "-nw", "0",
+            "--output-dir", str(work / "aliases"), "--cache-dir", str(work / "cache"), "--device", "cpu",
+            "--bank-ratio", "0.5", "--set", "chunk_size=7"]
+    assert main.main(argv) == 0
+    assert (work / "aliases/results.csv").read_bytes() == (work / "out/results.csv").read_bytes()
+
+
+def test_detector_hyper_parameter_override(first_run):
+    work, argv = first_run
+    assert main.main([*argv, "--set", "detectors.nnguide.k=3", "--output-dir", str(work / "k3")]) == 0
+    k3 = {row["ood_data"]: row for row in read_csv(work / "k3/results.csv") if row["detector"] == "nnguide"}
+    k10 = {row["ood_data"]: row for row in read_csv(work / "out/results.csv") if row["detector"] == "nnguide"}
+    assert any(k3[name]["auroc"] != k10[name]["auroc"] for name in OOD_SETS)
+    assert "k: 3" in (work / "k3/config.yaml").read_text()
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, data_root):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: resnet50-supcon\nbank_ratoi: 0.1\n")
+    result = run_main("--config", str(bad_yaml))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {bad_yaml} + command line: unknown key 'bank_ratoi' (did you mean 'bank_ratio'?); "
+        "valid keys: " + result.stderr.split("valid keys: ")[1].strip()]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "resnet50-supcom"], "unknown model 'resnet50-supcom' (did you mean 'resnet50-supcon'?)"),
+    (["--ood-data", "inaturalst"], "unknown dataset 'inaturalst' (did you mean 'inaturalist'?)"),
+    (["--detectors", "nnguid"], "unknown detector 'nnguid' (did you mean 'nnguide'?)"),
+    (["--bank-ratio", "1.5"], "config key 'bank_ratio' must be in (0, 1], got 1.5"),
+    (["--batch-size", "0"], "config key 'batch_size' must be a positive integer, got 0"),
+    (["--set", "seed=zero"], "key 'seed' must be int, got 'zero'"),
+    (["--set", "detectors.nnguide.kk=3"], "detector 'nnguide' has no hyper-parameter 'kk' (did you mean 'k'?)"),
+    (["--set", "bank_ration=0.1"], "unknown key 'bank_ration' (did you mean 'bank_ratio'?)"),
+])
+def test_config_mistakes_name_the_key_and_the_closest_valid_one(args, message, tmp_path, data_root, capsys):
+    defaults = {"--model": "resnet50-supcon", "--train-data": "imagenet1k", "--id-data": "imagenet1k",
+                "--ood-data": "inaturalist", "--detectors": "nnguide"}
+    argv = [item for flag, value in defaults.items() if flag not in args for item in (flag, value)]
+    argv += [*args, "--data-root", str(data_root), "--output-dir", str(tmp_path / "out"),
+             "--pretrained-dir", str(tmp_path / "no-weights"), "--device", "cpu"]
+    assert main.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and error.count("\n") == 1
