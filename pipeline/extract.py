@@ -30,6 +30,13 @@ class ExtractionSettings:
     chunk_size: int      # images per cache file
 
 
+def make_loader(dataset: ImageDataset, settings: ExtractionSettings) -> DataLoader:
+    """In-order batches; pinned memory for CUDA and a deep prefetch queue so the GPU never waits on a batch."""
+    return DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, num_workers=settings.num_workers,
+                      pin_memory=settings.device.type == "cuda",
+                      prefetch_factor=4 if settings.num_workers > 0 else None)
+
+
 class FeatureExtractor:
     """Raw penultimate features of (a prefix of) an ordered dataset, from the cache or from the network."""
 
@@ -62,9 +69,7 @@ class FeatureExtractor:
         settings = self.settings
         model = self._model()
         indices = np.concatenate([np.arange(start, end) for start, end in ranges])
-        loader = DataLoader(dataset.subset(indices), batch_size=settings.batch_size, shuffle=False,
-                            num_workers=settings.num_workers, pin_memory=settings.device.type == "cuda",
-                            prefetch_factor=4 if settings.num_workers > 0 else None)
+        loader = make_loader(dataset.subset(indices), settings)
         autocast = (torch.autocast(settings.device.type, dtype=torch.bfloat16) if settings.amp == "bf16"
                     else contextlib.nullcontext())
         pending: list[np.ndarray] = []
