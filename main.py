@@ -1,5 +1,7 @@
 """Command line: parse the flags, resolve the experiment config, run the pipeline, print the table.
 
+With no arguments it runs the offline demo (configs/experiments/demo.yaml) on data scikit-learn ships.
+
     python main.py --model resnet50-supcon --train-data imagenet1k --id-data imagenet1k \
         --ood-data inaturalist sun places textures openimage-o --detectors energy nnguide knn \
         --data-root ~/datasets --output-dir logs/run1
@@ -16,6 +18,9 @@ from pathlib import Path
 from errors import UserError
 from pipeline.config import resolve_experiment
 from pipeline.experiment import run_experiment
+
+
+DEMO_EXPERIMENT = Path(__file__).resolve().parent / "configs" / "experiments" / "demo.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,8 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv or ["--config", str(DEMO_EXPERIMENT)])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # it announces which build it loaded
     flags = {key: value for key, value in vars(args).items()
              if key not in ("config", "overrides", "debug", "gpu_idx")}
     if args.gpu_idx is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ class DatasetConfig:
     name: str  # the CLI name, equal to the YAML file's stem
     format: str  # a name registered in DATASET_FORMATS, e.g. "class_folders"
     splits: dict[str, str]  # split name ("train", "test", ...) -> folder relative to the data root
+    options: dict[str, Any] = field(default_factory=dict)  # format-specific settings, passed to the builder
 
 
 class ImageDataset(Dataset):
@@ -105,7 +107,7 @@ class FileImageDataset(ImageDataset):
 
 
 class ArrayImageDataset(ImageDataset):
-    """Images held in memory as uint8 (N, H, W, 3), read from `data_files` (CIFAR, SVHN)."""
+    """Images held in memory as uint8 (N, H, W, 3), read from `data_files` (CIFAR, SVHN) or generated."""
 
     def __init__(self, format_name: str, images: np.ndarray, image_ids: Sequence[str],
                  labels: Iterable[int], data_files: Sequence[Path], transform: Callable | None) -> None:
@@ -126,6 +128,8 @@ class ArrayImageDataset(ImageDataset):
             with data_file.open("rb") as stream:
                 while chunk := stream.read(1 << 20):
                     digest.update(chunk)
+        if not self.data_files:  # generated in memory: the pixels are the content
+            digest.update(np.ascontiguousarray(self.images).tobytes())
 
     def _take(self, indices: np.ndarray) -> ArrayImageDataset:
         return ArrayImageDataset(self.format_name, self.images[indices], [self.image_ids[i] for i in indices],
@@ -140,4 +144,4 @@ def build_dataset(config: DatasetConfig, split: str, data_root: Path, transform:
                         f"its splits: {', '.join(sorted(config.splits))}")
     builder = DATASET_FORMATS.get(config.format)
     return builder(path=Path(data_root) / config.splits[split], split=split, transform=transform,
-                   download=download)
+                   download=download, **config.options)

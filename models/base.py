@@ -54,22 +54,35 @@ class TransformConfig:
 
 
 @dataclass(frozen=True)
+class TrainingRecipe:
+    """How to train the model at start-up when it ships no checkpoint (the offline demo's small CNN)."""
+    dataset: str                       # configs/datasets/<dataset>.yaml; its "train" split is used
+    epochs: int = 20                   # passes over the train split
+    batch_size: int = 64               # images per step
+    learning_rate: float = 1e-3        # Adam's step size
+    seed: int = 0                      # initialisation and shuffling
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One configs/models/<name>.yaml: which architecture, which weights, how to preprocess."""
     name: str                          # CLI name, the YAML file's stem
     architecture: str                  # a name registered in ARCHITECTURES
-    checkpoint: str                    # file name looked up in the pretrained dir and the torch hub cache, or a path
-    checkpoint_format: str             # layout of the file: supcon | torchvision
+    checkpoint: str = ""               # file name looked up in the pretrained dir and the torch hub cache, or a path
+    checkpoint_format: str = "torchvision"  # layout of the file: supcon | torchvision
     checkpoint_url: str = ""           # where users download the checkpoint; shown when it is missing
     num_classes: int = 1000            # outputs of the classifier
     react_percentile: float | None = None  # ReAct clip quantile of the bank features in (0, 1); None = no clipping
     transform: TransformConfig = field(default_factory=TransformConfig)  # evaluation preprocessing
+    train: TrainingRecipe | None = None  # no checkpoint: train at start-up with this recipe, cache the weights
 
     def __post_init__(self) -> None:
         ARCHITECTURES.get(self.architecture)
         CHECKPOINT_FORMATS.get(self.checkpoint_format)
         if self.num_classes < 1:
             raise UserError(f"model '{self.name}': num_classes must be positive, got {self.num_classes}")
+        if not self.checkpoint and self.train is None:
+            raise UserError(f"model '{self.name}': set 'checkpoint' (a weights file) or 'train' (a recipe)")
         if self.react_percentile is not None and not 0 < self.react_percentile < 1:
             raise UserError(f"model '{self.name}': react_percentile must be in (0, 1) or null, "
                             f"got {self.react_percentile}")

@@ -185,7 +185,7 @@ def resolve_experiment(experiment_file: Path | None, flags: Mapping[str, Any],
         source = f"{experiment_file} + command line"
     merged.update({key: value for key, value in flags.items() if value is not None})
     if isinstance(merged.get("detectors"), list):
-        merged["detectors"] = {name: load_detector_config(name) for name in merged["detectors"]}
+        merged["detectors"] = dict(_detector_entry(item) for item in merged["detectors"])
     for override in overrides:
         _apply_override(merged, override)
     config = from_mapping(ExperimentConfig, merged, source)
@@ -196,6 +196,17 @@ def resolve_experiment(experiment_file: Path | None, flags: Mapping[str, Any],
     for name in dict.fromkeys([config.train_data, config.id_data, *config.ood_data]):
         load_dataset_config(name)
     return config
+
+
+def _detector_entry(item: Any) -> tuple[str, dict[str, Any]]:
+    """A detectors list item: a config name, or {name: {hyper-parameter: value}} overriding that config."""
+    if isinstance(item, str):
+        return item, load_detector_config(item)
+    if isinstance(item, dict) and len(item) == 1:
+        ((name, changes),) = item.items()
+        if isinstance(changes, dict):
+            return name, {**load_detector_config(name), **changes}
+    raise UserError(f"detectors: expected a name or {{name: {{hyper-parameter: value}}}}, got {item!r}")
 
 
 def build_detector(table_name: str, detector_config: dict[str, Any]) -> OODDetector:

@@ -16,6 +16,7 @@ from ood_detectors.metrics import ood_metrics
 from pipeline.config import ExperimentConfig, build_detector, load_dataset_config, load_model_config
 from pipeline.extract import ExtractionSettings, FeatureExtractor
 from pipeline.report import write_results
+from pipeline.train import trained_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class Experiment:
         self.device = resolve_device(config.device)
         self.data_root = Path(config.data_root).expanduser()
         self.model_config: ModelConfig = load_model_config(config.model)
+        if self.model_config.train is not None:
+            weights = trained_checkpoint(self.model_config, self.data_root, Path(config.cache_dir), self.device)
+            self.model_config = dataclasses.replace(self.model_config, checkpoint=str(weights),
+                                                    checkpoint_format="torchvision")
         checkpoint = resolve_checkpoint(self.model_config, Path(config.pretrained_dir))
         self.backbone: Backbone = build_backbone(self.model_config, Path(config.pretrained_dir))
         self.transform = self.model_config.transform.build()
