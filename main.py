@@ -1,6 +1,7 @@
 """Command line: parse the flags, resolve the experiment config, run the pipeline, print the table.
 
-With no arguments it runs the offline demo (configs/experiments/demo.yaml) on data scikit-learn ships.
+With no --config and no --model it runs the offline demo (configs/experiments/demo.yaml), on data that
+scikit-learn ships, with any other flags applied on top.
 
     python main.py --model resnet50-supcon --train-data imagenet1k --id-data imagenet1k \
         --ood-data inaturalist sun places textures openimage-o --detectors energy nnguide knn \
@@ -18,6 +19,7 @@ from pathlib import Path
 from errors import UserError
 from pipeline.config import resolve_experiment
 from pipeline.experiment import run_experiment
+from pipeline.sweep import run_sweep, split_sweep
 
 
 DEMO_EXPERIMENT = Path(__file__).resolve().parent / "configs" / "experiments" / "demo.yaml"
@@ -53,8 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv or ["--config", str(DEMO_EXPERIMENT)])
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.config is None and args.model is None:
+        args.config = DEMO_EXPERIMENT  # no experiment named: the offline demo, with any flags applied on top
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # it announces which build it loaded
     flags = {key: value for key, value in vars(args).items()
@@ -62,15 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_idx is not None:
         flags["device"] = f"cuda:{args.gpu_idx}"
     try:
-        config = resolve_experiment(args.config, flags, args.overrides)
-        _, table = run_experiment(config)
+        if split_sweep(args.overrides):
+            table, written = run_sweep(args.config, flags, args.overrides)
+        else:
+            config = resolve_experiment(args.config, flags, args.overrides)
+            _, table = run_experiment(config)
+            written = Path(config.output_dir) / "results.csv"
     except UserError as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(table)
-    print(f"\nresults: {Path(config.output_dir) / 'results.csv'}")
+    print(f"\nresults: {written}")
     return 0
 
 

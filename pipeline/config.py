@@ -240,7 +240,7 @@ def _apply_override(merged: dict[str, Any], override: str) -> None:
         child = node.get(key)
         if not isinstance(child, dict):
             choices = [str(k) for k in node] if depth else valid_top
-            raise UserError(f"--set '{override}': '{'.'.join(keys[:depth + 1])}' is not set or not a mapping"
-                            f"{did_you_mean(key, choices)}")
+            hint = "" if key in choices else did_you_mean(key, choices)
+            raise UserError(f"--set '{override}': '{'.'.join(keys[:depth + 1])}' is not set or not a mapping{hint}")
         node = child
     node[keys[-1]] = value

@@ -28,3 +28,15 @@ def test_demo_runs_offline_and_caches_its_trained_model(tmp_path, monkeypatch, c
         assert main.main([]) == 0
     assert "trained 15 epochs" not in caplog.text and "extracting" not in caplog.text
     assert (tmp_path / "logs/demo/results.csv").read_bytes() == first
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main.main(["--set", "detectors.nnguide.k=1,5,50", "--output-dir", "sweep"]) == 0
+    assert "extracting" not in caplog.text  # a sweep re-uses every cached feature
+    with (tmp_path / "sweep/sweep.csv").open() as file:
+        sweep = list(csv.DictReader(file))
+    assert [(row["detectors.nnguide.k"], row["detector"]) for row in sweep] == \
+        [(k, "nnguide") for k in ("1", "5", "50") for _ in range(3)]
+    k5 = {row["ood_data"]: row["auroc"] for row in sweep if row["detectors.nnguide.k"] == "5"}
+    with (tmp_path / "sweep/detectors.nnguide.k=5/results.csv").open() as file:
+        assert {row["ood_data"]: row["auroc"] for row in csv.DictReader(file)} == k5
