@@ -84,10 +84,11 @@ class Experiment:
             self.skipped_files[f"{name}/{split}"] = dataset.skipped
         return dataset
 
-    def bank(self, train: ImageDataset) -> RawFeatures:
-        """The first int(N * bank_ratio) images of RandomState(seed).permutation(N) over the train split."""
-        order = bank_indices(len(train), 1.0, self.config.seed)  # the bank is a prefix of this order
-        size = len(bank_indices(len(train), self.config.bank_ratio, self.config.seed))
+    def bank(self, train: ImageDataset, size: int) -> RawFeatures:
+        """The first `size` = int(N * bank_ratio) images of RandomState(seed).permutation(N) of the train split.
+
+        The cache entry holds the whole permutation's order, so a larger bank extends a smaller one."""
+        order = bank_indices(len(train), 1.0, self.config.seed)
         ordered = train.subset(order)
         key = {"dataset": self.config.train_data, "split": "train", "images": train.fingerprint(),
                "order": f"RandomState({self.config.seed}).permutation"}
@@ -111,7 +112,7 @@ class Experiment:
             if isinstance(k, int) and k > bank_size:
                 raise UserError(f"detector '{table_name}': k={k} is larger than the bank ({bank_size} images = "
                                 f"{config.bank_ratio} x {len(train)}); lower k or raise bank_ratio")
-        bank_raw = self.bank(train)
+        bank_raw = self.bank(train, bank_size)
         test_raws = {name: self.test_set(name, dataset) for name, dataset in test_sets.items()}
         id_raw = test_raws[config.id_data]
         ood_raws = {name: test_raws[name] for name in config.ood_data}

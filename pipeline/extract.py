@@ -72,9 +72,10 @@ class FeatureExtractor:
         loader = make_loader(dataset.subset(indices), settings)
         autocast = (torch.autocast(settings.device.type, dtype=torch.bfloat16) if settings.amp == "bf16"
                     else contextlib.nullcontext())
-        pending: list[np.ndarray] = []
-        range_iter = iter(ranges)
-        start, end = next(range_iter)
+        pending: list[np.ndarray] = []  # rows of the range being filled, written once it is complete
+        ranges_left = iter(ranges)
+        start, end = next(ranges_left)
+        filled = 0
         with torch.inference_mode(), autocast, tqdm(total=len(indices), unit="img", desc=label) as progress:
             for images, _ in loader:
                 images = images.to(settings.device, non_blocking=True)
@@ -82,14 +83,15 @@ class FeatureExtractor:
                     images = images.contiguous(memory_format=torch.channels_last)
                 batch = model.features(images).float().cpu().numpy()
                 progress.update(len(batch))
-                while len(batch):
-                    needed = end - start - sum(len(part) for part in pending)
-                    pending.append(batch[:needed])
-                    batch = batch[needed:]
-                    if sum(len(part) for part in pending) == end - start:
+                while len(batch):  # a batch may finish one range and start the next
+                    taken = batch[:end - start - filled]
+                    pending.append(taken)
+                    filled += len(taken)
+                    batch = batch[len(taken):]
+                    if filled == end - start:
                         entry.write_rows(start, np.concatenate(pending))
-                        pending = []
-                        start, end = next(range_iter, (None, None))
+                        pending, filled = [], 0
+                        start, end = next(ranges_left, (None, None))  # the loader ends with the last range
 
     def _model(self) -> Backbone:
         if not self._on_device:
