@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--amp", choices=["off", "bf16"], help="bf16 autocast for extraction (changes the last digits)")
     add("--channels-last", dest="channels_last", action="store_true", default=None)
     add("--download", action="store_true", default=None, help="let torchvision download CIFAR/SVHN")
+    add("--plots", action=argparse.BooleanOptionalAction, default=None,
+        help="write score histograms and ROC curves next to results.csv (default: on)")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override any config value, e.g. detectors.nnguide.k=100 or bank_ratio=0.05")
     add("--debug", action="store_true", help="show the full traceback of user errors")

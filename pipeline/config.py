@@ -44,6 +44,7 @@ class ExperimentConfig:
     channels_last: bool = False                   # channels_last memory format for extraction
     download: bool = False                        # let torchvision download CIFAR / SVHN when missing
     chunk_size: int = 10000                       # images per cache file; a restart resumes at this grain
+    plots: bool = True                            # score histograms and ROC curves per OOD set, as PNG
 
     def __post_init__(self) -> None:
         checks = [(self.batch_size > 0, "batch_size", "a positive integer"),

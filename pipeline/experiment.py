@@ -15,6 +15,7 @@ from models import Backbone, ModelConfig, apply_react, build_backbone, file_sha2
 from ood_detectors.metrics import ood_metrics
 from pipeline.config import ExperimentConfig, build_detector, load_dataset_config, load_model_config
 from pipeline.extract import ExtractionSettings, FeatureExtractor
+from pipeline.plots import write_score_plots
 from pipeline.report import write_results
 from pipeline.train import trained_checkpoint
 
@@ -76,6 +77,10 @@ class Experiment:
                                       config.channels_last, config.chunk_size)
         self.extractor = FeatureExtractor(self.backbone, model_key, Path(config.cache_dir), settings)
         self.skipped_files: dict[str, list[str]] = {}
+        # filled by run(), for the plots: scores per detector (and OOD set), metrics as fractions
+        self.id_scores: dict[str, np.ndarray] = {}
+        self.ood_scores: dict[str, dict[str, np.ndarray]] = {}
+        self.metrics: dict[str, dict[str, dict[str, float]]] = {}
 
     def _dataset(self, name: str, split: str) -> ImageDataset:
         dataset = build_dataset(load_dataset_config(name), split, self.data_root, self.transform,
@@ -132,9 +137,12 @@ class Experiment:
         for table_name, detector_config in config.detectors.items():
             detector = build_detector(table_name, detector_config).fit(bank)
             id_scores = detector.score_samples(id_outputs)
+            self.id_scores[table_name] = id_scores.cpu().numpy()
             for ood_name, outputs in ood_outputs.items():
                 ood_scores = detector.score_samples(outputs)
                 metrics = ood_metrics(id_scores, ood_scores)
+                self.ood_scores.setdefault(ood_name, {})[table_name] = ood_scores.cpu().numpy()
+                self.metrics.setdefault(ood_name, {})[table_name] = metrics
                 rows.append({"model": self.model_config.name, "train_data": config.train_data, "id_data": config.id_data,
                              "ood_data": ood_name, "detector": table_name,
                              **{name: 100 * metrics[name] for name in ("auroc", "fpr95", "aupr_in", "aupr_out",
@@ -150,4 +158,7 @@ def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
     provenance = {"torch": str(torch.__version__), "device": str(experiment.device),
                   "skipped_non_image_files": {name: len(files) for name, files in experiment.skipped_files.items()}}
     table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance)
+    if config.plots:
+        write_score_plots(Path(config.output_dir), config.id_data, experiment.id_scores, experiment.ood_scores,
+                          metrics=experiment.metrics)
     return rows, table

@@ -10,25 +10,36 @@ import yaml
 
 from pipeline.cache import write_atomically
 
+PAPER_AVERAGE_SETS = ("inaturalist", "sun", "places", "textures")  # the paper's "Average"; OpenImage-O apart
+MISSING = "-"
 CSV_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95", "aupr_in",
                "aupr_out", "dtacc", "id_acc"]
 
 
+def _metric_cells(results: list[dict[str, Any] | None]) -> list[str]:
+    """FPR95 and AUROC averaged over `results`, two decimals; "-" when any is missing."""
+    if not all(results):
+        return [MISSING, MISSING]
+    return [f"{sum(row[metric] for row in results) / len(results):.2f}" for metric in ("fpr95", "auroc")]
+
+
 def paper_table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Detectors x (each OOD set, Average), two cells each: FPR95 (lower is better) and AUROC."""
+    """Header + one line per detector (first-seen order): FPR95 and AUROC per OOD set, then the averages.
+
+    Avg-4 is the paper's Average (iNaturalist, SUN, Places, Textures), shown when all four are present;
+    Avg-all averages every OOD set. A missing result, and any average needing it, shows "-"."""
     ood_sets = list(dict.fromkeys(row["ood_data"] for row in rows))
     detectors = list(dict.fromkeys(row["detector"] for row in rows))
     cells = {(row["detector"], row["ood_data"]): row for row in rows}
-    header = ["Detector"] + [f"{name} {metric}" for name in [*ood_sets, "Average"]
-                             for metric in ("FPR95", "AUROC")]
-    table = [header]
+    averages = {"Avg-all": ood_sets}
+    if all(name in ood_sets for name in PAPER_AVERAGE_SETS):
+        averages = {"Avg-4": list(PAPER_AVERAGE_SETS), **averages}
+    table = [["Detector"] + [f"{name} {metric}" for name in [*ood_sets, *averages]
+                             for metric in ("FPR95", "AUROC")]]
     for detector in detectors:
-        results = [cells[(detector, name)] for name in ood_sets]
         line = [detector]
-        for row in results:
-            line += [f"{row['fpr95']:.2f}", f"{row['auroc']:.2f}"]
-        line += [f"{sum(r['fpr95'] for r in results) / len(results):.2f}",
-                 f"{sum(r['auroc'] for r in results) / len(results):.2f}"]
+        for names in [[name] for name in ood_sets] + list(averages.values()):
+            line += _metric_cells([cells.get((detector, name)) for name in names])
         table.append(line)
     return table
 
@@ -59,7 +70,9 @@ def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config:
     table = paper_table(rows)
     first = rows[0]
     title = (f"# {first['model']}: ID {first['id_data']}, bank from {first['train_data']} "
-             f"(ID accuracy {first['id_acc']:.2f}%)\n\nFPR95 (lower is better) and AUROC, in percent.\n\n")
+             f"(ID accuracy {first['id_acc']:.2f}%)\n\nFPR95 (lower is better) and AUROC, in percent. "
+             f"Avg-4 (iNaturalist, SUN, Places, Textures) is the paper's Average; Avg-all averages every "
+             f"OOD column.\n\n")
     documents = {"results.csv": buffer.getvalue(), "results.md": title + format_markdown(table),
                  "config.yaml": yaml.safe_dump({**resolved_config, "provenance": provenance}, sort_keys=False)}
     for name, text in documents.items():

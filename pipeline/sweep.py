@@ -10,7 +10,7 @@ from errors import UserError
 from pipeline.cache import write_atomically
 from pipeline.config import resolve_experiment
 from pipeline.experiment import run_experiment
-from pipeline.report import format_markdown, format_terminal
+from pipeline.report import format_markdown, format_terminal, paper_table
 
 
 def split_sweep(overrides: list[str]) -> tuple[str, list[str], list[str]] | None:
@@ -34,22 +34,17 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
     configs = [resolve_experiment(experiment_file, flags, [*others, f"{key}={value}"]) for value in values]
     swept_detector = key.split(".")[1] if key.startswith("detectors.") and key.count(".") >= 2 else None
     output_root = Path(configs[0].output_dir)
-    table_rows: list[list[str]] = []
+    table: list[list[str]] = []
     csv_lines = [f"{key},ood_data,detector,auroc,fpr95"]
     for value, config in zip(values, configs):
         detectors = ({swept_detector: config.detectors[swept_detector]} if swept_detector else config.detectors)
         config = dataclasses.replace(config, detectors=detectors, output_dir=str(output_root / f"{key}={value}"))
         rows, _ = run_experiment(config)
-        for detector in detectors:
-            results = [row for row in rows if row["detector"] == detector]
-            cells = [cell for row in results for cell in (f"{row['fpr95']:.2f}", f"{row['auroc']:.2f}")]
-            average = [sum(row[m] for row in results) / len(results) for m in ("fpr95", "auroc")]
-            table_rows.append([value, detector, *cells, f"{average[0]:.2f}", f"{average[1]:.2f}"])
-            csv_lines += [f"{value},{row['ood_data']},{detector},{row['auroc']!r},{row['fpr95']!r}" for row in results]
-    ood_sets = configs[0].ood_data
-    header = [key, "Detector"] + [f"{name} {metric}" for name in [*ood_sets, "Average"]
-                                  for metric in ("FPR95", "AUROC")]
-    table = [header, *table_rows]
+        header, *lines = paper_table(rows)
+        table = table or [[key, *header]]
+        table += [[value, *line] for line in lines]
+        csv_lines += [f"{value},{row['ood_data']},{row['detector']},{row['auroc']!r},{row['fpr95']!r}"
+                      for row in rows]
     write_atomically(output_root / "sweep.csv", lambda path: path.write_text("\n".join(csv_lines) + "\n"))
     write_atomically(output_root / "sweep.md", lambda path: path.write_text(format_markdown(table)))
     return format_terminal(table), output_root / "sweep.csv"

@@ -1,0 +1,183 @@
+"""The paper-table aggregation over many results.csv files, and run.sh driven by a fake interpreter."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from errors import UserError
+from pipeline.aggregate import collect, main, paper_tables
+from pipeline.report import CSV_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_OOD = ["inaturalist", "sun", "places", "textures", "openimage-o"]
+DEFAULT_DETECTORS = ["nnguide", "knn", "energy", "msp", "maxlogit", "kl", "vim", "mahalanobis", "ssd"]
+
+# (detector, ood_data, fpr95, auroc); energy has no OpenImage-O result.
+REACT_IMAGENET = [
+    ("nnguide", "inaturalist", 11.12, 97.7), ("nnguide", "sun", 21.5, 96.25), ("nnguide", "places", 31.47, 93.1),
+    ("nnguide", "textures", 15.03, 95.04), ("nnguide", "openimage-o", 35.1, 92.49),
+    ("energy", "inaturalist", 50.0, 90.0), ("energy", "sun", 60.0, 85.0), ("energy", "places", 70.0, 80.0),
+    ("energy", "textures", 40.0, 88.0),
+]
+REACT_V2A = [("nnguide", "inaturalist", 5.0, 99.0), ("nnguide", "textures", 7.0, 98.0)]
+
+
+def write_results(folder: Path, id_data: str, results: list[tuple[str, str, float, float]],
+                  model: str = "resnet50-react") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for detector, ood_data, fpr95, auroc in results:
+            writer.writerow({"model": model, "train_data": "imagenet1k", "id_data": id_data, "ood_data": ood_data,
+                             "detector": detector, "auroc": auroc, "fpr95": fpr95, "aupr_in": 90.0,
+                             "aupr_out": 80.0, "dtacc": 85.0, "id_acc": 76.13})
+    return folder / "results.csv"
+
+
+@pytest.fixture
+def results_root(tmp_path: Path) -> Path:
+    write_results(tmp_path / "runs/resnet50-react/imagenet1k", "imagenet1k", REACT_IMAGENET)
+    write_results(tmp_path / "runs/resnet50-react/imagenet1k-v2-a", "imagenet1k-v2-a", REACT_V2A)
+    return tmp_path / "runs"
+
+
+def test_collect_reads_every_results_csv_as_floats(results_root):
+    rows = collect(results_root)
+    assert len(rows) == len(REACT_IMAGENET) + len(REACT_V2A)
+    assert {row["id_data"] for row in rows} == {"imagenet1k", "imagenet1k-v2-a"}
+    assert rows[0]["fpr95"] == 11.12 and isinstance(rows[0]["id_acc"], float)
+
+
+def test_paper_tables_cells_and_both_averages(results_root):
+    tables = paper_tables(collect(results_root))
+    assert list(tables) == [("resnet50-react", "imagenet1k"), ("resnet50-react", "imagenet1k-v2-a")]
+
+    header, nnguide, energy = tables[("resnet50-react", "imagenet1k")]
+    assert header == ["Detector", *[f"{name} {metric}" for name in [*PAPER_OOD, "Avg-4", "Avg-all"]
+                                    for metric in ("FPR95", "AUROC")]]
+    # Avg-4 = (11.12 + 21.5 + 31.47 + 15.03) / 4 = 19.78, (97.7 + 96.25 + 93.1 + 95.04) / 4 = 95.5225;
+    # Avg-all adds OpenImage-O: 114.22 / 5 = 22.844, 474.58 / 5 = 94.916.
+    assert nnguide == ["nnguide", "11.12", "97.70", "21.50", "96.25", "31.47", "93.10", "15.03", "95.04",
+                       "35.10", "92.49", "19.78", "95.52", "22.84", "94.92"]
+    # No OpenImage-O for energy: its cell and the all-set average are "-", the paper's average is not.
+    assert energy == ["energy", "50.00", "90.00", "60.00", "85.00", "70.00", "80.00", "40.00", "88.00",
+                      "-", "-", "55.00", "85.75", "-", "-"]
+
+    # Without the four paper sets there is no Avg-4 column.
+    assert tables[("resnet50-react", "imagenet1k-v2-a")] == [
+        ["Detector", "inaturalist FPR95", "inaturalist AUROC", "textures FPR95", "textures AUROC",
+         "Avg-all FPR95", "Avg-all AUROC"],
+        ["nnguide", "5.00", "99.00", "7.00", "98.00", "6.00", "98.50"]]
+
+
+def test_main_writes_one_table_per_model_and_id_set(results_root, tmp_path, capsys):
+    output_dir = tmp_path / "tables"
+    assert main([str(results_root), "--output-dir", str(output_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "resnet50-react: ID imagenet1k, bank from imagenet1k" in printed and "Avg-4 (iNat" in printed
+
+    with (output_dir / "resnet50-react__imagenet1k.csv").open() as handle:
+        table = list(csv.reader(handle))
+    assert table == paper_tables(collect(results_root))[("resnet50-react", "imagenet1k")]
+    markdown = (output_dir / "resnet50-react__imagenet1k-v2-a.md").read_text()
+    assert "| nnguide | 5.00 | 99.00 | 7.00 | 98.00 | 6.00 | 98.50 |" in markdown
+    combined = (output_dir / "tables.md").read_text()
+    assert "# resnet50-react: ID imagenet1k," in combined and "# resnet50-react: ID imagenet1k-v2-a," in combined
+    assert "| 19.78 | 95.52 | 22.84 | 94.92 |" in combined
+
+
+def test_duplicate_result_names_both_files(results_root):
+    first = results_root / "resnet50-react/imagenet1k/results.csv"
+    second = write_results(results_root / "rerun", "imagenet1k", REACT_IMAGENET[:1])
+    with pytest.raises(UserError, match="duplicate result") as error:
+        collect(results_root)
+    assert str(first) in str(error.value) and str(second) in str(error.value)
+
+
+def test_empty_root_is_a_one_line_error_with_exit_code_2(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "pipeline.aggregate", str(tmp_path)], check=False, cwd=REPO,
+                               capture_output=True, text=True)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [f"error: no results.csv found under {tmp_path}"]
+
+
+FAKE_PYTHON = """#!{python}
+import csv, json, os, sys
+arguments = sys.argv[1:]
+if arguments[:1] == ["-m"]:
+    os.execv(sys.executable, [sys.executable, *arguments])
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps(arguments) + "\\n")
+def value(flag):
+    return arguments[arguments.index(flag) + 1]
+if value("--model") == os.environ.get("FAKE_FAIL_MODEL"):
+    sys.exit(3)
+os.makedirs(value("--output-dir"), exist_ok=True)
+with open(os.path.join(value("--output-dir"), "results.csv"), "w", newline="") as handle:
+    writer = csv.writer(handle)
+    writer.writerow({columns})
+    writer.writerow([value("--model"), "imagenet1k", value("--id-data"), "inaturalist", "nnguide",
+                     "97.5", "12.5", "1", "1", "1", "80"])
+"""
+
+
+def run_script(tmp_path: Path, *arguments: str, fail_model: str = "") -> tuple[subprocess.CompletedProcess, list]:
+    """run.sh with PYTHON = a fake that logs its argv and writes a one-row results.csv; returns (run, argvs)."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, columns=CSV_COLUMNS))
+    fake.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("DETECTORS", "DATA_ROOT", "OUTPUT_ROOT")}
+    environment.update(PYTHON=str(fake), FAKE_LOG=str(log), FAKE_FAIL_MODEL=fail_model, OUTPUT_ROOT="out",
+                       MODELS="resnet50-supcon vit-b16-swag-e2e-v1", ID_SETS="imagenet1k")
+    completed = subprocess.run([str(REPO / "run.sh"), *arguments], check=False, cwd=tmp_path, env=environment,
+                               capture_output=True, text=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return completed, calls
+
+
+def test_run_sh_calls_main_once_per_model_and_id_set_then_aggregates(tmp_path):
+    completed, calls = run_script(tmp_path, "--data-root", "/data", "--", "--batch-size", "128",
+                                  "--num-workers", "16")
+    assert completed.returncode == 0, completed.stderr
+
+    def expected(model: str, detectors: list[str]) -> list[str]:
+        return ["main.py", "--model", model, "--train-data", "imagenet1k", "--id-data", "imagenet1k",
+                "--ood-data", *PAPER_OOD, "--detectors", *detectors, "--data-root", "/data",
+                "--output-dir", str(tmp_path / "out" / model / "imagenet1k"),
+                "--batch-size", "128", "--num-workers", "16"]
+
+    assert calls == [expected("resnet50-supcon", DEFAULT_DETECTORS),
+                     expected("vit-b16-swag-e2e-v1", [*DEFAULT_DETECTORS, "nnguide-vim"])]
+    assert "vit-b16-swag-e2e-v1: ID imagenet1k" in completed.stdout
+    assert (tmp_path / "out/resnet50-supcon__imagenet1k.md").exists()
+    assert (tmp_path / "out/tables.md").exists()
+
+
+def test_run_sh_stops_at_the_first_failing_run(tmp_path):
+    completed, calls = run_script(tmp_path, "--detectors", "energy", fail_model="resnet50-supcon")
+    assert completed.returncode == 3
+    assert len(calls) == 1 and "(resnet50-supcon, imagenet1k)" in completed.stderr
+    assert not (tmp_path / "out/tables.md").exists()
+
+
+def test_run_sh_keep_going_reports_failures_and_exits_non_zero(tmp_path):
+    completed, calls = run_script(tmp_path, "--keep-going", "--detectors", "energy", fail_model="resnet50-supcon")
+    assert completed.returncode == 1
+    assert [call[2] for call in calls] == ["resnet50-supcon", "vit-b16-swag-e2e-v1"]
+    assert "1 run(s) failed" in completed.stderr and "(resnet50-supcon, imagenet1k): exit code 3" in completed.stderr
+    assert (tmp_path / "out/vit-b16-swag-e2e-v1__imagenet1k.md").exists()
+
+
+def test_run_sh_aggregate_only_runs_nothing(tmp_path, results_root):
+    completed, calls = run_script(tmp_path, "--aggregate-only", "--output-root", str(results_root))
+    assert completed.returncode == 0, completed.stderr
+    assert calls == [] and "resnet50-react: ID imagenet1k-v2-a" in completed.stdout
