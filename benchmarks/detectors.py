@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ood_detectors import available_detectors, create_detector  # noqa: E402
+from ood_detectors.metrics import ood_metrics  # noqa: E402
 
 
 def synthetic_outputs(n: int, weight: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timings keep the best of this many runs")
     parser.add_argument("--detectors", nargs="+", default=available_detectors())
     parser.add_argument("--bank-size", type=int, default=12811, help="1%% of ImageNet; 1281167 for all of it")
+    parser.add_argument("--bank-dtype", default="float32", choices=["float32", "float16"],
+                        help="knn/nnguide bank precision; float16 also reports how far scores move from float32")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -71,14 +74,33 @@ def main() -> None:
 
     print(f"\n| detector | fit (s) | score {id_size + ood_size} (s) | GFLOP/s | % of matmul |")
     print("|---|---:|---:|---:|---:|")
+    fp16_effects = []
     for detector_name in args.detectors:
-        kwargs = {"backend": args.backend} if detector_name in ("knn", "nnguide") else {}
+        searches = detector_name in ("knn", "nnguide")
+        kwargs = {"backend": args.backend, "bank_dtype": args.bank_dtype} if searches else {}
         detector, fit_seconds = timed(lambda: create_detector(detector_name, **kwargs).fit(bank), device)
         detector.score_samples(queries)  # warm-up (moves the bank to the device, autotuning)
         _, score_seconds = timed(lambda: detector.score_samples(queries), device, args.repeats)
-        rate = inner_product_flops / score_seconds / 1e9 if detector_name in ("knn", "nnguide") else None
+        rate = inner_product_flops / score_seconds / 1e9 if searches else None
         rate_cells = f"{rate:.0f} | {100 * rate / matmul_rate:.0f}%" if rate else "- | -"
         print(f"| {detector_name} | {fit_seconds:.2f} | {score_seconds:.3f} | {rate_cells} |")
+        if searches and args.bank_dtype != "float32":
+            fp16_effects.append(half_precision_effect(detector, detector_name, args.backend, bank, queries, id_size))
+    for line in fp16_effects:
+        print(line)
+
+
+def half_precision_effect(half_detector, name: str, backend: str, bank, queries, id_size: int) -> str:
+    """How far float16-bank scores are from float32 ones, and what that does to AUROC/FPR95 of ID vs OOD rows."""
+    half = half_detector.score_samples(queries)
+    exact = create_detector(name, backend=backend).fit(bank).score_samples(queries)
+    relative = ((half - exact).abs().max() / exact.abs().max()).item()
+    half_metrics = ood_metrics(half[:id_size], half[id_size:])
+    exact_metrics = ood_metrics(exact[:id_size], exact[id_size:])
+    changes = {m: 100 * abs(half_metrics[m] - exact_metrics[m]) for m in ("auroc", "fpr95")}
+    return (f"{name} float16 vs float32: max |score change| = {relative:.1e} of the largest score; "
+            f"|AUROC change| = {changes['auroc']:.4f} points, |FPR95 change| = {changes['fpr95']:.4f} points "
+            f"(synthetic ID/OOD halves)")
 
 
 if __name__ == "__main__":

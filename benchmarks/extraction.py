@@ -68,10 +68,11 @@ def main() -> None:
         print("\n| stage | images/s | % of loading alone |\n|---|---:|---:|")
 
         settings = ExtractionSettings(device, args.batch_size, args.num_workers, "off", False, 10000)
-        start = time.perf_counter()
-        for images, _ in make_loader(dataset, settings):
-            images.to(device, non_blocking=True)
-        synchronise(device)
+        for _ in range(2):  # only the second pass counts: the first warms the page cache, as a real run finds it
+            start = time.perf_counter()
+            for images, _ in make_loader(dataset, settings):
+                images.to(device, non_blocking=True)
+            synchronise(device)
         loading_rate = len(dataset) / (time.perf_counter() - start)
         print(f"| data loading alone | {loading_rate:.0f} | 100% |")
 

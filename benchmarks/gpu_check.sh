@@ -18,5 +18,7 @@ echo "## detectors, 1% ImageNet bank"
 "$python_bin" benchmarks/detectors.py --device cuda --backend auto
 echo "## top-k search, full ImageNet bank (1,281,167 x 2048)"
 "$python_bin" benchmarks/detectors.py --device cuda --backend auto --detectors knn nnguide --bank-size 1281167 --repeats 1
+echo "## the same with a float16 bank"
+"$python_bin" benchmarks/detectors.py --device cuda --backend auto --detectors knn nnguide --bank-size 1281167 --repeats 1 --bank-dtype float16
 echo "## extraction"
 "$python_bin" benchmarks/extraction.py --device cuda --images 6000 --batch-size 128 2> >(grep -v 'img/s' >&2)

@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from ood_detectors.base import OODDetector, Outputs, check_positive_int, register_detector
-from ood_detectors.search import InnerProductSearch
+from ood_detectors.search import InnerProductSearch, check_search_options
 
 
 @register_detector("knn")
@@ -20,16 +20,18 @@ class KNN(OODDetector):
 
     k: int = 10
     backend: str = "auto"  # nearest-neighbour search: "auto", "faiss" or "torch"
+    bank_dtype: str = "float32"  # "float16": faster, half the memory, similarities rounded (see search.py)
 
     fit_fields = ("feas",)
     score_fields = ("feas",)
 
     def __post_init__(self) -> None:
         check_positive_int(self.k, "knn: k")
+        check_search_options(self.backend, self.bank_dtype, "knn")
 
     def _fit(self, outputs: Outputs) -> None:
         check_k_fits_bank(self.k, outputs["feas"].shape[0], "knn")
-        self.index_ = InnerProductSearch(outputs["feas"], backend=self.backend)
+        self.index_ = InnerProductSearch(outputs["feas"], backend=self.backend, bank_dtype=self.bank_dtype)
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         return self.index_.search(outputs["feas"], self.k)[:, -1]

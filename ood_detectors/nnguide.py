@@ -7,7 +7,7 @@ import torch
 
 from ood_detectors.base import OODDetector, Outputs, check_positive_int, create_detector, register_detector
 from ood_detectors.knn import check_k_fits_bank
-from ood_detectors.search import InnerProductSearch
+from ood_detectors.search import InnerProductSearch, check_search_options
 
 BASE_SCORES = ("energy", "msp", "maxlogit", "kl", "vim")
 
@@ -27,12 +27,14 @@ class NNGuide(OODDetector):
     k: int = 10
     base: str = "energy"
     backend: str = "auto"  # nearest-neighbour search: "auto", "faiss" or "torch"
+    bank_dtype: str = "float32"  # "float16": faster, half the memory, similarities rounded (see search.py)
 
     fit_fields = ("feas", "logits")
     score_fields = ("feas", "logits")
 
     def __post_init__(self) -> None:
         check_positive_int(self.k, "nnguide: k")
+        check_search_options(self.backend, self.bank_dtype, "nnguide")
         if self.base not in BASE_SCORES:
             raise ValueError(f"nnguide: base must be one of {', '.join(BASE_SCORES)}, got {self.base!r}")
 
@@ -41,7 +43,7 @@ class NNGuide(OODDetector):
         self.base_ = create_detector(self.base).fit(outputs)
         bank_confidence = self.base_.score_samples(outputs)                # (M,)
         scaled_bank = outputs["feas"] * bank_confidence[:, None]           # (M, D)
-        self.index_ = InnerProductSearch(scaled_bank, backend=self.backend)
+        self.index_ = InnerProductSearch(scaled_bank, backend=self.backend, bank_dtype=self.bank_dtype)
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         guidance = self.index_.search(outputs["feas"], self.k).mean(dim=1)  # (N,)

@@ -39,3 +39,24 @@ def test_pipeline_on_cuda_matches_cpu(data_root, tiny_model_yaml, tmp_path):
     for cpu_row, cuda_row in zip(results["cpu"], results["cuda"]):
         # cuDNN convolutions (TF32 by default) round differently; rankings, hence metrics, barely move
         assert abs(float(cpu_row["auroc"]) - float(cuda_row["auroc"])) < 1.0
+
+
+def test_a_bank_too_large_for_the_gpu_is_streamed_from_host_memory(monkeypatch):
+    from ood_detectors.search import InnerProductSearch
+    bank = torch.nn.functional.normalize(torch.randn(5000, 64), dim=1)          # stays on the CPU
+    queries = torch.nn.functional.normalize(torch.randn(300, 64), dim=1).cuda()
+    resident = InnerProductSearch(bank, backend="torch").search(queries, 7)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 1 << 40))  # "1 KiB free"
+    streamed_index = InnerProductSearch(bank, backend="torch", bank_block_rows=512)
+    streamed = streamed_index.search(queries, 7)
+    assert streamed.device.type == "cuda" and streamed_index._bank_on(queries.device).device.type == "cpu"
+    torch.testing.assert_close(streamed, resident)
+
+
+def test_float16_bank_on_the_gpu_stays_close_to_float32():
+    bank, test = make_outputs(2000, seed=3, dim=256), make_outputs(200, seed=4, dim=256)
+    cuda = {key: value.cuda() for key, value in bank.items()}
+    queries = {key: value.cuda() for key, value in test.items()}
+    exact = create_detector("nnguide", backend="torch").fit(cuda).score_samples(queries)
+    half = create_detector("nnguide", backend="torch", bank_dtype="float16").fit(cuda).score_samples(queries)
+    torch.testing.assert_close(half, exact, rtol=0, atol=3e-3 * exact.abs().max().item())

@@ -54,3 +54,19 @@ def test_bad_arguments_are_clear_errors():
         InnerProductSearch(bank, backend="annoy")
     with pytest.raises(ValueError, match="non-empty 2-D float tensor"):
         InnerProductSearch(torch.zeros(0, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=needs_faiss)])
+def test_float16_bank_rounds_similarities_only_slightly(backend):
+    bank, queries = random_unit_rows(500, 64, seed=8), random_unit_rows(40, 64, seed=9)
+    exact = InnerProductSearch(bank, backend=backend).search(queries, 5)
+    half = InnerProductSearch(bank, backend=backend, bank_dtype="float16").search(queries, 5)
+    assert not torch.equal(half, exact)
+    torch.testing.assert_close(half, exact, rtol=0, atol=2e-3)  # unit vectors: fp16 keeps ~3 digits
+
+
+def test_bad_search_options_fail_when_the_detector_is_created():
+    with pytest.raises(ValueError, match="nnguide: unknown bank_dtype 'fp8'; valid: float32, float16"):
+        create_detector("nnguide", bank_dtype="fp8")
+    with pytest.raises(ValueError, match="knn: unknown search backend 'annoy'"):
+        create_detector("knn", backend="annoy")
