@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="write score histograms and ROC curves next to results.csv (default: on)")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override any config value, e.g. detectors.nnguide.k=100 or bank_ratio=0.05")
+    add("--recompute", action="store_true", default=None,
+        help="delete and re-extract the cached features this run uses")
+    add("--skip-broken-images", dest="skip_broken_images", action="store_true", default=None,
+        help="skip images that cannot be decoded (listed in the log and config.yaml) instead of stopping")
     add("--debug", action="store_true", help="show the full traceback of user errors")
     return parser.parse_args(argv)
 
@@ -78,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     print(table)
     print(f"\nresults: {written}")
     return 0

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The paper's tables: one main.py run per (model, ID set) on the five OOD sets, then pipeline.aggregate.
+# With --openood, OpenOOD v1.5's ImageNet-1K benchmark instead: one run per model, OpenOOD-shaped tables.
 set -euo pipefail
 
 usage() {
@@ -9,6 +10,9 @@ Usage: ./run.sh [options] [-- extra main.py arguments]
 Runs main.py once per (model, ID set) with --train-data imagenet1k and the OOD sets
 inaturalist sun places textures openimage-o, writing OUTPUT_ROOT/<model>/<ID set>/results.csv,
 then prints the paper's tables with `python -m pipeline.aggregate OUTPUT_ROOT`.
+With --openood: one run per model of configs/experiments/openood-v1.5-imagenet.yaml (OpenOOD v1.5's
+ImageNet-1K lists; ID sets are fixed by it) into OUTPUT_ROOT/<model>/openood-v1.5-imagenet/, then
+`python -m pipeline.aggregate OUTPUT_ROOT --openood`.
 
 Options (each also read from the environment variable in brackets):
   --models "a b"       backbones            [MODELS]
@@ -20,7 +24,8 @@ Options (each also read from the environment variable in brackets):
                        (default: nnguide knn energy msp maxlogit kl vim mahalanobis ssd;
                         nnguide-vim is added for vit-b16-swag-e2e-v1)
   --data-root DIR      datasets folder      [DATA_ROOT]   (default: ~/datasets)
-  --output-root DIR    results folder       [OUTPUT_ROOT] (default: logs/paper)
+  --output-root DIR    results folder       [OUTPUT_ROOT] (default: logs/paper; logs/openood with --openood)
+  --openood            OpenOOD v1.5's ImageNet-1K benchmark instead of the paper's loop
   --aggregate-only     skip the runs, only print the tables
   --keep-going         run every pair even if one fails; list the failures and exit non-zero
   -h, --help           this help
@@ -46,10 +51,12 @@ MODELS="${MODELS:-resnet50-supcon resnet50-react regnet-y-16gf-swag-e2e-v1 vit-b
 ID_SETS="${ID_SETS:-imagenet1k imagenet1k-v2-a imagenet1k-v2-b imagenet1k-v2-c}"
 DETECTORS="${DETECTORS:-nnguide knn energy msp maxlogit kl vim mahalanobis ssd}"
 DATA_ROOT="${DATA_ROOT:-$HOME/datasets}"
-OUTPUT_ROOT="${OUTPUT_ROOT:-logs/paper}"
+OUTPUT_ROOT="${OUTPUT_ROOT:-}"
 PYTHON="${PYTHON:-python}"
 OOD_SETS=(inaturalist sun places textures openimage-o)
+OPENOOD_EXPERIMENT=configs/experiments/openood-v1.5-imagenet.yaml
 aggregate_only=0
+openood=0
 keep_going=0
 extra_args=()
 
@@ -68,11 +75,18 @@ while (($# > 0)); do
             ;;
         --aggregate-only) aggregate_only=1; shift ;;
         --keep-going) keep_going=1; shift ;;
+        --openood) openood=1; shift ;;
         -h | --help) usage; exit 0 ;;
         --) shift; extra_args=("$@"); break ;;
         *) usage >&2; die "unknown argument '$1'" ;;
     esac
 done
+
+if [[ -z "$OUTPUT_ROOT" ]]; then
+    if ((openood == 1)); then OUTPUT_ROOT=logs/openood; else OUTPUT_ROOT=logs/paper; fi
+fi
+aggregate_args=()
+((openood == 0)) || aggregate_args=(--openood)
 
 read -r -a models <<<"$MODELS"
 read -r -a id_sets <<<"$ID_SETS"
@@ -82,6 +96,12 @@ DATA_ROOT="$(absolute "$DATA_ROOT")"
 OUTPUT_ROOT="$(absolute "$OUTPUT_ROOT")"
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
+if ((openood == 1)); then
+    runs=(openood-v1.5-imagenet)  # one run per model: the experiment YAML fixes the bank, ID and OOD sets
+else
+    runs=("${id_sets[@]}")
+fi
+
 failed=()
 if ((aggregate_only == 0)); then
     for model in "${models[@]}"; do
@@ -90,24 +110,28 @@ if ((aggregate_only == 0)); then
         if [[ "$model" == vit-b16-swag-e2e-v1 && " ${detectors[*]} " != *" nnguide-vim "* ]]; then
             model_detectors+=(nnguide-vim)
         fi
-        for id_set in "${id_sets[@]}"; do
-            echo "==> $model / $id_set"
+        for run in "${runs[@]}"; do
+            echo "==> $model / $run"
+            if ((openood == 1)); then
+                datasets=(--config "$OPENOOD_EXPERIMENT")
+            else
+                datasets=(--train-data imagenet1k --id-data "$run" --ood-data "${OOD_SETS[@]}")
+            fi
             status=0
-            "$PYTHON" main.py --model "$model" --train-data imagenet1k --id-data "$id_set" \
-                --ood-data "${OOD_SETS[@]}" --detectors "${model_detectors[@]}" \
-                --data-root "$DATA_ROOT" --output-dir "$OUTPUT_ROOT/$model/$id_set" \
+            "$PYTHON" main.py --model "$model" "${datasets[@]}" --detectors "${model_detectors[@]}" \
+                --data-root "$DATA_ROOT" --output-dir "$OUTPUT_ROOT/$model/$run" \
                 ${extra_args[@]+"${extra_args[@]}"} || status=$?
             if ((status != 0)); then
-                echo "run.sh: main.py failed for ($model, $id_set) with exit code $status" >&2
+                echo "run.sh: main.py failed for ($model, $run) with exit code $status" >&2
                 ((keep_going == 1)) || exit "$status"
-                failed+=("($model, $id_set): exit code $status")
+                failed+=("($model, $run): exit code $status")
             fi
         done
     done
 fi
 
 aggregate_status=0
-"$PYTHON" -m pipeline.aggregate "$OUTPUT_ROOT" || aggregate_status=$?
+"$PYTHON" -m pipeline.aggregate "$OUTPUT_ROOT" ${aggregate_args[@]+"${aggregate_args[@]}"} || aggregate_status=$?
 if ((${#failed[@]} > 0)); then
     echo "run.sh: ${#failed[@]} run(s) failed:" >&2
     printf '  %s\n' "${failed[@]}" >&2

@@ -1,7 +1,7 @@
 """Dataset registry: typed dataset configs, registered on-disk formats, and bank sampling."""
 from __future__ import annotations
 
-from dataloaders import arrays, demo, folders  # noqa: F401  (registers the formats)
+from dataloaders import arrays, demo, folders, imagelist  # noqa: F401  (registers the formats)
 from dataloaders.bank import bank_indices
 from dataloaders.base import DATASET_FORMATS, DatasetConfig, ImageDataset, build_dataset
 

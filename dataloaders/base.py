@@ -29,6 +29,10 @@ class DatasetConfig:
     options: dict[str, Any] = field(default_factory=dict)  # format-specific settings, passed to the builder
 
 
+class BrokenImageError(UserError):
+    """An image file that cannot be read or decoded; the message names its path."""
+
+
 class ImageDataset(Dataset):
     """Images with int labels (-1 = unlabelled) and one stable id each, in a fixed order.
 
@@ -93,8 +97,12 @@ class FileImageDataset(ImageDataset):
         self.root = Path(root)
 
     def _load_image(self, index: int) -> Image.Image:
-        with Image.open(self.root / self.image_ids[index]) as image:
-            return image.convert("RGB")
+        path = self.root / self.image_ids[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")  # decodes now: a truncated file fails here, not in the transform
+        except OSError as error:  # PIL.UnidentifiedImageError, truncated data, an unreadable file
+            raise BrokenImageError(f"cannot decode image {path}: {error}") from None
 
     def _hash_contents(self, digest) -> None:
         for image_id in self.image_ids:

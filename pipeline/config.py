@@ -45,6 +45,8 @@ class ExperimentConfig:
     download: bool = False                        # let torchvision download CIFAR / SVHN when missing
     chunk_size: int = 10000                       # images per cache file; a restart resumes at this grain
     plots: bool = True                            # score histograms and ROC curves per OOD set, as PNG
+    recompute: bool = False                       # delete and re-extract the cache entries this run uses
+    skip_broken_images: bool = False              # skip undecodable images (listed in provenance), not stop
 
     def __post_init__(self) -> None:
         checks = [(self.batch_size > 0, "batch_size", "a positive integer"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,17 +75,28 @@ class Experiment:
                      "checkpoint_sha256": file_sha256(checkpoint),
                      "transform": dataclasses.asdict(self.model_config.transform)}
         settings = ExtractionSettings(self.device, config.batch_size, config.num_workers, config.amp,
-                                      config.channels_last, config.chunk_size)
+                                      config.channels_last, config.chunk_size, config.recompute,
+                                      config.skip_broken_images)
         self.extractor = FeatureExtractor(self.backbone, model_key, Path(config.cache_dir), settings)
         self.skipped_files: dict[str, list[str]] = {}
+        self.broken_images: dict[str, list[str]] = {}  # cache label -> ids of images skipped as undecodable
         # filled by run(), for the plots: scores per detector (and OOD set), metrics as fractions
         self.id_scores: dict[str, np.ndarray] = {}
         self.ood_scores: dict[str, dict[str, np.ndarray]] = {}
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
 
     def _dataset(self, name: str, split: str) -> ImageDataset:
-        dataset = build_dataset(load_dataset_config(name), split, self.data_root, self.transform,
-                                self.config.download)
+        dataset_config = load_dataset_config(name)
+        if self.config.skip_broken_images and dataset_config.format == "image_list":
+            # an image list can name files that are gone: with the flag they are skipped and counted too
+            dataset_config = dataclasses.replace(dataset_config,
+                                                 options={**dataset_config.options, "skip_missing": True})
+        try:
+            dataset = build_dataset(dataset_config, split, self.data_root, self.transform, self.config.download)
+        except UserError as error:
+            if self.data_root.is_dir():
+                raise
+            raise UserError(f"the data root {self.data_root} does not exist (set --data-root): {error}") from None
         if dataset.skipped:
             self.skipped_files[f"{name}/{split}"] = dataset.skipped
         return dataset
@@ -97,13 +109,21 @@ class Experiment:
         ordered = train.subset(order)
         key = {"dataset": self.config.train_data, "split": "train", "images": train.fingerprint(),
                "order": f"RandomState({self.config.seed}).permutation"}
-        features = self.extractor.features(ordered, key, f"{self.config.train_data}-train-seed{self.config.seed}",
-                                           num_rows=size)
-        return RawFeatures(features, ordered.labels[:size])
+        return self._raw_features(ordered, key, f"{self.config.train_data}-train-seed{self.config.seed}", size)
 
     def test_set(self, name: str, dataset: ImageDataset) -> RawFeatures:
         key = {"dataset": name, "split": "test", "images": dataset.fingerprint(), "order": "dataset"}
-        return RawFeatures(self.extractor.features(dataset, key, f"{name}-test"), dataset.labels)
+        return self._raw_features(dataset, key, f"{name}-test", len(dataset))
+
+    def _raw_features(self, dataset: ImageDataset, key: dict, label: str, num_rows: int) -> RawFeatures:
+        """Features and labels of dataset[:num_rows], without the images skipped as undecodable."""
+        extracted = self.extractor.extract(dataset, key, label, num_rows)
+        labels = dataset.labels[:num_rows]
+        if not extracted.broken_rows:
+            return RawFeatures(extracted.features, labels)
+        self.broken_images[label] = [dataset.image_ids[row] for row in extracted.broken_rows]
+        kept = np.setdiff1d(np.arange(num_rows), extracted.broken_rows)
+        return RawFeatures(extracted.features[kept], labels[kept])
 
     def run(self) -> list[dict]:
         """One result row per (OOD set, detector), metrics and ID accuracy in percent."""
@@ -151,12 +171,25 @@ class Experiment:
         return rows
 
 
+def require_writable(folder: Path, what: str) -> None:
+    """Create `folder` and a probe file in it, so an unwritable folder fails before any extraction."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"{what} {folder} is not writable ({error.strerror}); choose another folder") from None
+
+
 def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
     """Run the experiment and write its results; returns the rows and the terminal table."""
+    require_writable(Path(config.output_dir), "output directory (--output-dir)")
+    require_writable(Path(config.cache_dir), "cache directory (--cache-dir)")
     experiment = Experiment(config)
     rows = experiment.run()
     provenance = {"torch": str(torch.__version__), "device": str(experiment.device),
-                  "skipped_non_image_files": {name: len(files) for name, files in experiment.skipped_files.items()}}
+                  "skipped_non_image_files": {name: len(files) for name, files in experiment.skipped_files.items()},
+                  "broken_images": experiment.broken_images}
     table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance)
     if config.plots:
         write_score_plots(Path(config.output_dir), config.id_data, experiment.id_scores, experiment.ood_scores,

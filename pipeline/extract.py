@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataloaders import ImageDataset
+from dataloaders.base import BrokenImageError
 from models import Backbone
-from pipeline.cache import FeatureEntry
+from pipeline.cache import FeatureEntry, StoredRows, assemble, missing_ranges
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,55 @@ class ExtractionSettings:
     amp: str             # "off" or "bf16"
     channels_last: bool
     chunk_size: int      # images per cache file
+    recompute: bool = False           # delete and re-extract every cache entry this extractor uses, once
+    skip_broken_images: bool = False  # undecodable images become NaN rows reported as broken, not an error
 
 
-def make_loader(dataset: ImageDataset, settings: ExtractionSettings) -> DataLoader:
-    """In-order batches; pinned memory for CUDA and a deep prefetch queue so the GPU never waits on a batch."""
-    return DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, num_workers=settings.num_workers,
+@dataclass(frozen=True)
+class Extracted:
+    """Raw features of a dataset prefix and the rows whose image could not be decoded."""
+
+    features: np.ndarray    # (num_rows, D) float32, NaN in the broken rows
+    broken_rows: list[int]  # always empty unless settings.skip_broken_images
+
+
+def make_loader(dataset: Dataset, settings: ExtractionSettings, batches: list[list[int]] | None = None,
+                collate_fn: Callable | None = None) -> DataLoader:
+    """In-order batches (or exactly `batches`); pinned memory for CUDA and a deep prefetch queue so the GPU
+    never waits on a batch."""
+    batching = {"batch_sampler": batches} if batches is not None else {"batch_size": settings.batch_size}
+    return DataLoader(dataset, shuffle=False, num_workers=settings.num_workers, collate_fn=collate_fn,
                       pin_memory=settings.device.type == "cuda",
-                      prefetch_factor=4 if settings.num_workers > 0 else None)
+                      prefetch_factor=4 if settings.num_workers > 0 else None, **batching)
+
+
+class _DecodedOrBroken(Dataset):
+    """(index, image tensor or None, error message or ""): a broken image reaches the main process as a
+    message instead of an exception re-raised with the worker's traceback."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return index, self.dataset[index][0], ""
+        except BrokenImageError as error:
+            return index, None, str(error)
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | None, str]]
+             ) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+    """Row indices, the decoded images stacked (None if none decoded), and row -> error of the others."""
+    decoded = [image for _, image, error in samples if not error]
+    return ([index for index, _, _ in samples], torch.stack(decoded) if decoded else None,
+            {index: error for index, _, error in samples if error})
+
+
+def _broken_image_error(message: str) -> BrokenImageError:
+    return BrokenImageError(f"{message}; fix or delete the file, or pass --skip-broken-images")
 
 
 class FeatureExtractor:
@@ -46,52 +90,88 @@ class FeatureExtractor:
         self.cache_dir = Path(cache_dir)
         self.settings = settings
         self._on_device = False
+        self._recomputed: set[Path] = set()  # entries --recompute has already cleared
 
     def features(self, dataset: ImageDataset, dataset_key: dict, label: str, num_rows: int | None = None
                  ) -> np.ndarray:
-        """(num_rows, D) float32 raw features of dataset[:num_rows]; only rows not in the cache are computed."""
+        """(num_rows, D) float32 raw features of dataset[:num_rows]; `extract(...).features`."""
+        return self.extract(dataset, dataset_key, label, num_rows).features
+
+    def extract(self, dataset: ImageDataset, dataset_key: dict, label: str, num_rows: int | None = None
+                ) -> Extracted:
+        """Raw features of dataset[:num_rows]: cached rows are verified, only the rest are computed.
+
+        The entry is locked throughout, so a second run sharing the cache waits, then finds the rows."""
         num_rows = len(dataset) if num_rows is None else num_rows
         key = {**self.model_key, **dataset_key, "amp": self.settings.amp,
                "channels_last": self.settings.channels_last}
         entry = FeatureEntry(self.cache_dir / self.model_key["model"], key, label)
-        missing = entry.missing_ranges(num_rows, self.settings.chunk_size)
-        if missing:
-            todo = sum(end - start for start, end in missing)
-            log.info("extracting %d of %d images of %s (cache: %s)", todo, num_rows, label, entry.directory)
-            self._extract(dataset, missing, entry, label)
-        else:
-            log.info("%s: all %d images' features are cached in %s", label, num_rows, entry.directory)
-        return entry.read(num_rows)
+        with entry.locked():
+            if self.settings.recompute and entry.directory not in self._recomputed:
+                log.info("%s: --recompute, deleting the cached features in %s", label, entry.directory)
+                entry.clear()
+                self._recomputed.add(entry.directory)
+            stored = entry.load(num_rows)
+            missing = missing_ranges(stored, num_rows, self.settings.chunk_size)
+            if missing:
+                todo = sum(end - start for start, end in missing)
+                log.info("extracting %d of %d images of %s (cache: %s)", todo, num_rows, label, entry.directory)
+                stored += self._extract(dataset, missing, entry, label)
+            else:
+                log.info("%s: all %d images' features are cached in %s", label, num_rows, entry.directory)
+        features, broken = assemble(stored, num_rows)
+        if broken and not self.settings.skip_broken_images:
+            try:  # decode the first one again for the reason; the cache recorded it from an earlier run
+                dataset[broken[0]]
+            except BrokenImageError as error:
+                raise _broken_image_error(str(error)) from None
+            raise _broken_image_error(f"{label}: image {dataset.image_ids[broken[0]]} could not be decoded "
+                                      f"when it was cached; rerun with --recompute")
+        if broken:
+            log.warning("%s: skipped %d images that cannot be decoded: %s", label, len(broken),
+                        ", ".join(dataset.image_ids[row] for row in broken))
+        return Extracted(features, broken)
 
     def _extract(self, dataset: ImageDataset, ranges: list[tuple[int, int]], entry: FeatureEntry,
-                 label: str) -> None:
-        """One pass of one DataLoader over every missing row; each range is written once it is complete."""
+                 label: str) -> list[StoredRows]:
+        """One pass of one DataLoader over every missing row; each range is written once it is complete.
+
+        A batch never spans two ranges, so every row is computed in the same batch whether the extraction
+        ran in one go or resumed after an interruption (CPU results are then bit-identical)."""
         settings = self.settings
         model = self._model()
-        indices = np.concatenate([np.arange(start, end) for start, end in ranges])
-        loader = make_loader(dataset.subset(indices), settings)
+        batches = [list(range(first, min(first + settings.batch_size, end)))
+                   for start, end in ranges for first in range(start, end, settings.batch_size)]
+        loader = make_loader(_DecodedOrBroken(dataset), settings, batches, _collate)
         autocast = (torch.autocast(settings.device.type, dtype=torch.bfloat16) if settings.amp == "bf16"
                     else contextlib.nullcontext())
-        pending: list[np.ndarray] = []  # rows of the range being filled, written once it is complete
+        written: list[StoredRows] = []
+        pending: list[np.ndarray] = []  # batches of the range being filled, written once it is complete
+        broken: list[int] = []
         ranges_left = iter(ranges)
         start, end = next(ranges_left)
         filled = 0
-        with torch.inference_mode(), autocast, tqdm(total=len(indices), unit="img", desc=label) as progress:
-            for images, _ in loader:
-                images = images.to(settings.device, non_blocking=True)
-                if settings.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                batch = model.features(images).float().cpu().numpy()
+        total = sum(end - start for start, end in ranges)
+        with torch.inference_mode(), autocast, tqdm(total=total, unit="img", desc=label) as progress:
+            for indices, images, errors in loader:
+                if errors and not settings.skip_broken_images:
+                    raise _broken_image_error(next(iter(errors.values())))
+                batch = np.full((len(indices), self.backbone.feature_dim), np.nan, dtype=np.float32)  # (B, D)
+                if images is not None:
+                    images = images.to(settings.device, non_blocking=True)
+                    if settings.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    decoded = [offset for offset, index in enumerate(indices) if index not in errors]
+                    batch[decoded] = model.features(images).float().cpu().numpy()
                 progress.update(len(batch))
-                while len(batch):  # a batch may finish one range and start the next
-                    taken = batch[:end - start - filled]
-                    pending.append(taken)
-                    filled += len(taken)
-                    batch = batch[len(taken):]
-                    if filled == end - start:
-                        entry.write_rows(start, np.concatenate(pending))
-                        pending, filled = [], 0
-                        start, end = next(ranges_left, (None, None))  # the loader ends with the last range
+                pending.append(batch)
+                broken += sorted(errors)
+                filled += len(batch)
+                if filled == end - start:
+                    written.append(entry.write_rows(start, np.concatenate(pending), broken))
+                    pending, broken, filled = [], [], 0
+                    start, end = next(ranges_left, (None, None))  # the loader ends with the last range
+        return written
 
     def _model(self) -> Backbone:
         if not self._on_device:

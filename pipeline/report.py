@@ -14,6 +14,10 @@ PAPER_AVERAGE_SETS = ("inaturalist", "sun", "places", "textures")  # the paper's
 MISSING = "-"
 CSV_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95", "aupr_in",
                "aupr_out", "dtacc", "id_acc"]
+# results_openood.csv, beside results.csv: the same runs with FPR95 in OpenOOD's convention (OOD positive)
+OPENOOD_FILE = "results_openood.csv"
+OPENOOD_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95_ood_positive",
+                   "aupr_in", "aupr_out", "id_acc"]
 
 
 def _metric_cells(results: list[dict[str, Any] | None]) -> list[str]:
@@ -58,22 +62,28 @@ def format_terminal(table: list[list[str]]) -> str:
     return "\n".join(rendered)
 
 
-def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config: dict[str, Any],
-                  provenance: dict[str, Any]) -> str:
-    """Writes results.csv, results.md and config.yaml to output_dir; returns the terminal table."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Rows as CSV text; floats at full precision (repr), so equal runs give byte-identical files."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows({key: repr(value) if isinstance(value, float) else value for key, value in row.items()}
                      for row in rows)
+    return buffer.getvalue()
+
+
+def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config: dict[str, Any],
+                  provenance: dict[str, Any]) -> str:
+    """Writes results.csv, results_openood.csv, results.md and config.yaml; returns the terminal table."""
+    output_dir.mkdir(parents=True, exist_ok=True)
     table = paper_table(rows)
     first = rows[0]
     title = (f"# {first['model']}: ID {first['id_data']}, bank from {first['train_data']} "
              f"(ID accuracy {first['id_acc']:.2f}%)\n\nFPR95 (lower is better) and AUROC, in percent. "
              f"Avg-4 (iNaturalist, SUN, Places, Textures) is the paper's Average; Avg-all averages every "
              f"OOD column.\n\n")
-    documents = {"results.csv": buffer.getvalue(), "results.md": title + format_markdown(table),
+    documents = {"results.csv": _csv_text(rows, CSV_COLUMNS), OPENOOD_FILE: _csv_text(rows, OPENOOD_COLUMNS),
+                 "results.md": title + format_markdown(table),
                  "config.yaml": yaml.safe_dump({**resolved_config, "provenance": provenance}, sort_keys=False)}
     for name, text in documents.items():
         write_atomically(output_dir / name, lambda path, text=text: path.write_text(text))

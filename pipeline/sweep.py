@@ -36,9 +36,10 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
     output_root = Path(configs[0].output_dir)
     table: list[list[str]] = []
     csv_lines = [f"{key},ood_data,detector,auroc,fpr95"]
-    for value, config in zip(values, configs):
+    for number, (value, config) in enumerate(zip(values, configs)):
         detectors = ({swept_detector: config.detectors[swept_detector]} if swept_detector else config.detectors)
-        config = dataclasses.replace(config, detectors=detectors, output_dir=str(output_root / f"{key}={value}"))
+        config = dataclasses.replace(config, detectors=detectors, output_dir=str(output_root / f"{key}={value}"),
+                                     recompute=config.recompute and number == 0)  # re-extract once, not per value
         rows, _ = run_experiment(config)
         header, *lines = paper_table(rows)
         table = table or [[key, *header]]

@@ -1,0 +1,271 @@
+"""Reliability: the cache never lies, interrupted runs lose nothing, bad input is one clear error line."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from dataloaders.base import ArrayImageDataset
+from pipeline.extract import ExtractionSettings, FeatureExtractor
+from tests.datagen import write_class_folders, write_flat_folder
+
+REPO = Path(__file__).resolve().parents[1]
+# main.py runs side by side: one thread each, or OpenMP's spinning threads oversubscribe the CPUs
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# ---- the cache, in process, with a stand-in backbone ------------------------------------------------
+
+class CountingBackbone(torch.nn.Module):
+    """Mean colour per image as its 'features'; counts the images it forwards and can be held mid-batch."""
+
+    feature_dim = 3
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        super().__init__()
+        self.forwarded = 0
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(timeout=10)
+        self.forwarded += len(images)
+        return images.mean(dim=(2, 3))  # (N, 3)
+
+
+def colour_dataset(count: int = 10) -> ArrayImageDataset:
+    pixels = np.random.default_rng(0).integers(0, 256, size=(count, 4, 4, 3), dtype=np.uint8)
+    return ArrayImageDataset("arrays", pixels, [f"img{i}" for i in range(count)], [0] * count, [],
+                             torchvision.transforms.ToTensor())
+
+
+def extract(cache: Path, backbone: CountingBackbone, dataset: ArrayImageDataset, recompute: bool = False,
+            extractor: FeatureExtractor | None = None) -> np.ndarray:
+    settings = ExtractionSettings(torch.device("cpu"), batch_size=2, num_workers=0, amp="off",
+                                  channels_last=False, chunk_size=3, recompute=recompute)
+    extractor = extractor or FeatureExtractor(backbone, {"model": "counting"}, cache, settings)
+    return extractor.features(dataset, {"dataset": "colours", "images": dataset.fingerprint()}, "colours")
+
+
+def rows_files(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("rows_*.npy"))
+
+
+def test_truncated_or_corrupted_rows_files_are_reported_and_recomputed(tmp_path, caplog):
+    dataset = colour_dataset(10)
+    clean = extract(tmp_path, CountingBackbone(), dataset)
+    files = rows_files(tmp_path)
+    assert [path.name for path in files] == ["rows_000000000_000000003.npy", "rows_000000003_000000006.npy",
+                                             "rows_000000006_000000009.npy", "rows_000000009_000000010.npy"]
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
+    data = bytearray(files[2].read_bytes())
+    data[-1] ^= 0x40  # one flipped bit in the last feature value: np.load alone would not notice
+    files[2].write_bytes(bytes(data))
+
+    backbone = CountingBackbone()
+    with caplog.at_level(logging.INFO):
+        again = extract(tmp_path, backbone, dataset)
+    assert f"cache file {files[0]} does not match its checksum" in caplog.text
+    assert f"cache file {files[2]} does not match its checksum" in caplog.text
+    assert "extracting 6 of 10 images of colours" in caplog.text
+    assert backbone.forwarded == 6
+    np.testing.assert_array_equal(again, clean)
+
+
+def test_rows_file_without_its_checksum_is_recomputed(tmp_path, caplog):
+    dataset = colour_dataset(10)
+    clean = extract(tmp_path, CountingBackbone(), dataset)
+    rows_files(tmp_path)[1].with_suffix(".json").unlink()
+    backbone = CountingBackbone()
+    with caplog.at_level(logging.INFO):
+        np.testing.assert_array_equal(extract(tmp_path, backbone, dataset), clean)
+    assert "has no checksum" in caplog.text and backbone.forwarded == 3
+
+
+def test_recompute_re_extracts_each_entry_once_per_run(tmp_path):
+    dataset = colour_dataset(10)
+    clean = extract(tmp_path, CountingBackbone(), dataset)
+    backbone = CountingBackbone()
+    settings = ExtractionSettings(torch.device("cpu"), 2, 0, "off", False, 3, recompute=True)
+    extractor = FeatureExtractor(backbone, {"model": "counting"}, tmp_path, settings)
+    np.testing.assert_array_equal(extract(tmp_path, backbone, dataset, extractor=extractor), clean)
+    assert backbone.forwarded == 10
+    extract(tmp_path, backbone, dataset, extractor=extractor)  # the same run asks again: served from the cache
+    assert backbone.forwarded == 10
+
+
+def test_second_run_waits_for_the_entry_lock_then_reuses_the_rows(tmp_path, caplog):
+    dataset = colour_dataset(10)
+    gate = threading.Event()
+    first, second = CountingBackbone(gate), CountingBackbone()
+    results: dict[str, np.ndarray] = {}
+    runs = {name: threading.Thread(target=lambda name=name, backbone=backbone: results.__setitem__(
+        name, extract(tmp_path, backbone, dataset))) for name, backbone in (("first", first), ("second", second))}
+    with caplog.at_level(logging.INFO):
+        runs["first"].start()
+        assert first.entered.wait(timeout=10)  # the first run holds the lock, in the middle of its first batch
+        runs["second"].start()
+        time.sleep(0.5)
+        assert runs["second"].is_alive() and second.forwarded == 0
+        gate.set()
+        for run in runs.values():
+            run.join(timeout=10)
+    assert "waiting for another run to finish writing" in caplog.text
+    assert (first.forwarded, second.forwarded) == (10, 0)
+    np.testing.assert_array_equal(results["first"], results["second"])
+
+
+# ---- main.py as a subprocess ------------------------------------------------------------------------
+
+def main_command(data_root: Path, model_yaml: Path, work: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "main.py"), "--model", str(model_yaml), "--train-data", "imagenet1k",
+            "--id-data", "imagenet1k", "--ood-data", "inaturalist", "--detectors", "energy", "knn",
+            "--set", "detectors.knn.k=1", "--data-root", str(data_root), "--output-dir", str(work / "out"),
+            "--cache-dir", str(work / "cache"), "--device", "cpu", "--bank-ratio", "1.0", "--no-plots", *extra]
+
+
+def run_main(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Run the commands side by side (most of each run is importing torch); results in order."""
+    processes = [subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for command in commands]
+    results = []
+    for command, process in zip(commands, processes):
+        stdout, stderr = process.communicate(timeout=180)
+        results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    return results
+
+
+def wait_for_rows_files(cache: Path, process: subprocess.Popen, timeout: float = 60) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        files = rows_files(cache)
+        if files:
+            return files
+        time.sleep(0.002)
+    pytest.fail(f"no rows file appeared in {cache} (exit code {process.poll()})")
+
+
+def test_killed_run_resumes_at_the_last_complete_file_with_identical_results(data_root, tiny_model_yaml,
+                                                                             tmp_path):
+    # 48 bank images in files of 4, batches of 2: 12 files, so the kill lands mid-way through the bank
+    settings = ["--batch-size", "2", "--num-workers", "0", "--set", "chunk_size=4"]
+    clean = subprocess.Popen(main_command(data_root, tiny_model_yaml, tmp_path / "clean", *settings), cwd=REPO,
+                             env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = main_command(data_root, tiny_model_yaml, tmp_path / "killed", *settings)
+    process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_rows_files(tmp_path / "killed/cache", process)
+    process.kill()
+    process.wait(timeout=10)
+    done = len(rows_files(tmp_path / "killed/cache"))
+    assert 0 < done < 12
+    assert clean.wait(timeout=180) == 0, clean.stderr.read()
+
+    (resumed,) = run_main(command)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"extracting {48 - 4 * done} of 48 images of imagenet1k-train-seed0" in resumed.stderr
+    assert (tmp_path / "killed/out/results.csv").read_bytes() == (tmp_path / "clean/out/results.csv").read_bytes()
+
+
+def child_pids(pid: int) -> set[int]:
+    listed = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(line) for line in listed.split()}
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_ctrl_c_exits_promptly_with_one_line_and_no_workers_left(data_root, tiny_model_yaml, tmp_path):
+    command = main_command(data_root, tiny_model_yaml, tmp_path, "--batch-size", "1",
+                           "--num-workers", "2", "--set", "chunk_size=2")
+    process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    wait_for_rows_files(tmp_path / "cache", process)
+    workers = child_pids(process.pid)
+    assert len(workers) >= 2
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=20)
+    assert time.monotonic() - started < 5
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+    assert "Traceback" not in stderr
+    time.sleep(0.5)
+    assert not [pid for pid in workers if is_running(pid)]
+
+
+@pytest.fixture(scope="module")
+def broken_image_root(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny data root whose ImageNet val has a truncated JPEG and a text file named .JPEG."""
+    root = tmp_path_factory.mktemp("broken")
+    write_class_folders(root / "imagenet1k/imagenet/train", ["n01", "n02"], per_class=3, seed=1)
+    val = write_class_folders(root / "imagenet1k/imagenet/val", ["n01", "n02"], per_class=3, seed=2)
+    write_flat_folder(root / "inaturalist/iNaturalist/images", count=4, seed=3)
+    val[1].write_bytes(val[1].read_bytes()[:200])
+    val[4].write_text("not an image\n")
+    return root, val[1]
+
+
+def test_broken_image_stops_the_run_with_its_path_unless_skipped(broken_image_root, tiny_model_yaml, tmp_path):
+    root, truncated = broken_image_root
+    stopped, skipped = run_main(main_command(root, tiny_model_yaml, tmp_path / "stop", "--num-workers", "2"),
+                                main_command(root, tiny_model_yaml, tmp_path / "skip", "--skip-broken-images"))
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    error = stopped.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: cannot decode image {truncated}: ")  # raised in a loader worker
+    assert error.endswith("fix or delete the file, or pass --skip-broken-images")
+
+    assert skipped.returncode == 0, skipped.stderr
+    assert "imagenet1k-test: skipped 2 images that cannot be decoded: n01/img1.JPEG, n02/img1.JPEG" \
+        in skipped.stderr
+    config = (tmp_path / "skip/out/config.yaml").read_text()
+    assert "broken_images:\n    imagenet1k-test:\n    - n01/img1.JPEG\n    - n02/img1.JPEG\n" in config
+    # the cache remembers them: without the flag still an error, with nothing extracted again
+    (again,) = run_main(main_command(root, tiny_model_yaml, tmp_path / "skip"))
+    assert again.returncode == 2 and "extracting" not in again.stderr
+    assert again.stderr.strip().splitlines()[-1].startswith(f"error: cannot decode image {truncated}: ")
+
+
+def test_bad_input_is_one_error_line_with_exit_code_2(data_root, tiny_model_yaml, tmp_path):
+    unwritable = tmp_path / "a-file"  # a folder under a file: unwritable even for root, unlike chmod
+    unwritable.write_text("")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: resnet50-supcon\nood_data: [inaturalist\n")
+    cases = {
+        "the data root": (["--data-root", str(tmp_path / "nowhere")],
+                          f"the data root {tmp_path / 'nowhere'} does not exist (set --data-root)"),
+        "an unwritable output directory": (["--output-dir", str(unwritable / "out")],
+                                           f"output directory (--output-dir) {unwritable / 'out'} is not writable"),
+        "a YAML syntax error": (["--config", str(bad_yaml)], f"{bad_yaml}:3: YAML syntax error"),
+        "a missing checkpoint": (["--model", "resnet50-supcon", "--pretrained-dir", str(tmp_path / "empty")],
+                                 "resnet50-supcon.pt"),
+    }
+    commands = []
+    for extra, _ in cases.values():
+        command = main_command(data_root, tiny_model_yaml, tmp_path / "run")
+        for flag, value in zip(extra[::2], extra[1::2]):
+            if flag in command:
+                command[command.index(flag) + 1] = value
+            else:
+                command += [flag, value]
+        commands.append(command)
+    for (what, (_, message)), result in zip(cases.items(), run_main(*commands)):
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (what, result.stderr)
+        assert message in lines[0], (what, lines[0])
