@@ -18,6 +18,7 @@ from pathlib import Path
 
 from errors import UserError
 from pipeline.config import resolve_experiment
+from pipeline.distributed import shutdown
 from pipeline.experiment import run_experiment
 from pipeline.sweep import run_sweep, split_sweep
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve_experiment(args.config, flags, args.overrides)
             _, table = run_experiment(config)
             written = Path(config.output_dir) / "results.csv"
+        shutdown()
     except UserError as error:
         if args.debug:
             raise
@@ -87,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    print(table)
-    print(f"\nresults: {written}")
+    if table:  # under torchrun, only rank 0 has one
+        print(table)
+        print(f"\nresults: {written}")
     return 0
 
 

@@ -68,6 +68,7 @@ def broadcast_ranges(ranges: list[tuple[int, int]], topology: Topology) -> list[
     return [(int(start), int(end)) for start, end in flat.tolist()]
 
 
-def shutdown(topology: Topology) -> None:
-    if topology.distributed and dist.is_initialized():
+def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -15,6 +15,7 @@ from errors import UserError
 from models import Backbone, ModelConfig, apply_react, build_backbone, file_sha256, react_threshold, resolve_checkpoint
 from ood_detectors.metrics import ood_metrics
 from pipeline.config import ExperimentConfig, build_detector, load_dataset_config, load_model_config
+from pipeline.distributed import Topology, barrier, init_from_environment
 from pipeline.extract import ExtractionSettings, FeatureExtractor
 from pipeline.plots import write_score_plots
 from pipeline.report import write_results
@@ -59,13 +60,18 @@ def model_outputs(raw: RawFeatures, classifier: torch.nn.Linear, clip: float | N
 class Experiment:
     """Extracts what the config names (each image set once, from the cache when possible) and scores it."""
 
-    def __init__(self, config: ExperimentConfig) -> None:
+    def __init__(self, config: ExperimentConfig, topology: Topology = Topology()) -> None:
         self.config = config
+        self.topology = topology
         self.device = resolve_device(config.device)
         self.data_root = Path(config.data_root).expanduser()
         self.model_config: ModelConfig = load_model_config(config.model)
         if self.model_config.train is not None:
+            if not topology.is_main:
+                barrier(topology)  # rank 0 trains; the others then find its cached weights
             weights = trained_checkpoint(self.model_config, self.data_root, Path(config.cache_dir), self.device)
+            if topology.is_main:
+                barrier(topology)
             self.model_config = dataclasses.replace(self.model_config, checkpoint=str(weights),
                                                     checkpoint_format="torchvision")
         checkpoint = resolve_checkpoint(self.model_config, Path(config.pretrained_dir))
@@ -77,7 +83,7 @@ class Experiment:
         settings = ExtractionSettings(self.device, config.batch_size, config.num_workers, config.amp,
                                       config.channels_last, config.chunk_size, config.recompute,
                                       config.skip_broken_images)
-        self.extractor = FeatureExtractor(self.backbone, model_key, Path(config.cache_dir), settings)
+        self.extractor = FeatureExtractor(self.backbone, model_key, Path(config.cache_dir), settings, topology)
         self.skipped_files: dict[str, list[str]] = {}
         self.broken_images: dict[str, list[str]] = {}  # cache label -> ids of images skipped as undecodable
         # filled by run(), for the plots: scores per detector (and OOD set), metrics as fractions
@@ -139,6 +145,8 @@ class Experiment:
                                 f"{config.bank_ratio} x {len(train)}); lower k or raise bank_ratio")
         bank_raw = self.bank(train, bank_size)
         test_raws = {name: self.test_set(name, dataset) for name, dataset in test_sets.items()}
+        if not self.topology.is_main:  # the other torchrun ranks only help extract
+            return []
         id_raw = test_raws[config.id_data]
         ood_raws = {name: test_raws[name] for name in config.ood_data}
 
@@ -182,11 +190,18 @@ def require_writable(folder: Path, what: str) -> None:
 
 
 def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
-    """Run the experiment and write its results; returns the rows and the terminal table."""
+    """Run the experiment and write its results; returns the rows and the terminal table.
+
+    Under torchrun every rank extracts a shard; only rank 0 scores, writes and returns a table."""
     require_writable(Path(config.output_dir), "output directory (--output-dir)")
     require_writable(Path(config.cache_dir), "cache directory (--cache-dir)")
-    experiment = Experiment(config)
+    topology, device = init_from_environment(config.device)
+    if not topology.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank reports
+    experiment = Experiment(dataclasses.replace(config, device=device), topology)
     rows = experiment.run()
+    if not topology.is_main:
+        return rows, ""
     provenance = {"torch": str(torch.__version__), "device": str(experiment.device),
                   "skipped_non_image_files": {name: len(files) for name, files in experiment.skipped_files.items()},
                   "broken_images": experiment.broken_images}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,8 @@ from tqdm import tqdm
 from dataloaders import ImageDataset
 from dataloaders.base import BrokenImageError
 from models import Backbone
-from pipeline.cache import FeatureEntry, StoredRows, assemble, missing_ranges
+from pipeline.cache import FeatureEntry, StoredRows, assemble, missing_ranges, write_atomically
+from pipeline.distributed import Topology, barrier, broadcast_ranges, shard_bounds
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,13 @@ def _broken_image_error(message: str) -> BrokenImageError:
 class FeatureExtractor:
     """Raw penultimate features of (a prefix of) an ordered dataset, from the cache or from the network."""
 
-    def __init__(self, backbone: Backbone, model_key: dict, cache_dir: Path, settings: ExtractionSettings) -> None:
+    def __init__(self, backbone: Backbone, model_key: dict, cache_dir: Path, settings: ExtractionSettings,
+                 topology: Topology = Topology()) -> None:
         self.backbone = backbone
         self.model_key = model_key
         self.cache_dir = Path(cache_dir)
         self.settings = settings
+        self.topology = topology  # under torchrun: this rank's place; rank 0 owns the cache entry
         self._on_device = False
         self._recomputed: set[Path] = set()  # entries --recompute has already cleared
 
@@ -106,19 +109,26 @@ class FeatureExtractor:
         key = {**self.model_key, **dataset_key, "amp": self.settings.amp,
                "channels_last": self.settings.channels_last}
         entry = FeatureEntry(self.cache_dir / self.model_key["model"], key, label)
-        with entry.locked():
-            if self.settings.recompute and entry.directory not in self._recomputed:
-                log.info("%s: --recompute, deleting the cached features in %s", label, entry.directory)
-                entry.clear()
-                self._recomputed.add(entry.directory)
-            stored = entry.load(num_rows)
-            missing = missing_ranges(stored, num_rows, self.settings.chunk_size)
+        main = self.topology.is_main
+        stored: list[StoredRows] = []
+        with entry.locked() if main else contextlib.nullcontext():  # rank 0 holds it for all ranks
+            missing: list[tuple[int, int]] = []
+            if main:
+                if self.settings.recompute and entry.directory not in self._recomputed:
+                    log.info("%s: --recompute, deleting the cached features in %s", label, entry.directory)
+                    entry.clear()
+                    self._recomputed.add(entry.directory)
+                stored = entry.load(num_rows)
+                missing = missing_ranges(stored, num_rows, self.settings.chunk_size)
+            missing = broadcast_ranges(missing, self.topology)
             if missing:
                 todo = sum(end - start for start, end in missing)
                 log.info("extracting %d of %d images of %s (cache: %s)", todo, num_rows, label, entry.directory)
                 stored += self._extract(dataset, missing, entry, label)
             else:
                 log.info("%s: all %d images' features are cached in %s", label, num_rows, entry.directory)
+        if not main:  # only rank 0 scores
+            return Extracted(np.empty((0, self.backbone.feature_dim), dtype=np.float32), [])
         features, broken = assemble(stored, num_rows)
         if broken and not self.settings.skip_broken_images:
             try:  # decode the first one again for the reason; the cache recorded it from an earlier run
@@ -134,25 +144,75 @@ class FeatureExtractor:
 
     def _extract(self, dataset: ImageDataset, ranges: list[tuple[int, int]], entry: FeatureEntry,
                  label: str) -> list[StoredRows]:
-        """One pass of one DataLoader over every missing row; each range is written once it is complete.
+        """Compute the rows of `ranges` and write each range once it is complete.
 
         A batch never spans two ranges, so every row is computed in the same batch whether the extraction
-        ran in one go or resumed after an interruption (CPU results are then bit-identical)."""
-        settings = self.settings
-        model = self._model()
-        batches = [list(range(first, min(first + settings.batch_size, end)))
-                   for start, end in ranges for first in range(start, end, settings.batch_size)]
-        loader = make_loader(_DecodedOrBroken(dataset), settings, batches, _collate)
-        autocast = (torch.autocast(settings.device.type, dtype=torch.bfloat16) if settings.amp == "bf16"
-                    else contextlib.nullcontext())
+        ran in one go, resumed after an interruption, or was split across torchrun ranks (CPU results are
+        then bit-identical)."""
+        batches = [list(range(first, min(first + self.settings.batch_size, end)))
+                   for start, end in ranges for first in range(start, end, self.settings.batch_size)]
+        if self.topology.distributed:
+            return self._extract_distributed(dataset, ranges, batches, entry, label)
         written: list[StoredRows] = []
         pending: list[np.ndarray] = []  # batches of the range being filled, written once it is complete
         broken: list[int] = []
         ranges_left = iter(ranges)
         start, end = next(ranges_left)
         filled = 0
-        total = sum(end - start for start, end in ranges)
-        with torch.inference_mode(), autocast, tqdm(total=total, unit="img", desc=label) as progress:
+        for batch, batch_broken in self._forward(dataset, batches, label):
+            pending.append(batch)
+            broken += batch_broken
+            filled += len(batch)
+            if filled == end - start:
+                written.append(entry.write_rows(start, np.concatenate(pending), broken))
+                pending, broken, filled = [], [], 0
+                start, end = next(ranges_left, (None, None))  # the batches end with the last range
+        return written
+
+    def _extract_distributed(self, dataset: ImageDataset, ranges: list[tuple[int, int]],
+                             batches: list[list[int]], entry: FeatureEntry, label: str) -> list[StoredRows]:
+        """Each rank computes a contiguous run of whole batches and saves it atomically as a shard; rank 0
+        joins the shards in row order and writes the same rows files a single process would."""
+        first, last = shard_bounds(len(batches), self.topology)
+        parts, broken = [np.empty((0, self.backbone.feature_dim), dtype=np.float32)], []
+        for batch, batch_broken in self._forward(dataset, batches[first:last], label):
+            parts.append(batch)
+            broken += batch_broken
+        shard = entry.directory / f"shard-{self.topology.rank:05d}.npz"
+        features = np.concatenate(parts)
+
+        def save(path: Path) -> None:
+            with path.open("wb") as file:
+                np.savez(file, features=features, broken=np.asarray(broken, dtype=np.int64))
+        write_atomically(shard, save)
+        barrier(self.topology)
+        written: list[StoredRows] = []
+        if self.topology.is_main:
+            shards = [np.load(entry.directory / f"shard-{rank:05d}.npz", allow_pickle=False)
+                      for rank in range(self.topology.world_size)]
+            rows = np.concatenate([data["features"] for data in shards])    # the rows of `ranges`, in order
+            all_broken = set(np.concatenate([data["broken"] for data in shards]).tolist())
+            offset = 0
+            for start, end in ranges:
+                written.append(entry.write_rows(start, rows[offset:offset + end - start],
+                                                sorted(row for row in all_broken if start <= row < end)))
+                offset += end - start
+            for rank in range(self.topology.world_size):
+                (entry.directory / f"shard-{rank:05d}.npz").unlink()
+        barrier(self.topology)
+        return written
+
+    def _forward(self, dataset: ImageDataset, batches: list[list[int]], label: str
+                 ) -> Iterator[tuple[np.ndarray, list[int]]]:
+        """Per batch, in order: (B, D) float32 features (NaN rows for undecodable images) and those rows."""
+        settings = self.settings
+        model = self._model()
+        loader = make_loader(_DecodedOrBroken(dataset), settings, batches, _collate)
+        autocast = (torch.autocast(settings.device.type, dtype=torch.bfloat16) if settings.amp == "bf16"
+                    else contextlib.nullcontext())
+        total = sum(len(batch) for batch in batches)
+        with torch.inference_mode(), autocast, tqdm(total=total, unit="img", desc=label,
+                                                     disable=not self.topology.is_main) as progress:
             for indices, images, errors in loader:
                 if errors and not settings.skip_broken_images:
                     raise _broken_image_error(next(iter(errors.values())))
@@ -164,14 +224,7 @@ class FeatureExtractor:
                     decoded = [offset for offset, index in enumerate(indices) if index not in errors]
                     batch[decoded] = model.features(images).float().cpu().numpy()
                 progress.update(len(batch))
-                pending.append(batch)
-                broken += sorted(errors)
-                filled += len(batch)
-                if filled == end - start:
-                    written.append(entry.write_rows(start, np.concatenate(pending), broken))
-                    pending, broken, filled = [], [], 0
-                    start, end = next(ranges_left, (None, None))  # the loader ends with the last range
-        return written
+                yield batch, sorted(errors)
 
     def _model(self) -> Backbone:
         if not self._on_device:
