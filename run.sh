@@ -30,6 +30,7 @@ Options (each also read from the environment variable in brackets):
   --keep-going         run every pair even if one fails; list the failures and exit non-zero
   -h, --help           this help
   [PYTHON] chooses the interpreter (default: python).
+  [LAUNCHER] runs main.py (default: $PYTHON), e.g. LAUNCHER="torchrun --standalone --nproc_per_node=8"
 
 Example: MODELS=resnet50-react ID_SETS=imagenet1k ./run.sh -- --batch-size 128 --num-workers 16
 EOF
@@ -53,6 +54,7 @@ DETECTORS="${DETECTORS:-nnguide knn energy msp maxlogit kl vim mahalanobis ssd}"
 DATA_ROOT="${DATA_ROOT:-$HOME/datasets}"
 OUTPUT_ROOT="${OUTPUT_ROOT:-}"
 PYTHON="${PYTHON:-python}"
+read -r -a launcher <<<"${LAUNCHER:-$PYTHON}"  # may be several words, e.g. torchrun and its options
 OOD_SETS=(inaturalist sun places textures openimage-o)
 OPENOOD_EXPERIMENT=configs/experiments/openood-v1.5-imagenet.yaml
 aggregate_only=0
@@ -118,7 +120,7 @@ if ((aggregate_only == 0)); then
                 datasets=(--train-data imagenet1k --id-data "$run" --ood-data "${OOD_SETS[@]}")
             fi
             status=0
-            "$PYTHON" main.py --model "$model" "${datasets[@]}" --detectors "${model_detectors[@]}" \
+            "${launcher[@]}" main.py --model "$model" "${datasets[@]}" --detectors "${model_detectors[@]}" \
                 --data-root "$DATA_ROOT" --output-dir "$OUTPUT_ROOT/$model/$run" \
                 ${extra_args[@]+"${extra_args[@]}"} || status=$?
             if ((status != 0)); then

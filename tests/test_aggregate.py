@@ -128,14 +128,17 @@ with open(os.path.join(value("--output-dir"), "results.csv"), "w", newline="") a
 """
 
 
-def run_script(tmp_path: Path, *arguments: str, fail_model: str = "") -> tuple[subprocess.CompletedProcess, list]:
+def run_script(tmp_path: Path, *arguments: str, fail_model: str = "",
+               launcher: str = "") -> tuple[subprocess.CompletedProcess, list]:
     """run.sh with PYTHON = a fake that logs its argv and writes a one-row results.csv; returns (run, argvs)."""
     fake = tmp_path / "fake_python"
     fake.write_text(FAKE_PYTHON.format(python=sys.executable, columns=CSV_COLUMNS))
     fake.chmod(0o755)
     log = tmp_path / "calls.jsonl"
     environment = {key: value for key, value in os.environ.items()
-                   if key not in ("DETECTORS", "DATA_ROOT", "OUTPUT_ROOT")}
+                   if key not in ("DETECTORS", "DATA_ROOT", "OUTPUT_ROOT", "LAUNCHER")}
+    if launcher:
+        environment["LAUNCHER"] = launcher.format(fake=fake)
     environment.update(PYTHON=str(fake), FAKE_LOG=str(log), FAKE_FAIL_MODEL=fail_model, OUTPUT_ROOT="out",
                        MODELS="resnet50-supcon vit-b16-swag-e2e-v1", ID_SETS="imagenet1k")
     completed = subprocess.run([str(REPO / "run.sh"), *arguments], check=False, cwd=tmp_path, env=environment,
@@ -160,6 +163,13 @@ def test_run_sh_calls_main_once_per_model_and_id_set_then_aggregates(tmp_path):
     assert "vit-b16-swag-e2e-v1: ID imagenet1k" in completed.stdout
     assert (tmp_path / "out/resnet50-supcon__imagenet1k.md").exists()
     assert (tmp_path / "out/tables.md").exists()
+
+
+def test_run_sh_launcher_may_be_several_words(tmp_path):
+    """LAUNCHER="torchrun --nproc_per_node=8"-style: its words reach the command line in front of main.py."""
+    completed, calls = run_script(tmp_path, launcher="{fake} --nproc_per_node=8")
+    assert completed.returncode == 0, completed.stderr
+    assert [call[:2] for call in calls] == [["--nproc_per_node=8", "main.py"]] * 2
 
 
 def test_run_sh_stops_at_the_first_failing_run(tmp_path):
