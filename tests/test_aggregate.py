@@ -108,32 +108,18 @@ def test_empty_root_is_a_one_line_error_with_exit_code_2(tmp_path):
     assert completed.stderr.strip().splitlines() == [f"error: no results.csv found under {tmp_path}"]
 
 
-FAKE_PYTHON = """#!{python}
-import csv, json, os, sys
-arguments = sys.argv[1:]
-if arguments[:1] == ["-m"]:
-    os.execv(sys.executable, [sys.executable, *arguments])
-with open(os.environ["FAKE_LOG"], "a") as log:
-    log.write(json.dumps(arguments) + "\\n")
-def value(flag):
-    return arguments[arguments.index(flag) + 1]
-if value("--model") == os.environ.get("FAKE_FAIL_MODEL"):
-    sys.exit(3)
-os.makedirs(value("--output-dir"), exist_ok=True)
-with open(os.path.join(value("--output-dir"), "results.csv"), "w", newline="") as handle:
-    writer = csv.writer(handle)
-    writer.writerow({columns})
-    writer.writerow([value("--model"), "imagenet1k", value("--id-data"), "inaturalist", "nnguide",
-                     "97.5", "12.5", "1", "1", "1", "80"])
-"""
+def fake_python(folder: Path) -> Path:
+    """An executable that runs tests/fake_main.py (run.sh calls it as PYTHON or LAUNCHER)."""
+    fake = folder / "fake_python"
+    fake.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests/fake_main.py"}" "$@"\n')
+    fake.chmod(0o755)
+    return fake
 
 
 def run_script(tmp_path: Path, *arguments: str, fail_model: str = "",
                launcher: str = "") -> tuple[subprocess.CompletedProcess, list]:
     """run.sh with PYTHON = a fake that logs its argv and writes a one-row results.csv; returns (run, argvs)."""
-    fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_PYTHON.format(python=sys.executable, columns=CSV_COLUMNS))
-    fake.chmod(0o755)
+    fake = fake_python(tmp_path)
     log = tmp_path / "calls.jsonl"
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("DETECTORS", "DATA_ROOT", "OUTPUT_ROOT", "LAUNCHER")}

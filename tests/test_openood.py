@@ -21,6 +21,7 @@ from pipeline.aggregate import OPENOOD_COLUMNS, collect, openood_tables
 from pipeline.aggregate import main as aggregate_main
 from pipeline.config import load_dataset_config, resolve_experiment
 from tests.datagen import write_class_folders
+from tests.test_aggregate import fake_python
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "configs/experiments/openood-v1.5-imagenet.yaml"
@@ -252,29 +253,8 @@ def test_aggregate_openood_without_openood_sets_is_an_error(tmp_path):
 
 # ---- run.sh --openood -----------------------------------------------------------------------------------
 
-FAKE_PYTHON = """#!{python}
-import csv, json, os, sys
-arguments = sys.argv[1:]
-if arguments[:1] == ["-m"]:
-    os.execv(sys.executable, [sys.executable, *arguments])
-with open(os.environ["FAKE_LOG"], "a") as log:
-    log.write(json.dumps(arguments) + "\\n")
-def value(flag):
-    return arguments[arguments.index(flag) + 1]
-os.makedirs(value("--output-dir"), exist_ok=True)
-with open(os.path.join(value("--output-dir"), "results_openood.csv"), "w", newline="") as handle:
-    writer = csv.writer(handle)
-    writer.writerow({columns})
-    for ood in {ood_sets}:
-        writer.writerow([value("--model"), "imagenet1k", "openood-imagenet-test", ood, "nnguide",
-                         "90", "30", "80", "80", "86.1"])
-"""
-
-
 def test_run_sh_openood_runs_the_experiment_once_per_model_then_its_tables(tmp_path):
-    fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_PYTHON.format(python=sys.executable, columns=OPENOOD_COLUMNS, ood_sets=OOD_SETS))
-    fake.chmod(0o755)
+    fake = fake_python(tmp_path)
     log = tmp_path / "calls.jsonl"
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("DETECTORS", "DATA_ROOT", "OUTPUT_ROOT", "ID_SETS")}
