@@ -203,7 +203,8 @@ def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
     if not topology.is_main:
         return rows, ""
     provenance = {"torch": str(torch.__version__), "device": str(experiment.device),
-                  "skipped_non_image_files": {name: len(files) for name, files in experiment.skipped_files.items()},
+                  # non-image files in flat folders, and image-list entries missing with --skip-broken-images
+                  "skipped_files": {name: len(files) for name, files in experiment.skipped_files.items()},
                   "broken_images": experiment.broken_images}
     table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance)
     if config.plots:

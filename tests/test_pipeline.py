@@ -49,7 +49,7 @@ def test_results_csv_has_one_row_per_ood_set_and_detector(first_run):
             assert 0.0 <= float(row[metric]) <= 100.0
     assert (work / "out/results.md").read_text().count("\n| nnguide |") == 1
     config = (work / "out/config.yaml").read_text()
-    assert "bank_ratio: 0.5" in config and "skipped_non_image_files" in config
+    assert "bank_ratio: 0.5" in config and "skipped_files" in config
 
 
 def test_bank_is_the_official_seeded_sample_and_features_match_the_network(first_run, data_root, tiny_model_yaml):
