@@ -60,8 +60,8 @@ def image_list(path: Path, split: str, transform: Callable | None, download: boo
     missing = [image_path for image_path, found in zip(image_paths, exists) if not found]
     if missing and not skip_missing:
         raise UserError(f"{len(missing)} of the {len(image_paths)} images listed in {path} do not exist under "
-                        f"{root} (first: {root / missing[0]}); fix the list or image_root, or set the "
-                        f"dataset option skip_missing: true")
+                        f"{root} (first: {root / missing[0]}); fix the list or image_root, or pass "
+                        f"--skip-broken-images (dataset option skip_missing: true) to skip them")
     if missing:
         log.warning("skipped %d images listed in %s that do not exist under %s (first: %s)",
                     len(missing), path, root, missing[0])
