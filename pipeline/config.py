@@ -47,6 +47,7 @@ class ExperimentConfig:
     plots: bool = True                            # score histograms and ROC curves per OOD set, as PNG
     recompute: bool = False                       # delete and re-extract the cache entries this run uses
     skip_broken_images: bool = False              # skip undecodable images (listed in provenance), not stop
+    gpu_decode: bool = False                      # decode JPEGs on the GPU (nvJPEG): faster loading, last digits change
 
     def __post_init__(self) -> None:
         checks = [(self.batch_size > 0, "batch_size", "a positive integer"),

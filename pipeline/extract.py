@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -9,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode
 from tqdm import tqdm
 
 from dataloaders import ImageDataset
-from dataloaders.base import BrokenImageError
-from models import Backbone
+from dataloaders.base import BrokenImageError, FileImageDataset
+from models import Backbone, TransformConfig
 from pipeline.cache import FeatureEntry, StoredRows, assemble, missing_ranges, write_atomically
 from pipeline.distributed import Topology, barrier, broadcast_ranges, shard_bounds
 
@@ -33,6 +36,7 @@ class ExtractionSettings:
     chunk_size: int      # images per cache file
     recompute: bool = False           # delete and re-extract every cache entry this extractor uses, once
     skip_broken_images: bool = False  # undecodable images become NaN rows reported as broken, not an error
+    gpu_transform: TransformConfig | None = None  # set: decode JPEG files on `device` (nvJPEG), transform there
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,52 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str]]
             {index: error for index, _, error in samples if error})
 
 
+class _EncodedFiles(Dataset):
+    """(index, the image file's bytes as a uint8 tensor): workers only read; decoding happens on the device."""
+
+    def __init__(self, dataset: FileImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, torchvision.io.read_file(str(self.dataset.root / self.dataset.image_ids[index]))
+
+
+def _decode_on_device(dataset: FileImageDataset, samples: list[tuple[int, torch.Tensor]],
+                      transform: TransformConfig, device: torch.device
+                      ) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+    """`_collate`'s output for encoded files: JPEGs decoded together on the device (nvJPEG on GPUs), other
+    formats on the CPU; a file that fails to decode is reported by row, as the CPU path does."""
+    indices = [index for index, _ in samples]
+    encoded = [data for _, data in samples]
+    is_jpeg = [data[:3].tolist() == [0xFF, 0xD8, 0xFF] for data in encoded]
+    decoded: dict[int, torch.Tensor] = {}
+    errors: dict[int, str] = {}
+
+    def decode_one(offset: int) -> None:
+        try:
+            image = (torchvision.io.decode_jpeg(encoded[offset], mode=ImageReadMode.RGB, device=device)
+                     if is_jpeg[offset] else torchvision.io.decode_image(encoded[offset], mode=ImageReadMode.RGB))
+            decoded[offset] = image.to(device)
+        except RuntimeError as error:
+            path = dataset.root / dataset.image_ids[indices[offset]]
+            errors[indices[offset]] = f"cannot decode image {path}: {error}"
+
+    jpegs = [offset for offset, jpeg in enumerate(is_jpeg) if jpeg]
+    try:  # one batched call for the JPEGs; a corrupt one fails it, then each is decoded alone to find it
+        decoded.update(zip(jpegs, torchvision.io.decode_jpeg([encoded[offset] for offset in jpegs],
+                                                             mode=ImageReadMode.RGB, device=device)))
+    except RuntimeError:
+        for offset in jpegs:
+            decode_one(offset)
+    for offset in (offset for offset, jpeg in enumerate(is_jpeg) if not jpeg):
+        decode_one(offset)
+    images = [transform.apply_to_tensor(decoded[offset]) for offset in sorted(decoded)]
+    return indices, torch.stack(images) if images else None, errors
+
+
 def _broken_image_error(message: str) -> BrokenImageError:
     return BrokenImageError(f"{message}; fix or delete the file, or pass --skip-broken-images")
 
@@ -107,7 +157,7 @@ class FeatureExtractor:
         The entry is locked throughout, so a second run sharing the cache waits, then finds the rows."""
         num_rows = len(dataset) if num_rows is None else num_rows
         key = {**self.model_key, **dataset_key, "amp": self.settings.amp,
-               "channels_last": self.settings.channels_last}
+               "channels_last": self.settings.channels_last, "gpu_decode": self.settings.gpu_transform is not None}
         entry = FeatureEntry(self.cache_dir / self.model_key["model"], key, label)
         main = self.topology.is_main
         stored: list[StoredRows] = []
@@ -207,13 +257,20 @@ class FeatureExtractor:
         """Per batch, in order: (B, D) float32 features (NaN rows for undecodable images) and those rows."""
         settings = self.settings
         model = self._model()
-        loader = make_loader(_DecodedOrBroken(dataset), settings, batches, _collate)
+        if settings.gpu_transform is not None and isinstance(dataset, FileImageDataset):
+            loader = make_loader(_EncodedFiles(dataset), settings, batches, list)
+            decode = functools.partial(_decode_on_device, dataset, transform=settings.gpu_transform,
+                                       device=settings.device)
+        else:  # decoded by PIL in the workers (arrays in memory have nothing to decode on a GPU)
+            loader = make_loader(_DecodedOrBroken(dataset), settings, batches, _collate)
+            decode = None
         autocast = (torch.autocast(settings.device.type, dtype=torch.bfloat16) if settings.amp == "bf16"
                     else contextlib.nullcontext())
         total = sum(len(batch) for batch in batches)
         with torch.inference_mode(), autocast, tqdm(total=total, unit="img", desc=label,
                                                      disable=not self.topology.is_main) as progress:
-            for indices, images, errors in loader:
+            for batch_data in loader:
+                indices, images, errors = decode(batch_data) if decode else batch_data
                 if errors and not settings.skip_broken_images:
                     raise _broken_image_error(next(iter(errors.values())))
                 batch = np.full((len(indices), self.backbone.feature_dim), np.nan, dtype=np.float32)  # (B, D)

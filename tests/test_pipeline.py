@@ -150,3 +150,18 @@ def test_config_mistakes_name_the_key_and_the_closest_valid_one(args, message, t
     assert main.main(argv) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
+def test_gpu_decode_path_gives_nearly_the_pil_features(first_run):
+    """--set gpu_decode=true decodes JPEGs with torchvision (nvJPEG on GPUs; here the same code on the CPU)
+    and resizes tensors: a separate cache entry, features equal to PIL's up to resampling differences."""
+    work, argv = first_run
+    assert main.main([*argv, "--set", "gpu_decode=true", "--output-dir", str(work / "decoded")]) == 0
+    entries = sorted((work / "cache/resnet50-supcon-tiny").glob("imagenet1k-test-*"))
+    assert len(entries) == 2  # PIL-decoded and tensor-decoded features are cached apart
+    first, second = (np.concatenate([np.load(path) for path in sorted(entry.glob("rows_*.npy"))])
+                     for entry in entries)
+    cosine = (first * second).sum(1) / np.linalg.norm(first, axis=1) / np.linalg.norm(second, axis=1)
+    assert cosine.min() > 0.98 and not np.array_equal(first, second)
+    rows = read_csv(work / "decoded/results.csv")
+    assert len(rows) == len(read_csv(work / "out/results.csv"))  # PNGs and junk files handled as before
