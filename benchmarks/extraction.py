@@ -79,15 +79,17 @@ def main() -> None:
         backbone = Backbone(torchvision.models.resnet50(), "fc").eval()
         with torch.inference_mode():  # CUDA context and kernel selection happen once per run, not per image
             backbone.to(device).features(torch.zeros(args.batch_size, 3, 224, 224, device=device))
-        for amp, channels_last in [("off", False), ("bf16", True)]:
-            settings = ExtractionSettings(device, args.batch_size, args.num_workers, amp, channels_last, 10000)
-            extractor = FeatureExtractor(backbone, {"model": "resnet50-random"}, scratch / f"cache-{amp}", settings)
+        runs = [("fp32", "off", False, None), ("bf16 + channels_last", "bf16", True, None),
+                ("fp32, JPEGs decoded on the device", "off", False, TransformConfig())]
+        for label, amp, channels_last, gpu_transform in runs:
+            settings = ExtractionSettings(device, args.batch_size, args.num_workers, amp, channels_last, 10000,
+                                          gpu_transform=gpu_transform)
+            extractor = FeatureExtractor(backbone, {"model": "resnet50-random"}, scratch / f"cache-{label}", settings)
             start = time.perf_counter()
             features = extractor.features(dataset, {"dataset": "synthetic", "images": dataset.fingerprint()},
                                           "synthetic")
             synchronise(device)
             rate = len(features) / (time.perf_counter() - start)
-            label = "fp32" if amp == "off" else "bf16 + channels_last"
             print(f"| extraction, ResNet-50 {label} | {rate:.0f} | {100 * rate / loading_rate:.0f}% |")
 
 

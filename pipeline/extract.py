@@ -92,7 +92,9 @@ class _EncodedFiles(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        return index, torchvision.io.read_file(str(self.dataset.root / self.dataset.image_ids[index]))
+        # a plain tensor (torchvision.io.read_file maps the file, which workers cannot hand over)
+        data = (self.dataset.root / self.dataset.image_ids[index]).read_bytes()
+        return index, torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _decode_on_device(dataset: FileImageDataset, samples: list[tuple[int, torch.Tensor]],
