@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -95,5 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def stop_like_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM, what a cluster sends a pre-empted job before SIGKILL: stop as on Ctrl-C (exit 130, resumable)."""
+    # when the whole job is signalled, torch's loader workers die of SIGTERM too (their own handler re-raises
+    # it): torch's SIGCHLD handler would report that as a worker failure while the workers are being stopped
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     sys.exit(main())

@@ -53,6 +53,10 @@ def model_outputs(raw: RawFeatures, classifier: torch.nn.Linear, clip: float | N
         features = apply_react(features, clip)
     with torch.inference_mode():
         logits = classifier(features)
+    bad_rows = int((~torch.isfinite(logits)).any(dim=1).sum())
+    if bad_rows:
+        raise UserError(f"{name}: {bad_rows} of {len(logits)} rows of logits are NaN or inf although the features "
+                        f"are finite (check the classifier's weights in the checkpoint)")
     return {"feas": torch.nn.functional.normalize(features, dim=1), "logits": logits,
             "labels": torch.from_numpy(raw.labels).to(device)}
 

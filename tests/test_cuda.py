@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,10 +38,15 @@ def test_pipeline_on_cuda_matches_cpu(data_root, tiny_model_yaml, tmp_path):
                           "--cache-dir", str(tmp_path / f"cache-{run}")]) == 0
         with (output / "results.csv").open() as file:
             results[run] = list(csv.DictReader(file))
-    for run in ("cuda", "nvjpeg"):
-        for cpu_row, cuda_row in zip(results["cpu"], results[run]):
-            # cuDNN (TF32 by default) and nvJPEG + tensor resizing round differently; metrics barely move
-            assert abs(float(cpu_row["auroc"]) - float(cuda_row["auroc"])) < 2.0
+    for cpu_row, cuda_row in zip(results["cpu"], results["cuda"]):
+        # cuDNN convolutions (TF32 by default) round differently; rankings, hence metrics, barely move
+        assert abs(float(cpu_row["auroc"]) - float(cuda_row["auroc"])) < 1.0
+    # nvJPEG and tensor resizing change pixels slightly: compare the features themselves
+    cached = {run: np.concatenate([np.load(path) for path in sorted(
+        next((tmp_path / f"cache-{run}").rglob("imagenet1k-test-*")).glob("rows_*.npy"))]) for run in ("cpu", "nvjpeg")}
+    cosine = (cached["cpu"] * cached["nvjpeg"]).sum(1) / (
+        np.linalg.norm(cached["cpu"], axis=1) * np.linalg.norm(cached["nvjpeg"], axis=1))
+    assert cosine.min() > 0.98
 
 
 def test_a_bank_too_large_for_the_gpu_is_streamed_from_host_memory(monkeypatch):

@@ -191,7 +191,13 @@ def is_running(pid: int) -> bool:
     return state != "Z"
 
 
-def test_ctrl_c_exits_promptly_with_one_line_and_no_workers_left(data_root, tiny_model_yaml, tmp_path):
+@pytest.mark.parametrize("signum, whole_group", [
+    (signal.SIGINT, True),    # Ctrl-C in a terminal: the whole process group
+    (signal.SIGTERM, True),   # a pre-empted cluster job (Slurm signals every process of the job)
+    (signal.SIGTERM, False),  # kill PID, docker stop: the main process alone, which then stops its workers
+], ids=["ctrl-c", "sigterm-group", "sigterm-main"])
+def test_ctrl_c_exits_promptly_with_one_line_and_no_workers_left(signum, whole_group, data_root, tiny_model_yaml,
+                                                                 tmp_path):
     command = main_command(data_root, tiny_model_yaml, tmp_path, "--batch-size", "1",
                            "--num-workers", "2", "--set", "chunk_size=2")
     process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -199,7 +205,10 @@ def test_ctrl_c_exits_promptly_with_one_line_and_no_workers_left(data_root, tiny
     wait_for_rows_files(tmp_path / "cache", process)
     workers = child_pids(process.pid)
     assert len(workers) >= 2
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    if whole_group:
+        os.killpg(process.pid, signum)
+    else:
+        os.kill(process.pid, signum)
     started = time.monotonic()
     _, stderr = process.communicate(timeout=20)
     assert time.monotonic() - started < 5

@@ -1,0 +1,231 @@
+"""Every kind of bad input, through main.py as a subprocess: exit code 2 and one `error: ...` line saying what to fix.
+
+Complements the subprocess cases already in test_reliability.py (missing data root, unwritable output folder,
+YAML syntax error, missing checkpoint, undecodable image) and test_pipeline.py (unknown config key). Each case
+builds its bad input under its own folder; the runs go side by side (most of each is importing torch).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from tests.datagen import write_class_folders, write_flat_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def valid_names(kind: str) -> str:
+    return ", ".join(sorted(path.stem for path in (REPO / "configs" / kind).glob("*.yaml")))
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a case builds on: its own empty folder, the shared data root and the tiny SupCon model config."""
+
+    work: Path
+    data_root: Path
+    model_yaml: Path
+
+    def model_with_checkpoint(self, checkpoint: Path) -> Path:
+        """A copy of the tiny model config that loads `checkpoint`."""
+        config = yaml.safe_load(self.model_yaml.read_text())
+        path = self.work / "model.yaml"
+        path.write_text(yaml.safe_dump({**config, "checkpoint": str(checkpoint)}))
+        return path
+
+    def edited_supcon_checkpoint(self, edit: Callable[[dict[str, torch.Tensor]], object]) -> Path:
+        """The tiny model's random SupCon checkpoint, saved again with `edit` applied to its model_state_dict."""
+        source = yaml.safe_load(self.model_yaml.read_text())["checkpoint"]
+        checkpoint = torch.load(source, weights_only=False)  # our own file: it holds an argparse.Namespace
+        edit(checkpoint["model_state_dict"])
+        path = self.work / "edited.pt"
+        torch.save(checkpoint, path)
+        return path
+
+    def small_data_root(self) -> Path:
+        """4 bank images, 4 ImageNet val images, 4 iNaturalist images plus 2 non-image files."""
+        root = self.work / "datasets"
+        write_class_folders(root / "imagenet1k/imagenet/train", ["n01", "n02"], per_class=2, seed=1)
+        write_class_folders(root / "imagenet1k/imagenet/val", ["n01", "n02"], per_class=2, seed=2)
+        write_flat_folder(root / "inaturalist/iNaturalist/images", count=4, seed=3)
+        return root
+
+    def data_root_without_inaturalist(self) -> Path:
+        root = self.work / "datasets"
+        root.mkdir()
+        (root / "imagenet1k").symlink_to(self.data_root / "imagenet1k")
+        return root
+
+
+@dataclass(frozen=True)
+class Case:
+    """build(inputs) -> (flags replacing or adding to the base command, fragments the error line must hold)."""
+
+    build: Callable[[Inputs], tuple[list[str], list[str]]]
+    logged: Callable[[Inputs], list[str]] = lambda inputs: []  # lines before the error (log) must hold these
+    quiet: bool = True  # fails before anything is logged: stderr is the error line alone
+    marks: list = field(default_factory=list)
+
+
+def missing_dataset_folder(inputs: Inputs) -> tuple[list[str], list[str]]:
+    root = inputs.data_root_without_inaturalist()
+    return ["--data-root", str(root)], [f"dataset folder {root / 'inaturalist/iNaturalist/images'} does not exist"]
+
+
+def dataset_folder_without_images(inputs: Inputs) -> tuple[list[str], list[str]]:
+    root = inputs.data_root_without_inaturalist()
+    write_flat_folder(root / "inaturalist/iNaturalist/images", count=0)  # only a text file and a fake .jpg
+    return ["--data-root", str(root)], [f"no images in {root / 'inaturalist/iNaturalist/images'}"]
+
+
+def unwritable_cache_directory(inputs: Inputs) -> tuple[list[str], list[str]]:
+    (inputs.work / "a-file").write_text("")  # a folder under a file: unwritable even for root, unlike chmod
+    cache = inputs.work / "a-file" / "cache"
+    return ["--cache-dir", str(cache)], [f"cache directory (--cache-dir) {cache} is not writable"]
+
+
+def wrong_type_in_experiment_yaml(inputs: Inputs) -> tuple[list[str], list[str]]:
+    experiment = inputs.work / "experiment.yaml"
+    experiment.write_text("chunk_size: 10000\nseed: zero\n")
+    return ["--config", str(experiment)], [f"{experiment} + command line: key 'seed' must be int, got 'zero'"]
+
+
+def not_a_checkpoint(inputs: Inputs) -> tuple[list[str], list[str]]:
+    weights = inputs.work / "resnet50-supcon.pt"
+    weights.write_text("<html><body>Sign in to download this file</body></html>\n")  # a saved login page
+    return ["--model", str(inputs.model_with_checkpoint(weights))], [f"{weights} is not a PyTorch checkpoint"]
+
+
+def checkpoint_with_wrong_keys(inputs: Inputs) -> tuple[list[str], list[str]]:
+    weights = inputs.work / "wrong-keys.pt"
+    resnet50_keys = [key for key in torchvision.models.resnet50().state_dict()
+                     if not key.endswith("num_batches_tracked")]
+    torch.save({"model_state_dict": {"encoder.conv1.weight": torch.zeros(64, 3, 3, 3),  # 7x7 in a ResNet-50
+                                     "encoder.layer5.0.conv1.weight": torch.zeros(1)}}, weights)
+    return ["--model", str(inputs.model_with_checkpoint(weights))], [
+        f"checkpoint {weights} does not fit architecture 'resnet50'",
+        f"{len(resnet50_keys) - 1} missing: bn1.weight, bn1.bias, bn1.running_mean, ...",
+        "1 unexpected: layer5.0.conv1.weight",
+        "1 mis-shaped: conv1.weight (64, 3, 3, 3) != (64, 3, 7, 7)"]
+
+
+def nan_features(inputs: Inputs) -> tuple[list[str], list[str]]:
+    def negative_variance(state: dict[str, torch.Tensor]) -> None:
+        state["encoder.bn1.running_var"][0] = -1.0  # sqrt(-1): NaN in the stem, then in every feature
+    model = inputs.model_with_checkpoint(inputs.edited_supcon_checkpoint(negative_variance))
+    return (["--model", str(model), "--data-root", str(inputs.small_data_root()), "--bank-ratio", "1.0"],
+            ["imagenet1k bank: 4 of 4 feature rows are NaN or inf"])
+
+
+def inf_logits(inputs: Inputs) -> tuple[list[str], list[str]]:
+    def infinite_weight(state: dict[str, torch.Tensor]) -> None:
+        state["fc.weight"][0, 0] = float("inf")  # finite features, non-finite logits for class 0
+    model = inputs.model_with_checkpoint(inputs.edited_supcon_checkpoint(infinite_weight))
+    return (["--model", str(model), "--data-root", str(inputs.small_data_root()), "--bank-ratio", "1.0"],
+            ["imagenet1k bank", "4 of 4", "logits"])
+
+
+def skipped_non_images(inputs: Inputs) -> list[str]:
+    return [f"skipped 2 files in {inputs.work / 'datasets/inaturalist/iNaturalist/images'} that are not JPEG or PNG"]
+
+
+SUPCON_URL = yaml.safe_load((REPO / "configs/models/resnet50-supcon.yaml").read_text())["checkpoint_url"]
+
+CASES = {
+    # paths (a missing data root and an unwritable output folder: test_reliability.py)
+    "dataset folder missing": Case(missing_dataset_folder),
+    "dataset folder without images": Case(dataset_folder_without_images),
+    "unwritable cache directory": Case(unwritable_cache_directory),
+    # names: the closest valid one and all of them
+    "unknown model": Case(lambda inputs: (["--model", "resnet50-supcom"], [
+        f"unknown model 'resnet50-supcom' (did you mean 'resnet50-supcon'?); valid: {valid_names('models')}"])),
+    "unknown dataset": Case(lambda inputs: (["--ood-data", "inaturalist", "textrues"], [
+        f"unknown dataset 'textrues' (did you mean 'textures'?); valid: {valid_names('datasets')}"])),
+    "unknown detector": Case(lambda inputs: (["--detectors", "energy", "nnguid"], [
+        f"unknown detector 'nnguid' (did you mean 'nnguide'?); valid: {valid_names('detectors')}"])),
+    # configs (YAML syntax error: test_reliability.py; unknown key: test_pipeline.py)
+    "wrong type": Case(wrong_type_in_experiment_yaml),
+    "k = 0": Case(lambda inputs: (["--detectors", "knn", "--set", "detectors.knn.k=0"],
+                                  ["knn: k must be a positive integer, got 0"])),
+    "k larger than the bank": Case(lambda inputs: (["--detectors", "knn", "--set", "detectors.knn.k=25",
+                                                    "--bank-ratio", "0.5", "--ood-data", "textures"],
+                                                   ["detector 'knn': k=25 is larger than the bank (24 images = "
+                                                    "0.5 x 48); lower k or raise bank_ratio"])),
+    "bank ratio 0": Case(lambda inputs: (["--bank-ratio", "0"], ["config key 'bank_ratio' must be in (0, 1], got 0.0"])),
+    "batch size -1": Case(lambda inputs: (["--batch-size", "-1"],
+                                          ["config key 'batch_size' must be a positive integer, got -1"])),
+    # weights (a missing checkpoint: test_reliability.py)
+    "not a checkpoint": Case(not_a_checkpoint),
+    "missing, unexpected and mis-shaped keys": Case(checkpoint_with_wrong_keys),
+    # numbers, after extracting a few images (which also skips and counts the non-image files in iNaturalist)
+    "NaN features": Case(nan_features, logged=skipped_non_images, quiet=False),
+    "inf logits": Case(inf_logits, logged=skipped_non_images, quiet=False),
+}
+
+
+def command(inputs: Inputs, changes: list[str]) -> list[str]:
+    """main.py on the shared data root with the tiny model, `changes` replacing or adding flags."""
+    base = {"--model": [str(inputs.model_yaml)], "--train-data": ["imagenet1k"], "--id-data": ["imagenet1k"],
+            "--ood-data": ["inaturalist"], "--detectors": ["energy"], "--data-root": [str(inputs.data_root)],
+            "--output-dir": [str(inputs.work / "out")], "--cache-dir": [str(inputs.work / "cache")],
+            "--bank-ratio": ["0.5"], "--batch-size": ["4"], "--num-workers": ["0"], "--device": ["cpu"]}
+    extra: list[str] = []
+    flag = None
+    for item in changes:
+        if item.startswith("--"):
+            flag = item
+            if flag in base:
+                base[flag] = []
+            else:
+                extra.append(flag)
+        elif flag in base:
+            base[flag].append(item)
+        else:
+            extra.append(item)
+    return [sys.executable, str(REPO / "main.py"), *[item for flag, values in base.items() for item in (flag, *values)],
+            "--no-plots", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(request, data_root, tiny_model_yaml, tmp_path_factory) -> dict[str, tuple[Inputs, list[str], Callable]]:
+    """Starts main.py for every case this session selected, side by side; each test waits for its own."""
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "module", None) is request.module and hasattr(item, "callspec")]
+    started = {}
+    for name in selected:
+        work = tmp_path_factory.mktemp(name.replace(" ", "-").replace(",", "").replace("=", ""))
+        inputs = Inputs(work, data_root, tiny_model_yaml)
+        changes, fragments = CASES[name].build(inputs)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(work / "torch-home")}  # an empty hub cache
+        process = subprocess.Popen(command(inputs, changes), cwd=work, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        started[name] = (inputs, fragments, process)
+    yield started
+    for _, _, process in started.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=case.marks) for name, case in CASES.items()])
+def test_bad_input_is_one_error_line_and_exit_code_2(name, runs):
+    inputs, fragments, process = runs[name]
+    _, stderr = process.communicate(timeout=300)
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and process.returncode == 2, stderr
+    assert lines and lines[-1].startswith("error: "), stderr
+    assert len(lines) == 1 or not CASES[name].quiet, stderr
+    assert [line for line in lines if line.startswith("error")] == lines[-1:], stderr
+    for fragment in fragments:
+        assert fragment in lines[-1]
+    for fragment in CASES[name].logged(inputs):
+        assert fragment in stderr
