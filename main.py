@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="delete and re-extract the cached features this run uses")
     add("--skip-broken-images", dest="skip_broken_images", action="store_true", default=None,
         help="skip images that cannot be decoded (listed in the log and config.yaml) instead of stopping")
+    add("--gpu-decode", dest="gpu_decode", action="store_true", default=None,
+        help="decode JPEGs on the GPU (nvJPEG); off by default: it changes pixels, so the last digits")
     add("--debug", action="store_true", help="show the full traceback of user errors")
     return parser.parse_args(argv)
 
