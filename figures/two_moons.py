@@ -1,8 +1,12 @@
-"""Two-moons picture of NNGuide (the figure in the paper's repository README): KNN, energy and NNGuide scores.
+"""Two-moons picture of NNGuide (the figure in the paper's repository README): KNN, the classifier's
+confidence and NNGuide on that confidence.
 
 A small MLP is trained on scikit-learn's two moons; each detector is fitted on the training points' outputs
-and scored on a grid reaching well beyond the data, one contour panel per score.
-Usage: python figures/two_moons.py [--output assets/two_moons.png] [--grid 200] [--seed 0] [--k 10]
+and scored on a grid reaching well beyond the data, one contour panel per score. The confidence is the
+maximum softmax probability by default, as in the paper's own plotting script (`--base energy` shows the
+energy instead, whose growth far from the data this toy's guidance cannot cancel; see the README). Colours
+are clipped to each panel's 5th-95th percentiles, as there too.
+Usage: python figures/two_moons.py [--output assets/two_moons.png] [--grid 200] [--seed 0] [--k 10] [--base msp]
 """
 from __future__ import annotations
 
@@ -22,7 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ood_detectors import create_detector  # noqa: E402
 
 X_RANGE, Y_RANGE = (-3.0, 4.0), (-3.0, 3.0)
-PANELS = (("knn", "KNN"), ("energy", "Classifier (energy)"), ("nnguide", "NNGuide"))
+CONFIDENCE_NAMES = {"msp": "MSP", "energy": "energy"}
+
+
+def panels(base: str) -> list[tuple[str, str, dict]]:
+    """(score key, panel title, detector keyword arguments) for KNN, the confidence, and NNGuide on it."""
+    return [("knn", "KNN", {}), (base, f"Classifier ({CONFIDENCE_NAMES[base]})", {}),
+            ("nnguide", f"NNGuide ({CONFIDENCE_NAMES[base]} base)", {"base": base})]
 
 
 class MoonsNet(torch.nn.Module):
@@ -65,7 +75,7 @@ def model_outputs(model: MoonsNet, points: torch.Tensor, labels: torch.Tensor) -
     return {"feas": torch.nn.functional.normalize(features, dim=1), "logits": logits, "labels": labels}
 
 
-def scores_on_grid(grid: int = 200, seed: int = 0, k: int = 10) -> dict[str, np.ndarray]:
+def scores_on_grid(grid: int = 200, seed: int = 0, k: int = 10, base: str = "msp") -> dict[str, np.ndarray]:
     """Train on two moons, then score a grid x grid mesh with each detector fitted on the training points.
 
     Keys: "xs", "ys" (grid,); "points" (500, 2), "labels" (500,); "distance" (grid, grid) from each grid point
@@ -88,8 +98,8 @@ def scores_on_grid(grid: int = 200, seed: int = 0, k: int = 10) -> dict[str, np.
         result: dict[str, np.ndarray] = {
             "xs": xs, "ys": ys, "points": points, "labels": labels,
             "distance": torch.cdist(mesh, train_points).amin(dim=1).numpy().reshape(grid, grid)}
-        for name, _ in PANELS:
-            detector = create_detector(name) if name == "energy" else create_detector(name, k=k)
+        for name, _, options in panels(base):
+            detector = create_detector(name, **({"k": k, **options} if name in ("knn", "nnguide") else {}))
             detector.fit(train_outputs)
             result[name] = detector.score_samples(grid_outputs).numpy().reshape(grid, grid)
             result[f"{name}_train"] = detector.score_samples(train_outputs).numpy()
@@ -98,14 +108,14 @@ def scores_on_grid(grid: int = 200, seed: int = 0, k: int = 10) -> dict[str, np.
     return result
 
 
-def render(output: Path, grid: int = 200, seed: int = 0, k: int = 10) -> Path:
+def render(output: Path, grid: int = 200, seed: int = 0, k: int = 10, base: str = "msp") -> Path:
     """Draw the three score maps side by side into one PNG at `output`; returns its path."""
-    scores = scores_on_grid(grid, seed, k)
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4.4), constrained_layout=True)
-    for axis, (name, title) in zip(axes, PANELS):
-        score = scores[name]
-        # Each score has its own units, so each panel maps its own range onto [0, 1].
-        normalised = (score - score.min()) / max(float(score.max() - score.min()), 1e-12)
+    scores = scores_on_grid(grid, seed, k, base)
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.4), constrained_layout=True)
+    for axis, (name, title, _) in zip(axes, panels(base)):
+        # Each score has its own units: each panel maps its 5th..95th percentiles onto [0, 1].
+        low, high = np.percentile(scores[name], [5, 95])
+        normalised = np.clip((scores[name] - low) / max(float(high - low), 1e-12), 0, 1)
         filled = axis.contourf(scores["xs"], scores["ys"], normalised, levels=20, cmap="viridis")
         axis.scatter(*scores["points"].T, c=scores["labels"], cmap="coolwarm", s=6,
                      edgecolors="white", linewidths=0.3)
@@ -113,7 +123,7 @@ def render(output: Path, grid: int = 200, seed: int = 0, k: int = 10) -> Path:
         axis.set_aspect("equal")
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.colorbar(filled, ax=axes, shrink=0.85, label="score (normalised per panel; higher = more ID)")
+    figure.colorbar(filled, ax=axes, shrink=0.85, label="score (per-panel percentiles; higher = more ID)")
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=100)
     plt.close(figure)
@@ -126,8 +136,10 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=200, help="grid points per axis")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data and the classifier")
     parser.add_argument("--k", type=int, default=10, help="neighbours for KNN and NNGuide")
+    parser.add_argument("--base", choices=list(CONFIDENCE_NAMES), default="msp",
+                        help="the classifier's confidence, shown alone and as NNGuide's base")
     args = parser.parse_args()
-    print(render(args.output, args.grid, args.seed, args.k))
+    print(render(args.output, args.grid, args.seed, args.k, args.base))
 
 
 if __name__ == "__main__":
