@@ -68,7 +68,6 @@ def main() -> None:
     block = bank["feas"][:65536].T.contiguous()  # a larger bank's full product would not fit in memory
     _, matmul_seconds = timed(lambda: queries["feas"] @ block, device, args.repeats)
     matmul_rate = 2 * (id_size + ood_size) * block.shape[1] * dim / matmul_seconds / 1e9
-    del block
     print(f"plain matmul ({id_size + ood_size} x {dim}) @ ({dim} x {min(bank_size, 65536)}): "
           f"{matmul_seconds:.3f} s, {matmul_rate:.0f} GFLOP/s")
 

@@ -66,7 +66,6 @@ def test_bank_is_the_official_seeded_sample_and_features_match_the_network(first
     backbone = build_backbone(config, REPO / "pretrained_models")
     transform = config.transform.build()
     train_files = sorted((data_root / "imagenet1k/imagenet/train").glob("*/*"))
-    from PIL import Image
     for row in (0, 9, 23):
         with Image.open(train_files[official[row]]) as image:
             expected = backbone.features(transform(image.convert("RGB"))[None])[0]
