@@ -159,7 +159,7 @@ class FeatureExtractor:
         The entry is locked throughout, so a second run sharing the cache waits, then finds the rows."""
         num_rows = len(dataset) if num_rows is None else num_rows
         key = {**self.model_key, **dataset_key, "amp": self.settings.amp,
-               "channels_last": self.settings.channels_last, "gpu_decode": self.settings.gpu_transform is not None}
+               "channels_last": self.settings.channels_last, "gpu_decode": self._decodes_on_device(dataset)}
         entry = FeatureEntry(self.cache_dir / self.model_key["model"], key, label)
         main = self.topology.is_main
         stored: list[StoredRows] = []
@@ -259,7 +259,7 @@ class FeatureExtractor:
         """Per batch, in order: (B, D) float32 features (NaN rows for undecodable images) and those rows."""
         settings = self.settings
         model = self._model()
-        if settings.gpu_transform is not None and isinstance(dataset, FileImageDataset):
+        if self._decodes_on_device(dataset):
             loader = make_loader(_EncodedFiles(dataset), settings, batches, list)
             decode = functools.partial(_decode_on_device, dataset, transform=settings.gpu_transform,
                                        device=settings.device)
@@ -284,6 +284,11 @@ class FeatureExtractor:
                     batch[decoded] = model.features(images).float().cpu().numpy()
                 progress.update(len(batch))
                 yield batch, sorted(errors)
+
+    def _decodes_on_device(self, dataset: ImageDataset) -> bool:
+        """GPU decoding applies to image files only (arrays in memory have nothing to decode), so only their
+        features, whose pixels it changes, are cached apart."""
+        return self.settings.gpu_transform is not None and isinstance(dataset, FileImageDataset)
 
     def _model(self) -> Backbone:
         if not self._on_device:
