@@ -15,6 +15,7 @@ import torch
 
 BACKENDS = ("auto", "faiss", "torch")
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection limit
 
 
 def faiss_available() -> bool:
@@ -59,7 +60,9 @@ class InnerProductSearch:
         self.chunk_bytes = chunk_bytes            # budget for one (queries x bank block) similarity matrix
         self.bank_block_rows = bank_block_rows    # torch backend: bank rows per matmul
         if self.backend == "faiss":
-            self._index = _build_faiss_index(bank, half=self.dtype == torch.float16)
+            devices = list(range(_faiss_gpus())) or [None]
+            self._faiss_on_gpu = devices != [None]
+            self._index = build_faiss_index(bank, self.dtype == torch.float16, devices)
         else:
             self._bank = bank.detach().to(self.dtype).contiguous()
             self._resident = {self._bank.device: self._bank}  # copies on query devices, made once
@@ -71,6 +74,9 @@ class InnerProductSearch:
         if not 1 <= k <= self.size:
             raise ValueError(f"k={k} must be between 1 and the bank size {self.size}")
         if self.backend == "faiss":
+            if self._faiss_on_gpu and k > FAISS_GPU_MAX_K:
+                raise ValueError(f"k={k}: faiss on GPUs finds at most {FAISS_GPU_MAX_K} neighbours; "
+                                 "use backend='torch' for larger k")
             return self._search_faiss(queries, k)
         return self._search_torch(queries, k)
 
@@ -111,24 +117,34 @@ class InnerProductSearch:
         return self._resident[device]
 
 
-def _build_faiss_index(bank: torch.Tensor, half: bool):
-    """A flat inner-product index over the bank; on the GPU(s) when faiss was built with GPU support,
-    sharded across all of them when there are several."""
+def build_faiss_index(bank: torch.Tensor, half: bool, devices: list[int | None]):
+    """A flat inner-product index over the bank, on `devices` (GPU ids, or None for the CPU).
+
+    Several devices get one contiguous shard of the bank each, searched in parallel and merged exactly by
+    faiss's `IndexShards`; a `None` device keeps its shard on the CPU, which lets the merge run without GPUs.
+    """
     import faiss
-    vectors = np.ascontiguousarray(bank.detach().to("cpu", torch.float32).numpy())
-    gpus = _faiss_gpus()
-    if half and gpus == 0:  # exact inner products over fp16-stored vectors
-        index = faiss.IndexScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16,
-                                           faiss.METRIC_INNER_PRODUCT)
-    else:
-        index = faiss.IndexFlatIP(vectors.shape[1])
+    vectors = bank.detach().to("cpu", torch.float32).numpy()
+    devices = devices[:len(vectors)]  # never an empty shard
+    shards = [_flat_index(np.ascontiguousarray(part), half, device)
+              for part, device in zip(np.array_split(vectors, len(devices)), devices)]
+    if len(shards) == 1:
+        return shards[0]
+    sharded = faiss.IndexShards(vectors.shape[1], True, True)  # threaded, successive ids; metric from the shards
+    for shard in shards:
+        sharded.add_shard(shard)
+    return sharded
+
+
+def _flat_index(vectors: np.ndarray, half: bool, device: int | None):
+    """Exact inner products over `vectors`, stored in half precision if `half`, on GPU `device` or the CPU."""
+    import faiss
+    if device is None:
+        index = (faiss.IndexScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16,
+                                            faiss.METRIC_INNER_PRODUCT) if half else faiss.IndexFlatIP(vectors.shape[1]))
+    else:  # filled straight from host memory: no CPU index holding a second copy of the bank
+        config = faiss.GpuIndexFlatConfig()
+        config.device, config.useFloat16 = device, half
+        index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), vectors.shape[1], config)
     index.add(vectors)
-    if gpus > 1:
-        options = faiss.GpuMultipleClonerOptions()
-        options.shard, options.useFloat16 = True, half
-        return faiss.index_cpu_to_all_gpus(index, co=options)
-    if gpus == 1:
-        options = faiss.GpuClonerOptions()
-        options.useFloat16 = half
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, options)
     return index

@@ -68,3 +68,30 @@ def test_float16_bank_on_the_gpu_stays_close_to_float32():
     exact = create_detector("nnguide", backend="torch").fit(cuda).score_samples(queries)
     half = create_detector("nnguide", backend="torch", bank_dtype="float16").fit(cuda).score_samples(queries)
     torch.testing.assert_close(half, exact, rtol=0, atol=3e-3 * exact.abs().max().item())
+
+
+def faiss_gpus() -> int:
+    from ood_detectors.search import _faiss_gpus, faiss_available
+    return _faiss_gpus() if faiss_available() else 0
+
+
+needs_faiss_gpu = pytest.mark.skipif(not torch.cuda.is_available() or faiss_gpus() == 0,
+                                     reason="needs faiss-gpu")
+
+
+@needs_faiss_gpu
+@pytest.mark.parametrize("bank_dtype", ["float32", "float16"])
+def test_faiss_on_every_visible_gpu_agrees_with_the_torch_backend(bank_dtype):
+    """One GPU: a GpuIndexFlatIP; several: one bank shard per GPU merged by IndexShards."""
+    import faiss
+
+    from ood_detectors.search import InnerProductSearch
+    bank = torch.nn.functional.normalize(torch.randn(20_000, 128), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(500, 128), dim=1)
+    index = InnerProductSearch(bank, backend="faiss", bank_dtype=bank_dtype)
+    assert isinstance(index._index, faiss.IndexShards) == (faiss_gpus() > 1)
+    expected = InnerProductSearch(bank, backend="torch").search(queries, 10)
+    torch.testing.assert_close(index.search(queries, 10), expected, rtol=0,
+                               atol=2e-3 if bank_dtype == "float16" else 1e-5)
+    with pytest.raises(ValueError, match="k=2049: faiss on GPUs finds at most 2048 neighbours"):
+        index.search(queries, 2049)

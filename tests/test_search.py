@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ood_detectors import create_detector
-from ood_detectors.search import InnerProductSearch, faiss_available
+from ood_detectors.search import InnerProductSearch, build_faiss_index, faiss_available
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
 
@@ -30,6 +30,24 @@ def test_torch_backend_merges_bank_and_query_chunks_exactly():
     whole = InnerProductSearch(bank, backend="torch").search(queries, 5)
     chunked = InnerProductSearch(bank, backend="torch", chunk_bytes=4 * 7 * 128, bank_block_rows=128)
     torch.testing.assert_close(chunked.search(queries, 5), whole)  # 8 query chunks x 24 bank blocks
+
+
+@needs_faiss
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize(("bank_rows", "shards", "k"), [(500, 3, 7), (10, 4, 5), (3, 4, 2)])
+def test_sharded_faiss_index_merges_shards_exactly(bank_rows, shards, k, half):
+    """The multi-GPU layout (one contiguous bank shard per device, merged by faiss's IndexShards), run with
+    CPU shards: k above a shard's size, and more devices than bank rows, included."""
+    bank, queries = random_unit_rows(bank_rows, 32, seed=10), random_unit_rows(40, 32, seed=11)
+    similarities = (queries @ bank.T).numpy()
+    index = build_faiss_index(bank, half, devices=[None] * shards)
+    values, ids = index.search(queries.numpy(), k)
+    assert index.ntotal == bank_rows
+    expected_ids = np.argsort(-similarities, axis=1, kind="stable")[:, :k]
+    np.testing.assert_allclose(values, np.take_along_axis(similarities, expected_ids, axis=1),
+                               rtol=0, atol=2e-3 if half else 1e-6)
+    if not half:  # ids are global bank rows: the shards' offsets were added back
+        np.testing.assert_array_equal(ids, expected_ids)
 
 
 @needs_faiss
