@@ -50,7 +50,8 @@ class Extracted:
 def make_loader(dataset: Dataset, settings: ExtractionSettings, batches: list[list[int]] | None = None,
                 collate_fn: Callable | None = None) -> DataLoader:
     """In-order batches (or exactly `batches`); pinned memory for CUDA and a deep prefetch queue so the GPU
-    never waits on a batch."""
+    never waits on a batch. Workers are not persistent: every loader makes exactly one pass (a dataset is
+    read once per model), and persistence only keeps workers between passes of the same loader."""
     batching = {"batch_sampler": batches} if batches is not None else {"batch_size": settings.batch_size}
     return DataLoader(dataset, shuffle=False, num_workers=settings.num_workers, collate_fn=collate_fn,
                       pin_memory=settings.device.type == "cuda",
