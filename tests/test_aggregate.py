@@ -138,14 +138,14 @@ def test_run_sh_calls_main_once_per_model_and_id_set_then_aggregates(tmp_path):
                                   "--num-workers", "16")
     assert completed.returncode == 0, completed.stderr
 
-    def expected(model: str, detectors: list[str]) -> list[str]:
+    def expected(model: str, ood_sets: list[str], detectors: list[str]) -> list[str]:
         return ["main.py", "--model", model, "--train-data", "imagenet1k", "--id-data", "imagenet1k",
-                "--ood-data", *PAPER_OOD, "--detectors", *detectors, "--data-root", "/data",
+                "--ood-data", *ood_sets, "--detectors", *detectors, "--data-root", "/data",
                 "--output-dir", str(tmp_path / "out" / model / "imagenet1k"),
                 "--batch-size", "128", "--num-workers", "16"]
 
-    assert calls == [expected("resnet50-supcon", DEFAULT_DETECTORS),
-                     expected("vit-b16-swag-e2e-v1", [*DEFAULT_DETECTORS, "nnguide-vim"])]
+    assert calls == [expected("resnet50-supcon", PAPER_OOD, DEFAULT_DETECTORS),
+                     expected("vit-b16-swag-e2e-v1", [*PAPER_OOD, "imagenet-o"], [*DEFAULT_DETECTORS, "nnguide-vim"])]
     assert "vit-b16-swag-e2e-v1: ID imagenet1k" in completed.stdout
     assert (tmp_path / "out/resnet50-supcon__imagenet1k.md").exists()
     assert (tmp_path / "out/tables.md").exists()

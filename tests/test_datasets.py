@@ -45,6 +45,15 @@ def test_class_folders_equal_imagefolder(tmp_path):
     assert image.shape == (3, 48, 40) and dataset.skipped == []
 
 
+def test_imagenet_o_config_reads_the_extracted_tar(tmp_path):
+    """imagenet-o.tar: one folder per WordNet id and a README.txt beside them, which is not an image."""
+    from pipeline.config import load_dataset_config
+    write_class_folders(tmp_path / "imagenet-o", ["n01443537", "n01704323"], per_class=3)
+    (tmp_path / "imagenet-o/README.txt").write_text("ImageNet-O\n")
+    dataset = build_dataset(load_dataset_config("imagenet-o"), "test", tmp_path, transform=None)
+    assert len(dataset) == 6 and dataset.image_ids[0].startswith("n01443537/")
+
+
 def test_class_index_folders_label_is_folder_number(tmp_path):
     write_class_index_folders(tmp_path / "data", num_classes=12, per_class=2)
     dataset = load(tmp_path, "class_index_folders")
