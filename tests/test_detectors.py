@@ -103,6 +103,28 @@ def test_nnguide_base_replaces_energy_in_both_places(base, bank, test_outputs):
     np.testing.assert_allclose(scores.numpy(), guidance * confidence(t["logits"]), rtol=2e-4, atol=1e-6)
 
 
+def test_nnguide_passes_base_options_to_its_base(bank, test_outputs):
+    """nnguide-vim with the ViM's own principal_dim: the confidence is exactly that ViM's score."""
+    vim = create_detector("vim", principal_dim=10).fit(bank)
+    b = np_of(bank)
+    bank_confidence = vim.score_samples(bank).numpy()
+    guidance = topk_inner_products(b["feas"] * bank_confidence[:, None], np_of(test_outputs)["feas"], 10).mean(axis=1)
+    scores = create_detector("nnguide", base="vim", base_options={"principal_dim": 10}).fit(bank)
+    expected = guidance * vim.score_samples(test_outputs).numpy()
+    np.testing.assert_allclose(scores.score_samples(test_outputs).numpy(), expected, rtol=2e-4,
+                               atol=2e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"principal_dims": 10}, "nnguide: base_options: detector 'vim' has no hyper-parameter 'principal_dims' "
+                             r"\(did you mean 'principal_dim'\?\)"),
+    ({"principal_dim": 0}, "nnguide: base_options: vim: principal_dim must be a positive integer"),
+    ([10], "nnguide: base_options must be a mapping")])
+def test_nnguide_rejects_bad_base_options_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        create_detector("nnguide", base="vim", base_options=options)
+
+
 def test_knn_score_is_the_kth_nearest_neighbour_similarity():
     bank_feas = torch.eye(4)
     query = torch.tensor([[0.8, 0.6, 0.0, 0.0]])
