@@ -102,7 +102,8 @@ class InnerProductSearch:
             block = bank[b_start:b_start + bank_rows].to(device, compute_dtype, non_blocking=True)  # streamed if on host
             for q_start in range(0, queries.shape[0], query_rows):
                 similarities = queries[q_start:q_start + query_rows] @ block.T  # (q, b)
-                top = similarities.topk(min(k, similarities.shape[1]), dim=1).values.float()
+                top = similarities.topk(min(k, block.shape[0]), dim=1).values.float()
+                del similarities  # else the next block is allocated while this one is still alive: 2x the memory
                 rows = slice(q_start, q_start + query_rows)
                 best[rows] = torch.cat([best[rows], top], dim=1).topk(k, dim=1).values
         return best

@@ -1,6 +1,10 @@
 """The two nearest-neighbour search backends agree with brute force and with each other."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +12,7 @@ import torch
 from ood_detectors import create_detector
 from ood_detectors.search import InnerProductSearch, build_faiss_index, faiss_available
 
+REPO = Path(__file__).resolve().parents[1]
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
 
 
@@ -88,3 +93,26 @@ def test_bad_search_options_fail_when_the_detector_is_created():
         create_detector("nnguide", bank_dtype="fp8")
     with pytest.raises(ValueError, match="knn: unknown search backend 'annoy'"):
         create_detector("knn", backend="annoy")
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from ood_detectors.search import InnerProductSearch
+peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+bank, queries = torch.randn(800_000, 128), torch.randn(1000, 128)
+index = InnerProductSearch(bank, backend="torch", chunk_bytes=128 << 20)
+index.search(queries[:8], 10)
+before = peak_mb()
+index.search(queries, 10)
+print(peak_mb() - before)
+"""
+
+
+def test_torch_search_on_a_cpu_needs_one_similarity_block_beyond_the_bank():
+    """Peak memory of a search = the bank (already there) + one chunk_bytes block: not a copy of the bank
+    (391 MB here), not two blocks alive at once, not the full 1000 x 800,000 similarity matrix (3.2 GB)."""
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(REPO)], capture_output=True, text=True,
+                           check=True, timeout=120)
+    extra_mb = float(probe.stdout)
+    assert 128 <= extra_mb < 1.5 * 128, extra_mb
