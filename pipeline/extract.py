@@ -260,6 +260,9 @@ class FeatureExtractor:
         """Per batch, in order: (B, D) float32 features (NaN rows for undecodable images) and those rows."""
         settings = self.settings
         model = self._model()
+        rows_read = batches[-1][-1] + 1 if batches else 0  # the rows of `batches` increase
+        if 0 < rows_read < len(dataset):  # e.g. a 1% bank: workers that are spawned, not forked, get a pickled copy
+            dataset = dataset.subset(np.arange(rows_read))
         if self._decodes_on_device(dataset):
             loader = make_loader(_EncodedFiles(dataset), settings, batches, list)
             decode = functools.partial(_decode_on_device, dataset, transform=settings.gpu_transform,

@@ -127,6 +127,29 @@ def test_second_run_waits_for_the_entry_lock_then_reuses_the_rows(tmp_path, capl
     np.testing.assert_array_equal(results["first"], results["second"])
 
 
+def test_spawned_workers_receive_only_the_rows_they_read(tmp_path, monkeypatch):
+    """Python 3.14 on Linux (forkserver) and macOS (spawn) pickle the dataset into every worker: a 1% bank
+    must not ship the whole train split. Spawned workers then give the single process's features."""
+    import pipeline.extract
+    shipped: list[int] = []
+
+    def spawning_loader(dataset, settings, batches=None, collate_fn=None):
+        shipped.append(len(dataset.dataset))
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=1,
+                                           multiprocessing_context="spawn")
+
+    dataset = colour_dataset(30)
+    settings = ExtractionSettings(torch.device("cpu"), batch_size=2, num_workers=0, amp="off",
+                                  channels_last=False, chunk_size=3)
+    in_process = FeatureExtractor(CountingBackbone(), {"model": "counting"}, tmp_path / "a", settings).features(
+        dataset, {"dataset": "colours"}, "colours", num_rows=7)
+    monkeypatch.setattr(pipeline.extract, "make_loader", spawning_loader)
+    spawned = FeatureExtractor(CountingBackbone(), {"model": "counting"}, tmp_path / "b", settings).features(
+        dataset, {"dataset": "colours"}, "colours", num_rows=7)
+    assert shipped == [7]
+    np.testing.assert_array_equal(spawned, in_process)
+
+
 # ---- main.py as a subprocess ------------------------------------------------------------------------
 
 def main_command(data_root: Path, model_yaml: Path, work: Path, *extra: str) -> list[str]:
