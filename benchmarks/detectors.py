@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ood_detectors import available_detectors, create_detector  # noqa: E402
 from ood_detectors.metrics import ood_metrics  # noqa: E402
+from ood_detectors.search import faiss_gpu_count, resolve_backend  # noqa: E402
 
 
 def synthetic_outputs(n: int, weight: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -63,6 +64,9 @@ def main() -> None:
     queries = synthetic_outputs(id_size + ood_size, weight, generator)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; bank {bank_size} x {dim}, queries {id_size} ID + {ood_size} OOD, {classes} classes")
+    backend, gpus = resolve_backend(args.backend, device), faiss_gpu_count()
+    where = f" on {gpus} GPU(s){', one bank shard each' if gpus > 1 else ''}" if backend == "faiss" and gpus else ""
+    print(f"search backend: {backend}{where}")
 
     inner_product_flops = 2 * (id_size + ood_size) * bank_size * dim
     block = bank["feas"][:65536].T.contiguous()  # a larger bank's full product would not fit in memory

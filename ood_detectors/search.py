@@ -22,7 +22,10 @@ def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def _faiss_gpus() -> int:
+def faiss_gpu_count() -> int:
+    """GPUs faiss can use: 0 without faiss or with faiss-cpu."""
+    if not faiss_available():
+        return 0
     import faiss
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
@@ -34,7 +37,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                          "(run ./install_packages.sh, or use backend='torch')")
     if backend != "auto":
         return backend
-    return "faiss" if faiss_available() and _faiss_gpus() > 0 else "torch"
+    return "faiss" if faiss_gpu_count() > 0 else "torch"
 
 
 def check_search_options(backend: str, bank_dtype: str, detector: str) -> None:
@@ -60,7 +63,7 @@ class InnerProductSearch:
         self.chunk_bytes = chunk_bytes            # budget for one (queries x bank block) similarity matrix
         self.bank_block_rows = bank_block_rows    # torch backend: bank rows per matmul
         if self.backend == "faiss":
-            devices = list(range(_faiss_gpus())) or [None]
+            devices = list(range(faiss_gpu_count())) or [None]
             self._faiss_on_gpu = devices != [None]
             self._index = build_faiss_index(bank, self.dtype == torch.float16, devices)
         else:

@@ -9,6 +9,7 @@ import torch
 
 import main
 from ood_detectors import available_detectors, create_detector
+from ood_detectors.search import InnerProductSearch, faiss_gpu_count
 from tests.test_detectors import make_outputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,7 +51,6 @@ def test_pipeline_on_cuda_matches_cpu(data_root, tiny_model_yaml, tmp_path):
 
 
 def test_a_bank_too_large_for_the_gpu_is_streamed_from_host_memory(monkeypatch):
-    from ood_detectors.search import InnerProductSearch
     bank = torch.nn.functional.normalize(torch.randn(5000, 64), dim=1)          # stays on the CPU
     queries = torch.nn.functional.normalize(torch.randn(300, 64), dim=1).cuda()
     resident = InnerProductSearch(bank, backend="torch").search(queries, 7)
@@ -70,12 +70,7 @@ def test_float16_bank_on_the_gpu_stays_close_to_float32():
     torch.testing.assert_close(half, exact, rtol=0, atol=3e-3 * exact.abs().max().item())
 
 
-def faiss_gpus() -> int:
-    from ood_detectors.search import _faiss_gpus, faiss_available
-    return _faiss_gpus() if faiss_available() else 0
-
-
-needs_faiss_gpu = pytest.mark.skipif(not torch.cuda.is_available() or faiss_gpus() == 0,
+needs_faiss_gpu = pytest.mark.skipif(not torch.cuda.is_available() or faiss_gpu_count() == 0,
                                      reason="needs faiss-gpu")
 
 
@@ -85,11 +80,10 @@ def test_faiss_on_every_visible_gpu_agrees_with_the_torch_backend(bank_dtype):
     """One GPU: a GpuIndexFlatIP; several: one bank shard per GPU merged by IndexShards."""
     import faiss
 
-    from ood_detectors.search import InnerProductSearch
     bank = torch.nn.functional.normalize(torch.randn(20_000, 128), dim=1)
     queries = torch.nn.functional.normalize(torch.randn(500, 128), dim=1)
     index = InnerProductSearch(bank, backend="faiss", bank_dtype=bank_dtype)
-    assert isinstance(index._index, faiss.IndexShards) == (faiss_gpus() > 1)
+    assert isinstance(index._index, faiss.IndexShards) == (faiss_gpu_count() > 1)
     expected = InnerProductSearch(bank, backend="torch").search(queries, 10)
     torch.testing.assert_close(index.search(queries, 10), expected, rtol=0,
                                atol=2e-3 if bank_dtype == "float16" else 1e-5)
