@@ -69,7 +69,8 @@ def check_outputs(outputs: Outputs, fields: tuple[str, ...], where: str,
             raise ValueError(f"{where}: '{field}' must be a torch.Tensor, got {type(value).__name__}")
         if field == "labels":
             if tensor.ndim != 1 or tensor.is_floating_point():
-                raise ValueError(f"{where}: 'labels' must be a 1-D integer tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+                raise ValueError(f"{where}: 'labels' must be a 1-D integer tensor, "
+                                 f"got {tensor.dtype} {tuple(tensor.shape)}")
         else:
             if tensor.ndim != 2 or not tensor.is_floating_point():
                 raise ValueError(f"{where}: '{field}' must be a 2-D float tensor (N, dim), "

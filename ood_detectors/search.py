@@ -102,7 +102,8 @@ class InnerProductSearch:
         query_rows = max(1, self.chunk_bytes // (4 * bank_rows))
         best = torch.full((queries.shape[0], k), -torch.inf, device=device)  # running top-k, decreasing
         for b_start in range(0, self.size, bank_rows):
-            block = bank[b_start:b_start + bank_rows].to(device, compute_dtype, non_blocking=True)  # streamed if on host
+            # copied to the device block by block when the bank stays in host memory
+            block = bank[b_start:b_start + bank_rows].to(device, compute_dtype, non_blocking=True)
             for q_start in range(0, queries.shape[0], query_rows):
                 similarities = queries[q_start:q_start + query_rows] @ block.T  # (q, b)
                 top = similarities.topk(min(k, block.shape[0]), dim=1).values.float()
@@ -143,12 +144,13 @@ def build_faiss_index(bank: torch.Tensor, half: bool, devices: list[int | None])
 def _flat_index(vectors: np.ndarray, half: bool, device: int | None):
     """Exact inner products over `vectors`, stored in half precision if `half`, on GPU `device` or the CPU."""
     import faiss
+    dim = vectors.shape[1]
     if device is None:
-        index = (faiss.IndexScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16,
-                                            faiss.METRIC_INNER_PRODUCT) if half else faiss.IndexFlatIP(vectors.shape[1]))
+        index = (faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+                 if half else faiss.IndexFlatIP(dim))
     else:  # filled straight from host memory: no CPU index holding a second copy of the bank
         config = faiss.GpuIndexFlatConfig()
         config.device, config.useFloat16 = device, half
-        index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), vectors.shape[1], config)
+        index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), dim, config)
     index.add(vectors)
     return index

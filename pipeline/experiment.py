@@ -176,8 +176,8 @@ class Experiment:
                 metrics = ood_metrics(id_scores, ood_scores)
                 self.ood_scores.setdefault(ood_name, {})[table_name] = ood_scores.cpu().numpy()
                 self.metrics.setdefault(ood_name, {})[table_name] = metrics
-                rows.append({"model": self.model_config.name, "train_data": config.train_data, "id_data": config.id_data,
-                             "ood_data": ood_name, "detector": table_name,
+                rows.append({"model": self.model_config.name, "train_data": config.train_data,
+                             "id_data": config.id_data, "ood_data": ood_name, "detector": table_name,
                              **{name: 100 * metrics[name] for name in ("auroc", "fpr95", "aupr_in", "aupr_out",
                                                                         "dtacc", "fpr95_ood_positive")},
                              "id_acc": id_accuracy})

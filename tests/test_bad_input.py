@@ -160,7 +160,8 @@ CASES = {
                                                     "--bank-ratio", "0.5", "--ood-data", "textures"],
                                                    ["detector 'knn': k=25 is larger than the bank (24 images = "
                                                     "0.5 x 48); lower k or raise bank_ratio"])),
-    "bank ratio 0": Case(lambda inputs: (["--bank-ratio", "0"], ["config key 'bank_ratio' must be in (0, 1], got 0.0"])),
+    "bank ratio 0": Case(lambda inputs: (["--bank-ratio", "0"],
+                                         ["config key 'bank_ratio' must be in (0, 1], got 0.0"])),
     "batch size -1": Case(lambda inputs: (["--batch-size", "-1"],
                                           ["config key 'batch_size' must be a positive integer, got -1"])),
     # weights (a missing checkpoint: test_reliability.py)
