@@ -62,8 +62,14 @@ class InnerProductSearch:
         self.dtype = BANK_DTYPES[bank_dtype]
         self.chunk_bytes = chunk_bytes            # budget for one (queries x bank block) similarity matrix
         self.bank_block_rows = bank_block_rows    # torch backend: bank rows per matmul
+        devices = list(range(faiss_gpu_count())) or [None]
+        if self.backend == "faiss" and devices != [None] and not _shards_fit(self.size, self.dim, devices):
+            if backend == "faiss":
+                raise ValueError(f"the bank ({self.size} x {self.dim}) does not fit in the free memory of "
+                                 f"{len(devices)} GPU(s) for faiss; use backend='torch', which streams it from "
+                                 f"host memory")
+            self.backend = "torch"  # 'auto': the torch backend streams what does not fit
         if self.backend == "faiss":
-            devices = list(range(faiss_gpu_count())) or [None]
             self._faiss_on_gpu = devices != [None]
             self._index = build_faiss_index(bank, self.dtype == torch.float16, devices)
         else:
@@ -120,6 +126,15 @@ class InnerProductSearch:
             else:
                 return self._bank
         return self._resident[device]
+
+
+def _shards_fit(rows: int, dim: int, devices: list[int]) -> bool:
+    """Whether one float32 shard of the bank per GPU fits in half of each GPU's free memory (faiss keeps its
+    shard resident and needs scratch space beside it; float16 storage is not counted on, to stay safe)."""
+    if not torch.cuda.is_available():  # faiss sees GPUs torch cannot measure: leave the choice to faiss
+        return True
+    shard_bytes = -(-rows // len(devices)) * dim * 4
+    return all(shard_bytes < torch.cuda.mem_get_info(device)[0] // 2 for device in devices)
 
 
 def build_faiss_index(bank: torch.Tensor, half: bool, devices: list[int | None]):

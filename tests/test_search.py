@@ -55,6 +55,24 @@ def test_sharded_faiss_index_merges_shards_exactly(bank_rows, shards, k, half):
         np.testing.assert_array_equal(ids, expected_ids)
 
 
+def test_a_bank_too_large_for_faiss_on_the_gpus_goes_to_the_torch_backend(monkeypatch):
+    """'auto' with faiss-gpu: a bank whose shard does not fit half a GPU's free memory is searched by the torch
+    backend (which streams it); asking for faiss explicitly is then a clear error."""
+    import ood_detectors.search as search
+    monkeypatch.setattr(search, "faiss_gpu_count", lambda: 2)
+    monkeypatch.setattr(search, "faiss_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 500 * 32 * 4 // 2, 1 << 40))
+    bank, queries = random_unit_rows(1000, 32, seed=12), random_unit_rows(5, 32, seed=13)
+    index = InnerProductSearch(bank, backend="auto")  # a 500-row shard needs 64 KB; 64 KB are free, half usable
+    assert index.backend == "torch"
+    expected = np.sort((queries @ bank.T).numpy(), axis=1)[:, ::-1][:, :3]
+    np.testing.assert_allclose(index.search(queries, 3).numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"the bank \(1000 x 32\) does not fit in the free memory of 2 GPU\(s\) "
+                                         "for faiss; use backend='torch'"):
+        InnerProductSearch(bank, backend="faiss")
+
+
 @needs_faiss
 @pytest.mark.parametrize("name", ["knn", "nnguide"])
 def test_detectors_score_the_same_with_either_backend(name):
