@@ -62,19 +62,19 @@ class InnerProductSearch:
         self.dtype = BANK_DTYPES[bank_dtype]
         self.chunk_bytes = chunk_bytes            # budget for one (queries x bank block) similarity matrix
         self.bank_block_rows = bank_block_rows    # torch backend: bank rows per matmul
-        devices = list(range(faiss_gpu_count())) or [None]
-        if self.backend == "faiss" and devices != [None] and not _shards_fit(self.size, self.dim, devices):
+        if self.backend == "faiss":
+            devices = list(range(faiss_gpu_count())) or [None]
+            self._faiss_on_gpu = devices != [None]
+            if not self._faiss_on_gpu or _shards_fit(self.size, self.dim, devices):
+                self._index = build_faiss_index(bank, self.dtype == torch.float16, devices)
+                return
             if backend == "faiss":
                 raise ValueError(f"the bank ({self.size} x {self.dim}) does not fit in the free memory of "
                                  f"{len(devices)} GPU(s) for faiss; use backend='torch', which streams it from "
                                  f"host memory")
             self.backend = "torch"  # 'auto': the torch backend streams what does not fit
-        if self.backend == "faiss":
-            self._faiss_on_gpu = devices != [None]
-            self._index = build_faiss_index(bank, self.dtype == torch.float16, devices)
-        else:
-            self._bank = bank.detach().to(self.dtype).contiguous()
-            self._resident = {self._bank.device: self._bank}  # copies on query devices, made once
+        self._bank = bank.detach().to(self.dtype).contiguous()
+        self._resident = {self._bank.device: self._bank}  # copies on query devices, made once
 
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         """(N, k) float32 tensor of the top-k inner products, on the queries' device."""
