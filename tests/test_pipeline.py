@@ -13,7 +13,7 @@ from PIL import Image
 import main
 from dataloaders import bank_indices
 from models import build_backbone
-from pipeline.config import load_model_config
+from pipeline.config import load_model_config, resolve_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 OOD_SETS = ["inaturalist", "textures", "cifar10", "svhn"]
@@ -117,6 +117,13 @@ def test_detector_hyper_parameter_override(first_run):
 def run_main(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("experiment", sorted((REPO / "configs/experiments").glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_experiment_resolves(experiment):
+    """Every model, dataset and detector an experiment YAML names exists, with valid hyper-parameters."""
+    config = resolve_experiment(experiment, {}, [])
+    assert config.ood_data and config.detectors
 
 
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, data_root):
