@@ -166,6 +166,8 @@ def _flat_index(vectors: np.ndarray, half: bool, device: int | None):
     else:  # filled straight from host memory: no CPU index holding a second copy of the bank
         config = faiss.GpuIndexFlatConfig()
         config.device, config.useFloat16 = device, half
-        index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), dim, config)
+        resources = faiss.StandardGpuResources()
+        index = faiss.GpuIndexFlatIP(resources, dim, config)
+        index.referenced_objects = [resources]  # faiss's idiom: the resources live as long as the index
     index.add(vectors)
     return index
