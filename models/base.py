@@ -1,7 +1,8 @@
-"""Backbones as a trunk (images -> raw penultimate features) plus one linear classifier, and safe weight loading.
+"""Backbones as a trunk (images -> raw penultimate features) plus a small classifier head, and safe weight loading.
 
 The pipeline caches the trunk's features once per image; logits are later derived from the cache with
-`Backbone.classifier`, so every architecture is only a torchvision model and the name of its head.
+`Backbone.classifier` (a linear layer, or a LayerNorm and a linear layer for the paper's ViT), so every
+architecture is only a torchvision model and the names of its head's parts.
 """
 from __future__ import annotations
 
@@ -98,9 +99,11 @@ class ModelConfig:
                             f"got {self.react_percentile}")
 
 
-# An architecture builder: (num_classes, image_size) -> (torchvision model, dotted name of its head).
-# The head is the submodule after the penultimate features; its single nn.Linear is the classifier.
-ArchitectureBuilder = Callable[[int, int], tuple[nn.Module, str]]
+# An architecture builder: (num_classes, image_size) -> (torchvision model, its classifier head).
+# The head names the submodules that map the penultimate features to logits, in the order they run: one name
+# ("fc"), or several when the paper's feature is taken earlier than the torchvision head's input (the ViT's
+# final LayerNorm). A new feature definition needs a new architecture name: the feature cache keys on it.
+ArchitectureBuilder = Callable[[int, int], tuple[nn.Module, str | tuple[str, ...]]]
 ARCHITECTURES: Registry[ArchitectureBuilder] = Registry("architecture")
 
 
@@ -116,8 +119,17 @@ def _regnet_y_16gf(num_classes: int, image_size: int) -> tuple[nn.Module, str]:
 
 @ARCHITECTURES.register("vit_b_16")
 def _vit_b_16(num_classes: int, image_size: int) -> tuple[nn.Module, str]:
-    # cutting heads.head leaves the class token after the encoder's final LayerNorm
-    return torchvision.models.vit_b_16(num_classes=num_classes, image_size=image_size), "heads.head"
+    """Feature: the class token after the encoder's final LayerNorm (torchvision's head input; OpenOOD's)."""
+    return torchvision.models.vit_b_16(num_classes=num_classes, image_size=image_size), "heads"
+
+
+@ARCHITECTURES.register("vit_b_16_pre_ln")
+def _vit_b_16_pre_ln(num_classes: int, image_size: int) -> tuple[nn.Module, tuple[str, str]]:
+    """Feature: the class token before the final LayerNorm; logits = head(LayerNorm(feature)) (the paper's code).
+
+    Moving the LayerNorm after the class-token selection changes nothing: it normalises each token alone."""
+    return (torchvision.models.vit_b_16(num_classes=num_classes, image_size=image_size),
+            ("encoder.ln", "heads"))
 
 
 @ARCHITECTURES.register("mobilenet_v2")
@@ -129,19 +141,19 @@ def _mobilenet_v2(num_classes: int, image_size: int) -> tuple[nn.Module, str]:
 class Backbone(nn.Module):
     """A torchvision classifier split at its head: `features` gives raw penultimate features, `classifier` logits."""
 
-    def __init__(self, model: nn.Module, head: str) -> None:
-        """Takes over `model`: its submodule `head` becomes nn.Identity, the head's nn.Linear becomes `classifier`."""
+    def __init__(self, model: nn.Module, head: str | tuple[str, ...]) -> None:
+        """Takes over `model`: the `head` submodules become nn.Identity in it and, in order, the `classifier`."""
         super().__init__()
-        linears = [module for module in model.get_submodule(head).modules() if isinstance(module, nn.Linear)]
+        names = (head,) if isinstance(head, str) else tuple(head)
+        parts = [model.get_submodule(name) for name in names]
+        self.classifier: nn.Module = parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+        linears = [module for module in self.classifier.modules() if isinstance(module, nn.Linear)]
         if len(linears) != 1:
-            raise ValueError(f"head '{head}' must hold exactly one nn.Linear, found {len(linears)}")
-        self.classifier: nn.Linear = linears[0]
-        model.set_submodule(head, nn.Identity())
+            raise ValueError(f"head {names} must hold exactly one nn.Linear, found {len(linears)}")
+        for name in names:
+            model.set_submodule(name, nn.Identity())
         self.trunk = model
-
-    @property
-    def feature_dim(self) -> int:
-        return self.classifier.in_features
+        self.feature_dim: int = linears[0].in_features
 
     def features(self, images: Tensor) -> Tensor:
         """(N, 3, H, W) normalised images -> (N, D) raw penultimate features (before any ReAct clipping)."""

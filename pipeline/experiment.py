@@ -41,7 +41,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def model_outputs(raw: RawFeatures, classifier: torch.nn.Linear, clip: float | None,
+def model_outputs(raw: RawFeatures, classifier: torch.nn.Module, clip: float | None,
                   device: torch.device, name: str) -> dict[str, torch.Tensor]:
     """What detectors see: L2-normalised features and logits of the (ReAct-clipped) raw features."""
     features = torch.from_numpy(raw.features).to(device)
@@ -59,6 +59,14 @@ def model_outputs(raw: RawFeatures, classifier: torch.nn.Linear, clip: float | N
                         f"are finite (check the classifier's weights in the checkpoint)")
     return {"feas": torch.nn.functional.normalize(features, dim=1), "logits": logits,
             "labels": torch.from_numpy(raw.labels).to(device)}
+
+
+def model_cache_key(config: ModelConfig, checkpoint_sha256: str) -> dict:
+    """What a model's cached features depend on besides the images: its name, its architecture (which fixes
+    the feature definition, e.g. the ViT's class token before or after the final LayerNorm), the weights and
+    the transform."""
+    return {"model": config.name, "architecture": config.architecture, "checkpoint_sha256": checkpoint_sha256,
+            "transform": dataclasses.asdict(config.transform)}
 
 
 class Experiment:
@@ -81,9 +89,7 @@ class Experiment:
         checkpoint = resolve_checkpoint(self.model_config, Path(config.pretrained_dir))
         self.backbone: Backbone = build_backbone(self.model_config, Path(config.pretrained_dir))
         self.transform = self.model_config.transform.build()
-        model_key = {"model": self.model_config.name, "architecture": self.model_config.architecture,
-                     "checkpoint_sha256": file_sha256(checkpoint),
-                     "transform": dataclasses.asdict(self.model_config.transform)}
+        model_key = model_cache_key(self.model_config, file_sha256(checkpoint))
         settings = ExtractionSettings(self.device, config.batch_size, config.num_workers, config.amp,
                                       config.channels_last, config.chunk_size, config.recompute,
                                       config.skip_broken_images,

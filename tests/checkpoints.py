@@ -17,14 +17,7 @@ def write_supcon_checkpoint(path: Path, seed: int = 0, num_classes: int = 1000,
     """
     torch.manual_seed(seed)
     state_dict = _randomised_state_dict(torchvision.models.resnet50(num_classes=num_classes))
-    encoder = "encoder.module." if data_parallel else "encoder."
-    projection_head = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
-    model_state_dict = {(key if key.startswith("fc.") else encoder + key): tensor
-                        for key, tensor in state_dict.items()}
-    model_state_dict |= {f"head.{key}": tensor for key, tensor in projection_head.state_dict().items()}
-    opt = argparse.Namespace(model="resnet50", dataset="imagenet", method="SupCon", learning_rate=0.5,
-                             temp=0.1, batch_size=1024, epochs=700)
-    torch.save({"opt": opt, "model_state_dict": model_state_dict, "epoch": 700}, path)
+    save_as_supcon(state_dict, path, data_parallel)
     return state_dict
 
 
@@ -48,3 +41,41 @@ def _randomised_state_dict(model: nn.Module) -> dict[str, Tensor]:
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     return model.state_dict()
+
+
+@torch.no_grad()
+def lifelike_state_dict(model: nn.Module, calibration_images: Tensor, seed: int = 0) -> dict[str, Tensor]:
+    """The model's weights made to behave like trained ones, so feature comparisons cannot pass blind.
+
+    Random initialisation leaves BatchNorm statistics at 0 / 1 (activations then blow up and drown every
+    input difference) and many tensors constant (LayerNorm, biases, the ViT's zero head and class token).
+    Every tensor that is constant gets noise, then each BatchNorm's running statistics are set to the batch
+    statistics of `calibration_images` (N, 3, H, W), as after training on real images."""
+    generator = torch.Generator().manual_seed(seed)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.numel() > 1 and bool((tensor == tensor.flatten()[0]).all()):
+            scale = max(1.0, float(tensor.flatten()[0].abs()))
+            tensor.add_(0.1 * scale * torch.randn(tensor.shape, generator=generator))
+    batch_norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    for module in batch_norms:
+        module.reset_running_stats()
+        module.momentum = None  # a cumulative average: after one batch, exactly that batch's statistics
+    if batch_norms:
+        model.train()
+        model(calibration_images)
+    for module in batch_norms:
+        module.momentum = 0.1
+    return model.eval().state_dict()
+
+
+def save_as_supcon(state_dict: dict[str, Tensor], path: Path, data_parallel: bool = False) -> None:
+    """Saves a torchvision resnet50 state dict as the SupCon training scripts do: the network under
+    'encoder.' ('encoder.module.' with `data_parallel`), the classifier as 'fc.', a projection 'head.'."""
+    encoder = "encoder.module." if data_parallel else "encoder."
+    projection_head = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
+    model_state_dict = {(key if key.startswith("fc.") else encoder + key): tensor
+                        for key, tensor in state_dict.items()}
+    model_state_dict |= {f"head.{key}": tensor for key, tensor in projection_head.state_dict().items()}
+    opt = argparse.Namespace(model="resnet50", dataset="imagenet", method="SupCon", learning_rate=0.5,
+                             temp=0.1, batch_size=1024, epochs=700)
+    torch.save({"opt": opt, "model_state_dict": model_state_dict, "epoch": 700}, path)
