@@ -7,23 +7,46 @@ from typing import Any
 import torch
 
 from ood_detectors.base import OODDetector, Outputs, check_positive_int, create_detector, register_detector
+from ood_detectors.confidence import energy
 from ood_detectors.knn import check_k_fits_bank
 from ood_detectors.search import InnerProductSearch, check_search_options
 
 BASE_SCORES = ("energy", "msp", "maxlogit", "kl", "vim")
+CONFIDENCES = ("raw", "softplus", "shift", "exp")  # how the base score S becomes the confidence C
+BANK_CONFIDENCES = ("base", "energy")  # what scales the bank: C, or the energy as in plain NNGuide
+
+
+def to_confidence(scores: torch.Tensor, kind: str, offset: float) -> torch.Tensor:
+    """The confidence C from base scores S (N,): "raw" S; "softplus" log(1 + e^S); "shift" max(S - offset, 0);
+    "exp" e^(S - offset). All but "raw" are positive and increasing in S, so no bank feature is flipped."""
+    if kind == "raw":
+        return scores
+    if kind == "softplus":
+        return torch.nn.functional.softplus(scores)
+    if kind == "shift":
+        return (scores - offset).clamp_min(0)
+    return torch.exp(scores - offset)
 
 
 @register_detector("nnguide")
 @dataclasses.dataclass(eq=False)
 class NNGuide(OODDetector):
-    """score(x) = guidance(x) * S(x), with S the classifier's confidence (energy by default) and
+    """score(x) = guidance(x) * C(x), with C the classifier's confidence (energy by default) and
 
-        guidance(x) = mean of the k largest <z, S(x_i) z_i> over the bank,
+        guidance(x) = mean of the k largest <z, C(x_i) z_i> over the bank,
 
     z the L2-normalised features. Scaling each bank feature by its own confidence lets the score keep the
     classifier's fine-grained ranking near the data while the guidance shrinks its over-confidence far from it.
-    `base` picks S: "energy" (the paper), "msp", "maxlogit", "kl", or "vim" (the paper's ViT variant);
-    `base_options` are the base detector's own hyper-parameters (e.g. {"principal_dim": 500} for vim).
+    `base` picks the base score S: "energy" (the paper), "msp", "maxlogit", "kl", or "vim" (the paper's
+    ViT-B/16 row, "NNGuide-ViM"); `base_options` are the base's own hyper-parameters (e.g. principal_dim).
+
+    `confidence` maps S to C. "raw", C = S, is the paper's formula and the default for the logit scores.
+    ViM (energy - alpha * residual norm) is negative for about half of a bank, and a negative C flips its bank
+    feature and inverts the ranking, so for base "vim" the default is "softplus", log(1 + e^S): positive,
+    increasing, about S where S >> 0, and for ViM -log of its virtual class's softmax probability. Neither the
+    official code nor the parts of the paper we could read give the ViM row's formula; the other readings,
+    compared in benchmarks/nnguide_vim_variants.py: "shift" max(S - bank minimum, 0), "exp"
+    e^(S - bank maximum), and bank_confidence="energy" (the bank scaled by the energy whatever the base).
     """
 
     k: int = 10
@@ -31,6 +54,8 @@ class NNGuide(OODDetector):
     backend: str = "auto"  # nearest-neighbour search: "auto", "faiss" or "torch"
     bank_dtype: str = "float32"  # "float16": faster, half the memory, similarities rounded (see search.py)
     base_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    confidence: str | None = None  # C from S: "raw", "softplus", "shift", "exp"; None: softplus for vim, else raw
+    bank_confidence: str = "base"  # what scales the bank features: "base" (C) or "energy"
 
     fit_fields = ("feas", "logits")
     score_fields = ("feas", "logits")
@@ -40,6 +65,14 @@ class NNGuide(OODDetector):
         check_search_options(self.backend, self.bank_dtype, "nnguide")
         if self.base not in BASE_SCORES:
             raise ValueError(f"nnguide: base must be one of {', '.join(BASE_SCORES)}, got {self.base!r}")
+        if self.confidence is None:
+            self.confidence = "softplus" if self.base == "vim" else "raw"
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"nnguide: confidence must be one of {', '.join(CONFIDENCES)}, "
+                             f"got {self.confidence!r}")
+        if self.bank_confidence not in BANK_CONFIDENCES:
+            raise ValueError(f"nnguide: bank_confidence must be one of {', '.join(BANK_CONFIDENCES)}, "
+                             f"got {self.bank_confidence!r}")
         if not isinstance(self.base_options, dict):
             raise ValueError(f"nnguide: base_options must be a mapping of the base's hyper-parameters, "
                              f"got {self.base_options!r}")
@@ -51,10 +84,14 @@ class NNGuide(OODDetector):
     def _fit(self, outputs: Outputs) -> None:
         check_k_fits_bank(self.k, outputs["feas"].shape[0], "nnguide")
         self.base_ = create_detector(self.base, **self.base_options).fit(outputs)
-        bank_confidence = self.base_.score_samples(outputs)                # (M,)
+        bank_scores = self.base_.score_samples(outputs)                    # (M,)
+        # the bank's extreme that "shift" and "exp" subtract; 0 (unused) for "raw" and "softplus"
+        self.offset_ = {"shift": bank_scores.min().item(), "exp": bank_scores.max().item()}.get(self.confidence, 0.0)
+        bank_confidence = (energy(outputs["logits"]) if self.bank_confidence == "energy"
+                           else to_confidence(bank_scores, self.confidence, self.offset_))  # (M,)
         scaled_bank = outputs["feas"] * bank_confidence[:, None]           # (M, D)
         self.index_ = InnerProductSearch(scaled_bank, backend=self.backend, bank_dtype=self.bank_dtype)
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         guidance = self.index_.search(outputs["feas"], self.k).mean(dim=1)  # (N,)
-        return guidance * self.base_.score_samples(outputs)
+        return guidance * to_confidence(self.base_.score_samples(outputs), self.confidence, self.offset_)

@@ -104,12 +104,12 @@ def test_nnguide_base_replaces_energy_in_both_places(base, bank, test_outputs):
 
 
 def test_nnguide_passes_base_options_to_its_base(bank, test_outputs):
-    """nnguide-vim with the ViM's own principal_dim: the confidence is exactly that ViM's score."""
+    """nnguide on ViM with the ViM's own principal_dim: with confidence "raw", exactly that ViM's score."""
     vim = create_detector("vim", principal_dim=10).fit(bank)
     b = np_of(bank)
     bank_confidence = vim.score_samples(bank).numpy()
     guidance = topk_inner_products(b["feas"] * bank_confidence[:, None], np_of(test_outputs)["feas"], 10).mean(axis=1)
-    scores = create_detector("nnguide", base="vim", base_options={"principal_dim": 10}).fit(bank)
+    scores = create_detector("nnguide", base="vim", base_options={"principal_dim": 10}, confidence="raw").fit(bank)
     expected = guidance * vim.score_samples(test_outputs).numpy()
     np.testing.assert_allclose(scores.score_samples(test_outputs).numpy(), expected, rtol=2e-4,
                                atol=2e-4 * np.abs(expected).max())
