@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -12,11 +13,12 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from errors import UserError
+from errors import UserError, did_you_mean
 from registry import Registry
 
 # name -> builder(path=..., split=..., transform=..., download=...) -> ImageDataset
 DATASET_FORMATS = Registry("dataset format")
+BUILDER_ARGUMENTS = ("path", "split", "transform", "download")  # what build_dataset passes; the rest are options
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,19 @@ class DatasetConfig:
     format: str  # a name registered in DATASET_FORMATS, e.g. "class_folders"
     splits: dict[str, str]  # split name ("train", "test", ...) -> folder relative to the data root
     options: dict[str, Any] = field(default_factory=dict)  # format-specific settings, passed to the builder
+
+    def __post_init__(self) -> None:
+        """A misspelt option fails when the YAML is loaded, not as a TypeError once the split is read."""
+        if self.format not in DATASET_FORMATS.names():
+            return  # build_dataset names the unknown format and the valid ones
+        parameters = inspect.signature(DATASET_FORMATS.get(self.format)).parameters.values()
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        valid = [parameter.name for parameter in parameters
+                 if parameter.kind in named and parameter.name not in BUILDER_ARGUMENTS]
+        for key in self.options:
+            if key not in valid:
+                raise UserError(f"dataset '{self.name}': format '{self.format}' has no option '{key}'"
+                                f"{did_you_mean(str(key), valid)}; valid options: {', '.join(valid) or 'none'}")
 
 
 class BrokenImageError(UserError):

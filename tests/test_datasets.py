@@ -1,22 +1,27 @@
 """dataloaders/: every format on generated data, fingerprints, subsets, user errors and bank sampling."""
 from __future__ import annotations
 
+import io
+import itertools
 import logging
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageCms
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import PILToTensor
 
-from dataloaders import DATASET_FORMATS, DatasetConfig, bank_indices, build_dataset
+from dataloaders import DATASET_FORMATS, DatasetConfig, ImageDataset, bank_indices, build_dataset
+from dataloaders.base import BrokenImageError
+from dataloaders.folders import is_jpeg_or_png_by_imghdr_rule
 from errors import UserError
-from tests.datagen import (FLAT_JUNK, write_cifar10, write_cifar100, write_class_folders,
+from tests.datagen import (FLAT_JUNK, random_pixels, write_cifar10, write_cifar100, write_class_folders,
                            write_class_index_folders, write_flat_folder, write_svhn)
 
 
@@ -255,3 +260,216 @@ def test_bank_indices_equal_official_shuffle(seed, num_train, ratio):
 def test_bank_indices_reject_bad_ratio(ratio):
     with pytest.raises(UserError, match=str(ratio)):
         bank_indices(1000, ratio, seed=0)
+
+
+# ---- flat_folder membership: the paper's rule (imghdr's test) or every JPEG/PNG signature ----------------
+
+SOI = b"\xff\xd8"  # the JPEG start-of-image marker
+
+
+def pillow_jpeg(mode: str = "RGB", seed: int = 0) -> bytes:
+    """A 16x16 JPEG of random pixels as Pillow writes it: APP0 JFIF right after SOI (Adobe APP14 for CMYK)."""
+    pixels = random_pixels(np.random.default_rng(seed), 1, 16, 16)[0]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def jpeg_segment(marker: int, payload: bytes) -> bytes:
+    """One JPEG marker segment: FF, the marker, a big-endian length that counts itself, then the payload."""
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def with_first_segment(jfif_jpeg: bytes, segment: bytes) -> bytes:
+    """The same JPEG with its APP0 JFIF segment replaced by `segment` (b"" for none), which then comes first."""
+    assert jfif_jpeg[:4] == SOI + b"\xff\xe0" and jfif_jpeg[6:10] == b"JFIF"
+    app0_end = 4 + int.from_bytes(jfif_jpeg[4:6], "big")  # the length counts its own 2 bytes, not the marker
+    return SOI + segment + jfif_jpeg[app0_end:]
+
+
+def image_bytes(image: Image.Image, format_name: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format_name)
+    return buffer.getvalue()
+
+
+def crafted_files() -> dict[str, bytes]:
+    """File name -> contents: real JPEGs with each first segment seen on the web, and files that are not JPEG."""
+    jfif = pillow_jpeg()
+    exif = Image.Exif()
+    exif[0x0112] = 1  # Orientation: upright
+    srgb_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    xmp_packet = b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/"/>'
+    iptc_resource = b"8BIM" + (0x0404).to_bytes(2, "big") + b"\x00\x00" + (0).to_bytes(4, "big")  # empty IPTC
+    png = image_bytes(Image.fromarray(random_pixels(np.random.default_rng(1), 1, 16, 16)[0]), "PNG")
+    return {
+        "jfif.jpg": jfif,
+        "exif_first.jpg": with_first_segment(jfif, jpeg_segment(0xE1, exif.tobytes())),  # as cameras write
+        "icc_first.jpg": with_first_segment(jfif, jpeg_segment(0xE2, b"ICC_PROFILE\x00\x01\x01" + srgb_profile)),
+        "adobe_cmyk.jpg": pillow_jpeg("CMYK"),
+        "xmp_first.jpg": with_first_segment(jfif, jpeg_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00" + xmp_packet)),
+        "photoshop_first.jpg": with_first_segment(jfif, jpeg_segment(0xED, b"Photoshop 3.0\x00" + iptc_resource)),
+        "bare_dqt.jpg": with_first_segment(jfif, b""),  # Pillow's next segment is the quantisation table
+        "image.png": png,
+        "png_named.jpg": png,
+        "anim.gif": image_bytes(Image.new("P", (8, 8)), "GIF"),
+        "notes.txt": b"not an image\n",
+        "empty.jpg": b"",
+        "tiny.jpg": SOI,  # a start marker and nothing else
+        "jfif_text.dat": b"hello JFIF, this is text\n",  # 'JFIF' at bytes 6-10 without being a JPEG
+    }
+
+
+SPLICED_JPEGS = {"exif_first.jpg": b"\xff\xe1", "icc_first.jpg": b"\xff\xe2", "xmp_first.jpg": b"\xff\xe1",
+                 "photoshop_first.jpg": b"\xff\xed", "bare_dqt.jpg": b"\xff\xdb"}  # name -> first marker
+
+
+def write_crafted_folder(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True)
+    paths = {name: folder / name for name in crafted_files()}
+    for name, contents in crafted_files().items():
+        paths[name].write_bytes(contents)
+    return paths
+
+
+def load_flat(tmp_path: Path, **options) -> ImageDataset:
+    """The `data` folder read as the pipeline reads a flat-folder YAML with these `options:`."""
+    config = DatasetConfig(name="crafted", format="flat_folder", splits={"test": "data"}, options=options)
+    return build_dataset(config, "test", tmp_path, transform=None)
+
+
+def test_crafted_jpegs_are_real_and_start_with_the_segment_named():
+    files = crafted_files()
+    reference = np.asarray(Image.open(io.BytesIO(files["jfif.jpg"])).convert("RGB"))
+    for name, first_marker in SPLICED_JPEGS.items():
+        assert files[name][:4] == SOI + first_marker, name
+        with Image.open(io.BytesIO(files[name])) as image:
+            assert image.format == "JPEG" and image.size == (16, 16)
+            assert np.array_equal(np.asarray(image.convert("RGB")), reference), name  # same scan, other header
+    assert files["exif_first.jpg"][6:10] == b"Exif" and files["xmp_first.jpg"][6:10] == b"http"
+    assert files["icc_first.jpg"][6:17] == b"ICC_PROFILE" and files["photoshop_first.jpg"][6:19] == b"Photoshop 3.0"
+    assert files["adobe_cmyk.jpg"][:4] == SOI + b"\xff\xee" and files["adobe_cmyk.jpg"][6:11] == b"Adobe"
+    with Image.open(io.BytesIO(files["adobe_cmyk.jpg"])) as image:
+        assert image.mode == "CMYK" and image.convert("RGB").size == (16, 16)
+
+
+PAPER_MEMBERS = ["bare_dqt.jpg", "exif_first.jpg", "image.png", "jfif.jpg", "jfif_text.dat", "png_named.jpg"]
+PAPER_SKIPPED = ["adobe_cmyk.jpg", "anim.gif", "empty.jpg", "icc_first.jpg", "notes.txt", "photoshop_first.jpg",
+                 "tiny.jpg", "xmp_first.jpg"]
+ANY_JPEG_PNG_MEMBERS = ["adobe_cmyk.jpg", "bare_dqt.jpg", "exif_first.jpg", "icc_first.jpg", "image.png", "jfif.jpg",
+                        "photoshop_first.jpg", "png_named.jpg", "xmp_first.jpg"]
+ANY_JPEG_PNG_SKIPPED = ["anim.gif", "empty.jpg", "jfif_text.dat", "notes.txt", "tiny.jpg"]
+
+
+@pytest.mark.parametrize("options", [{}, {"membership": "paper"}])
+def test_flat_folder_paper_rule_keeps_what_imghdr_keeps(tmp_path, caplog, options):
+    write_crafted_folder(tmp_path / "data")
+    with caplog.at_level(logging.WARNING):
+        dataset = load_flat(tmp_path, **options)
+
+    assert dataset.image_ids == PAPER_MEMBERS and dataset.skipped == PAPER_SKIPPED
+    assert len(dataset) == 6 and (dataset.labels == -1).all()
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warning == (f"skipped 4 files in {tmp_path / 'data'} that are not JPEG or PNG (first: anim.gif) and "
+                       f"4 JPEG files that membership 'paper' leaves out (like imghdr, it wants JFIF or Exif at "
+                       f"bytes 6-10 or FF D8 FF DB at the start; first: adobe_cmyk.jpg; the dataset option "
+                       f"'membership: any_jpeg_png' keeps them)")
+    for index, image_id in enumerate(dataset.image_ids):
+        if image_id != "jfif_text.dat":
+            assert dataset[index][0].size == (16, 16)
+
+
+def test_flat_folder_any_jpeg_png_keeps_every_jpeg_whatever_its_first_segment(tmp_path, caplog):
+    write_crafted_folder(tmp_path / "data")
+    with caplog.at_level(logging.WARNING):
+        dataset = load_flat(tmp_path, membership="any_jpeg_png")
+
+    assert dataset.image_ids == ANY_JPEG_PNG_MEMBERS and dataset.skipped == ANY_JPEG_PNG_SKIPPED
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warning == f"skipped 5 files in {tmp_path / 'data'} that are not JPEG or PNG (first: anim.gif)"
+    assert [dataset[index][0].size for index in range(len(dataset))] == [(16, 16)] * len(ANY_JPEG_PNG_MEMBERS)
+
+
+def test_paper_rule_keeps_a_non_jpeg_with_jfif_at_bytes_6_to_10_which_then_fails_to_decode(tmp_path):
+    """The paper's code kept such a file too and would have stopped when its loader reached it."""
+    write_crafted_folder(tmp_path / "data")
+    dataset = load_flat(tmp_path)
+    with pytest.raises(BrokenImageError, match=r"cannot decode image .*jfif_text\.dat"):
+        dataset[dataset.image_ids.index("jfif_text.dat")]
+
+
+def test_flat_folder_of_jpegs_the_paper_rule_leaves_out_says_how_to_keep_them(tmp_path, caplog):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "icc_first.jpg").write_bytes(crafted_files()["icc_first.jpg"])
+    with pytest.raises(UserError, match=r"no images in .*data; expected .*skipped 1 JPEG files in .*data that "
+                                        r"membership 'paper' leaves out .*'membership: any_jpeg_png' keeps them"):
+        load_flat(tmp_path)
+    assert load_flat(tmp_path, membership="any_jpeg_png").image_ids == ["icc_first.jpg"]
+
+
+def test_membership_changes_the_fingerprint_only_when_it_changes_the_members(tmp_path):
+    files = crafted_files()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "jfif.jpg").write_bytes(files["jfif.jpg"])
+    assert load_flat(tmp_path).fingerprint() == load_flat(tmp_path, membership="any_jpeg_png").fingerprint()
+
+    (tmp_path / "data" / "icc_first.jpg").write_bytes(files["icc_first.jpg"])
+    paper, any_jpeg_png = load_flat(tmp_path), load_flat(tmp_path, membership="any_jpeg_png")
+    assert paper.image_ids == ["jfif.jpg"] and any_jpeg_png.image_ids == ["icc_first.jpg", "jfif.jpg"]
+    assert paper.fingerprint() != any_jpeg_png.fingerprint()
+
+
+@pytest.mark.parametrize("value", ["papers", "imghdr", True, ["paper"]])
+def test_unknown_membership_is_a_user_error_naming_the_option_and_valid_values(tmp_path, value):
+    write_crafted_folder(tmp_path / "data")
+    with pytest.raises(UserError) as error:
+        load_flat(tmp_path, membership=value)
+    assert f"unknown value {value!r} for the dataset option 'membership'" in str(error.value)
+    assert str(error.value).endswith("valid: paper, any_jpeg_png")
+
+
+def test_misspelt_dataset_option_fails_when_the_yaml_is_loaded(tmp_path):
+    from pipeline.config import load_dataset_config
+    config_file = tmp_path / "my-ood.yaml"
+    config_file.write_text("format: flat_folder\nsplits: {test: data}\noptions: {membrship: any_jpeg_png}\n")
+    with pytest.raises(UserError, match=r"dataset 'my-ood': format 'flat_folder' has no option 'membrship' "
+                                        r"\(did you mean 'membership'\?\); valid options: membership"):
+        load_dataset_config(str(config_file))
+    with pytest.raises(UserError, match=r"format 'cifar10' has no option 'seed'; valid options: none"):
+        DatasetConfig(name="c10", format="cifar10", splits={"test": "cifar10"}, options={"seed": 0})
+
+
+@pytest.mark.parametrize("name", ["inaturalist", "sun", "places", "openimage-o"])
+def test_shipped_flat_folder_configs_use_the_papers_rule(tmp_path, name):
+    from pipeline.config import load_dataset_config
+    config = load_dataset_config(name)
+    files = crafted_files()
+    folder = tmp_path / config.splits["test"]
+    folder.mkdir(parents=True)
+    for file_name in ("jfif.jpg", "icc_first.jpg"):
+        (folder / file_name).write_bytes(files[file_name])
+    dataset = build_dataset(config, "test", tmp_path, transform=None)
+    assert dataset.image_ids == ["jfif.jpg"] and dataset.skipped == ["icc_first.jpg"]
+
+
+# Headers around the edges of imghdr's tests (prefix x tag at bytes 6-10), besides the crafted files.
+EDGE_PREFIXES = [b"", SOI, SOI + b"\xff\xdb", SOI + b"\xff\xe0\x00\x10", b"\x89PNG\r\n\x1a", b"\x89PNG\r\n\x1a\n",
+                 b"\x00\xd8\xff\xdb\x00\x00"]
+EDGE_TAGS = [b"", b"JFIF", b"Exif", b"jfif", b"JFI", b"ICC_"]
+
+
+def test_restated_rule_agrees_with_imghdr(tmp_path):
+    """imghdr is gone from Python 3.13; where it still exists, the restated rule must give its answers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        imghdr = pytest.importorskip("imghdr")
+    paths = write_crafted_folder(tmp_path / "crafted")
+    for i, (prefix, tag) in enumerate(itertools.product(EDGE_PREFIXES, EDGE_TAGS)):
+        path = tmp_path / f"edge{i}"
+        path.write_bytes((prefix + b"\x00" * 6)[:6] + tag if tag else prefix)
+        paths[path.name] = path
+    agreed = {name: (imghdr.what(path) in ("jpeg", "png"), is_jpeg_or_png_by_imghdr_rule(path))
+              for name, path in paths.items()}
+    assert {name: answers for name, answers in agreed.items() if answers[0] != answers[1]} == {}
+    assert sum(imghdr_answer for imghdr_answer, _ in agreed.values()) >= 10  # both answers occur often
+    assert sum(not imghdr_answer for imghdr_answer, _ in agreed.values()) >= 10
