@@ -30,7 +30,8 @@ class ExtractionSettings:
     the cache key. The batch size is not: it can change the last digits (convolution kernels are chosen per
     batch shape; measured on CPU, ResNet-50 features were bit-identical for batches 1-64 and MobileNet-V2's
     moved by 2e-7 of the largest feature at batch 1), far below what moves a metric's second decimal, and
-    keying on it would re-extract a whole dataset whenever it changes. Workers and chunks change nothing."""
+    keying on it would re-extract a whole dataset whenever it changes (chunk_size too: batches end at chunk
+    boundaries). The number of workers changes nothing."""
 
     device: torch.device
     batch_size: int
