@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -98,14 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def stop_like_ctrl_c(signum: int, frame: object) -> None:
-    """SIGTERM, what a cluster sends a pre-empted job before SIGKILL: stop as on Ctrl-C (exit 130, resumable)."""
-    # when the whole job is signalled, torch's loader workers die of SIGTERM too (their own handler re-raises
-    # it): torch's SIGCHLD handler would report that as a worker failure while the workers are being stopped
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    raise KeyboardInterrupt
+class StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (what a cluster sends a pre-empted job before SIGKILL): the first stops the
+    run as Ctrl-C does (exit 130, resumable); a second one while the first is being handled exits at once."""
+
+    def __init__(self) -> None:
+        self.main_pid = os.getpid()
+        self.stopping = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if os.getpid() != self.main_pid:  # a loader worker forked with this handler: Python's default
+            raise KeyboardInterrupt
+        if self.stopping:
+            print("\ninterrupted again; exiting now (rerun the same command to resume)", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.stopping = True
+        # when the whole job is signalled, torch's loader workers die of the signal too: torch's SIGCHLD
+        # handler would report that as a worker failure while the workers are being stopped
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    stop = StopOnSignal()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     sys.exit(main())

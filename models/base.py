@@ -39,6 +39,11 @@ class TransformConfig:
     std: tuple[float, float, float] = IMAGENET_STD    # per-channel std divided by after ToTensor
 
     def __post_init__(self) -> None:
+        for key in ("resize", "crop"):
+            if getattr(self, key) < 1:
+                raise UserError(f"transform: {key} must be at least 1 pixel, got {getattr(self, key)}")
+        if any(value <= 0 for value in self.std):
+            raise UserError(f"transform: every std must be positive (it divides the pixels), got {list(self.std)}")
         if self.interpolation not in INTERPOLATIONS:
             raise UserError(f"unknown interpolation '{self.interpolation}'; valid: {', '.join(INTERPOLATIONS)}")
         # YAML gives lists; tuples keep the config hashable and its repr stable for cache keys

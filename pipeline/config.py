@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
+import torch
 import yaml
 
 from dataloaders import DatasetConfig
@@ -53,6 +54,7 @@ class ExperimentConfig:
         checks = [(self.batch_size > 0, "batch_size", "a positive integer"),
                   (self.num_workers >= 0, "num_workers", "zero or more"),
                   (0 < self.bank_ratio <= 1, "bank_ratio", "in (0, 1]"),
+                  (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32), what numpy's RandomState takes"),
                   (self.amp in ("off", "bf16"), "amp", "'off' or 'bf16'"),
                   (self.chunk_size > 0, "chunk_size", "a positive integer"),
                   (len(self.ood_data) > 0, "ood_data", "at least one dataset"),
@@ -60,6 +62,7 @@ class ExperimentConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise UserError(f"config key '{key}' must be {expected}, got {getattr(self, key)!r}")
+        check_device_name(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,12 +70,28 @@ class ExperimentConfig:
 
 # ---- YAML -> dataclass -----------------------------------------------------------------------------
 
+def check_device_name(name: str) -> None:
+    """A device string torch knows ("auto", "cpu", "cuda", "cuda:1", ...), checked before any work starts."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UserError(f"config key 'device': unknown device {name!r}; use auto, cpu, cuda or cuda:<index>") from None
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping via safe_load; syntax errors name the file and line."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a folder; give a YAML file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not a text file (not UTF-8); give a YAML file") from None
+    except PermissionError:
+        raise UserError(f"config file {path} cannot be read (permission denied)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -100,7 +119,11 @@ def from_mapping(cls: type[Config], data: Mapping[str, Any], source: str) -> Con
     if missing:
         raise UserError(f"{source}: missing key(s): {', '.join(missing)}")
     values = {key: _coerce(value, hints[key], f"{source}: key '{key}'") for key, value in data.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except UserError as error:  # a value the class itself rejects (its __post_init__): say which file
+        message = str(error)
+        raise UserError(message if message.startswith(source) else f"{source}: {message}") from None
 
 
 def _coerce(value: Any, expected: Any, where: str) -> Any:

@@ -38,7 +38,15 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' was asked for but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' was asked for but this machine has {torch.cuda.device_count()} "
+                        f"CUDA device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def display_name(dataset: str) -> str:
+    """A dataset's short name for tables, plots and cache folders: its registry name, or a YAML path's stem."""
+    return Path(dataset).stem if dataset.endswith((".yaml", ".yml")) else dataset
 
 
 def model_outputs(raw: RawFeatures, classifier: torch.nn.Module, clip: float | None,
@@ -115,7 +123,7 @@ class Experiment:
                 raise
             raise UserError(f"the data root {self.data_root} does not exist (set --data-root): {error}") from None
         if dataset.skipped:
-            self.skipped_files[f"{name}/{split}"] = dataset.skipped
+            self.skipped_files[f"{display_name(name)}/{split}"] = dataset.skipped
         return dataset
 
     def bank(self, train: ImageDataset, size: int) -> RawFeatures:
@@ -124,11 +132,13 @@ class Experiment:
         The cache entry holds the whole permutation's order, so a larger bank extends a smaller one."""
         order = bank_indices(len(train), 1.0, self.config.seed)
         ordered = train.subset(order)
-        key = {"dataset": self.config.train_data, "split": "train", "images": train.fingerprint(),
+        name = display_name(self.config.train_data)
+        key = {"dataset": name, "split": "train", "images": train.fingerprint(),
                "order": f"RandomState({self.config.seed}).permutation"}
-        return self._raw_features(ordered, key, f"{self.config.train_data}-train-seed{self.config.seed}", size)
+        return self._raw_features(ordered, key, f"{name}-train-seed{self.config.seed}", size)
 
     def test_set(self, name: str, dataset: ImageDataset) -> RawFeatures:
+        """`name` is the set's display name: the cache entry's folder is named after it, under the cache dir."""
         key = {"dataset": name, "split": "test", "images": dataset.fingerprint(), "order": "dataset"}
         return self._raw_features(dataset, key, f"{name}-test", len(dataset))
 
@@ -147,7 +157,14 @@ class Experiment:
         config = self.config
         # every folder is listed before anything is extracted, so a missing OOD set fails in seconds
         train = self._dataset(config.train_data, "train")
-        test_sets = {name: self._dataset(name, "test") for name in dict.fromkeys([config.id_data, *config.ood_data])}
+        names = {given: display_name(given) for given in dict.fromkeys([config.id_data, *config.ood_data])}
+        if len(set(names.values())) < len(names):
+            clashing = sorted(given for given in names if list(names.values()).count(names[given]) > 1)
+            raise UserError(f"datasets {', '.join(clashing)} would share one name in the table and the cache; "
+                            f"rename one of the YAML files")
+        test_sets = {names[given]: self._dataset(given, "test") for given in names}
+        id_name, ood_names = names[config.id_data], [names[given] for given in config.ood_data]
+        warn_about_ood_sets_equal_to_the_id_set(test_sets, id_name, ood_names)
         bank_size = len(bank_indices(len(train), config.bank_ratio, config.seed))
         for table_name, detector_config in config.detectors.items():
             k = detector_config.get("k")
@@ -158,8 +175,8 @@ class Experiment:
         test_raws = {name: self.test_set(name, dataset) for name, dataset in test_sets.items()}
         if not self.topology.is_main:  # the other torchrun ranks only help extract
             return []
-        id_raw = test_raws[config.id_data]
-        ood_raws = {name: test_raws[name] for name in config.ood_data}
+        id_raw = test_raws[id_name]
+        ood_raws = {name: test_raws[name] for name in ood_names}
 
         clip = None
         if self.model_config.react_percentile is not None:
@@ -167,8 +184,8 @@ class Experiment:
             log.info("ReAct: clipping features at %.4f, the %.2f quantile of the bank", clip,
                      self.model_config.react_percentile)
         classifier = self.backbone.classifier.to(self.device)
-        bank = model_outputs(bank_raw, classifier, clip, self.device, f"{config.train_data} bank")
-        id_outputs = model_outputs(id_raw, classifier, clip, self.device, config.id_data)
+        bank = model_outputs(bank_raw, classifier, clip, self.device, f"{display_name(config.train_data)} bank")
+        id_outputs = model_outputs(id_raw, classifier, clip, self.device, id_name)
         ood_outputs = {name: model_outputs(raw, classifier, clip, self.device, name) for name, raw in ood_raws.items()}
         id_accuracy = 100 * (id_outputs["logits"].argmax(dim=1) == id_outputs["labels"]).float().mean().item()
 
@@ -182,12 +199,21 @@ class Experiment:
                 metrics = ood_metrics(id_scores, ood_scores)
                 self.ood_scores.setdefault(ood_name, {})[table_name] = ood_scores.cpu().numpy()
                 self.metrics.setdefault(ood_name, {})[table_name] = metrics
-                rows.append({"model": self.model_config.name, "train_data": config.train_data,
-                             "id_data": config.id_data, "ood_data": ood_name, "detector": table_name,
+                rows.append({"model": self.model_config.name, "train_data": display_name(config.train_data),
+                             "id_data": id_name, "ood_data": ood_name, "detector": table_name,
                              **{name: 100 * metrics[name] for name in ("auroc", "fpr95", "aupr_in", "aupr_out",
                                                                         "dtacc", "fpr95_ood_positive")},
                              "id_acc": id_accuracy})
         return rows
+
+
+def warn_about_ood_sets_equal_to_the_id_set(test_sets: dict[str, ImageDataset], id_name: str,
+                                             ood_names: list[str]) -> None:
+    """An OOD set holding the same images as the ID set scores 50% AUROC by construction: say so."""
+    for name in ood_names:
+        if name == id_name or test_sets[name].fingerprint() == test_sets[id_name].fingerprint():
+            log.warning("OOD set '%s' holds the same images as the ID set '%s': every detector will score about "
+                        "50%% AUROC on it; was another set meant?", name, id_name)
 
 
 def require_writable(folder: Path, what: str) -> None:
@@ -219,6 +245,6 @@ def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
                   "broken_images": experiment.broken_images}
     table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance)
     if config.plots:
-        write_score_plots(Path(config.output_dir), config.id_data, experiment.id_scores, experiment.ood_scores,
-                          metrics=experiment.metrics)
+        write_score_plots(Path(config.output_dir), display_name(config.id_data), experiment.id_scores,
+                          experiment.ood_scores, metrics=experiment.metrics)
     return rows, table

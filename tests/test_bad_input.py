@@ -134,6 +134,31 @@ def inf_logits(inputs: Inputs) -> tuple[list[str], list[str]]:
             ["imagenet1k bank", "4 of 4", "logits"])
 
 
+def config_that_is_a_folder(inputs: Inputs) -> tuple[list[str], list[str]]:
+    return ["--config", str(inputs.work)], [f"config file {inputs.work} is a folder; give a YAML file"]
+
+
+def config_that_is_binary(inputs: Inputs) -> tuple[list[str], list[str]]:
+    weights = inputs.work / "experiment.yaml"
+    weights.write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xb7\xac\xce\xe8")  # a zip, given by mistake
+    return ["--config", str(weights)], [f"config file {weights} is not a text file (not UTF-8)"]
+
+
+def misspelt_dataset_option(inputs: Inputs) -> tuple[list[str], list[str]]:
+    dataset = inputs.work / "my-ood.yaml"
+    dataset.write_text("format: flat_folder\nsplits: {test: inaturalist/iNaturalist/images}\n"
+                       "options: {membrship: paper}\n")
+    return ["--ood-data", str(dataset)], [f"{dataset}: dataset 'my-ood': format 'flat_folder' has no option "
+                                           f"'membrship' (did you mean 'membership'?)"]
+
+
+def transform_crop_zero(inputs: Inputs) -> tuple[list[str], list[str]]:
+    config = yaml.safe_load(inputs.model_yaml.read_text())
+    model = inputs.work / "model.yaml"
+    model.write_text(yaml.safe_dump({**config, "transform": {"resize": 36, "crop": 0}}))
+    return ["--model", str(model)], [f"{model}: key 'transform': transform: crop must be at least 1 pixel, got 0"]
+
+
 def skipped_non_images(inputs: Inputs) -> list[str]:
     return [f"skipped 2 files in {inputs.work / 'datasets/inaturalist/iNaturalist/images'} that are not JPEG or PNG"]
 
@@ -164,6 +189,16 @@ CASES = {
                                          ["config key 'bank_ratio' must be in (0, 1], got 0.0"])),
     "batch size -1": Case(lambda inputs: (["--batch-size", "-1"],
                                           ["config key 'batch_size' must be a positive integer, got -1"])),
+    "seed -1": Case(lambda inputs: (["--seed", "-1"], ["config key 'seed' must be an integer in [0, 2**32)"])),
+    "seed 2**32": Case(lambda inputs: (["--seed", str(2**32)], [f"config key 'seed' must be an integer in "
+                                                               f"[0, 2**32), what numpy's RandomState takes, "
+                                                               f"got {2**32}"])),
+    "unknown device": Case(lambda inputs: (["--device", "gpu"], ["config key 'device': unknown device 'gpu'; use "
+                                                                 "auto, cpu, cuda or cuda:<index>"])),
+    "config is a folder": Case(config_that_is_a_folder),
+    "config is binary": Case(config_that_is_binary),
+    "misspelt dataset option": Case(misspelt_dataset_option),
+    "transform crop 0": Case(transform_crop_zero),
     # weights (a missing checkpoint: test_reliability.py)
     "not a checkpoint": Case(not_a_checkpoint),
     "missing, unexpected and mis-shaped keys": Case(checkpoint_with_wrong_keys),

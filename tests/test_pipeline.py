@@ -114,6 +114,27 @@ def test_detector_hyper_parameter_override(first_run):
     assert "k: 3" in (work / "k3/config.yaml").read_text()
 
 
+def test_datasets_given_as_yaml_paths_are_cached_under_the_cache_dir_and_named_by_their_stem(first_run, tmp_path,
+                                                                                              caplog):
+    work, argv = first_run
+    configs = tmp_path / "my-configs"
+    configs.mkdir()
+    inaturalist, imagenet_again = configs / "my-inat.yaml", configs / "imagenet-again.yaml"
+    inaturalist.write_text((REPO / "configs/datasets/inaturalist.yaml").read_text())
+    imagenet_again.write_text((REPO / "configs/datasets/imagenet1k.yaml").read_text())  # the ID set once more
+    ood = argv.index("--ood-data")
+    argv = [*argv[:ood + 1], str(inaturalist), str(imagenet_again), *argv[ood + 1 + len(OOD_SETS):],
+            "--output-dir", str(work / "yaml-paths")]
+    with caplog.at_level("INFO"):
+        assert main.main(argv) == 0
+    assert sorted(configs.iterdir()) == [imagenet_again, inaturalist]  # nothing written beside the YAML files
+    assert list((work / "cache/resnet50-supcon-tiny").glob("my-inat-test-*"))
+    assert {row["ood_data"] for row in read_csv(work / "yaml-paths/results.csv")} == {"my-inat", "imagenet-again"}
+    assert str(configs) not in (work / "yaml-paths/results.md").read_text()
+    assert "OOD set 'imagenet-again' holds the same images as the ID set 'imagenet1k'" in caplog.text
+    assert "OOD set 'my-inat'" not in caplog.text
+
+
 def run_main(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True,
                           cwd=REPO, timeout=120)

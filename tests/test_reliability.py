@@ -242,6 +242,23 @@ def test_ctrl_c_exits_promptly_with_one_line_and_no_workers_left(signum, whole_g
     assert not [pid for pid in workers if is_running(pid)]
 
 
+def test_a_second_ctrl_c_while_stopping_exits_at_once_without_a_traceback(data_root, tiny_model_yaml, tmp_path):
+    command = main_command(data_root, tiny_model_yaml, tmp_path, "--batch-size", "1",
+                           "--num-workers", "2", "--set", "chunk_size=2")
+    process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    wait_for_rows_files(tmp_path / "cache", process)
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.02)  # the first is being handled: the loader's workers are being stopped
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] in ("interrupted; rerun the same command to resume",
+                                               "interrupted again; exiting now (rerun the same command to resume)")
+
+
 @pytest.fixture(scope="module")
 def broken_image_root(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny data root whose ImageNet val has a truncated JPEG and a text file named .JPEG."""
