@@ -13,6 +13,8 @@ from sklearn.exceptions import NotFittedError
 Outputs = Mapping[str, torch.Tensor]  # "feas" (N, D), "logits" (N, C), "labels" (N,)
 
 _FLOAT_FIELDS = ("feas", "logits")
+UNIT_NORM_TOLERANCE = 1e-3  # |row norm - 1| allowed in "feas" (float32/float64); see unit_norm_tolerance
+_NORM_CHUNK_ROWS = 16384  # rows whose norms are taken at once: bounds the float32 copy of half-precision feas
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,6 +31,9 @@ class OODDetector:
     def fit(self, train_outputs: Outputs) -> "OODDetector":
         """Learn whatever the score needs from the bank (the training sample); returns self."""
         outputs = check_outputs(train_outputs, self.fit_fields, where=f"{self.name}.fit")
+        if "feas" in outputs:
+            self.check_feature_dim(outputs["feas"].shape[1])
+        self.check_bank_size(next(iter(outputs.values())).shape[0])
         self._fit(outputs)
         self.dims_ = {field: outputs[field].shape[1] for field in _FLOAT_FIELDS if field in outputs}
         return self
@@ -39,6 +44,14 @@ class OODDetector:
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(train_outputs) first")
         checked = check_outputs(outputs, self.score_fields, where=f"{self.name}.score_samples", dims=self.dims_)
         return self._score(checked)
+
+    def check_feature_dim(self, dim: int) -> None:
+        """Raise a ValueError if the hyper-parameters cannot work on `dim`-wide features; `fit` calls it, and a
+        pipeline can call it once the backbone's feature width is known, before hours of extraction."""
+
+    def check_bank_size(self, bank_size: int) -> None:
+        """Raise a ValueError if the hyper-parameters cannot work on a bank of `bank_size` samples; called by `fit`
+        and, like check_feature_dim, callable before extraction."""
 
     def hyper_parameters(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -83,11 +96,40 @@ def check_outputs(outputs: Outputs, fields: tuple[str, ...], where: str,
                 raise ValueError(f"{where}: '{field}' has NaN or inf in {bad_rows} of {tensor.shape[0]} rows")
         if tensor.shape[0] == 0:
             raise ValueError(f"{where}: '{field}' is empty (shape {tuple(tensor.shape)})")
+        if field == "feas":
+            check_unit_rows(tensor, field, where)
         checked[field] = tensor
     lengths = {field: tensor.shape[0] for field, tensor in checked.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{where}: fields disagree on the number of samples: {lengths}")
     return checked
+
+
+def unit_norm_tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 a row norm of L2-normalised features may be: UNIT_NORM_TOLERANCE (1e-3), or twice the
+    dtype's epsilon where coarser (float16 2.0e-3, bfloat16 1.6e-2), as normalising in float16/bfloat16 rounds
+    each norm by up to about one epsilon; float32 normalisation is off by ~1e-7."""
+    return max(UNIT_NORM_TOLERANCE, 2 * torch.finfo(dtype).eps)
+
+
+def check_unit_rows(tensor: torch.Tensor, field: str, where: str) -> None:
+    """Reject rows that are not L2-normalised: an unnormalised feature silently rescales every score that reads it.
+
+    All-zero rows are rejected too (their row count is named): no normalisation gives them unit norm.
+    """
+    norms = torch.cat([torch.linalg.vector_norm(chunk.float(), dim=1)
+                       for chunk in tensor.split(_NORM_CHUNK_ROWS)])                  # (N,)
+    tolerance = unit_norm_tolerance(tensor.dtype)
+    bad_rows = int(((norms - 1).abs() > tolerance).sum())
+    if not bad_rows:
+        return
+    zero_rows = int((norms == 0).sum())
+    zero_note = (f"; {zero_rows} of them are all zero, which no normalisation fixes (drop them or check the "
+                 f"feature extractor)" if zero_rows else "")
+    raise ValueError(f"{where}: '{field}' must be L2-normalised (every row norm within {tolerance:.1e} of 1 for "
+                     f"{tensor.dtype}), but {bad_rows} of {tensor.shape[0]} rows are not (row norms from "
+                     f"{norms.min().item():.4g} to {norms.max().item():.4g}){zero_note}; L2-normalise the features, "
+                     f"e.g. torch.nn.functional.normalize({field}, dim=1)")
 
 
 # ---- registry: detector name -> class, filled by @register_detector at import -------------------------

@@ -29,8 +29,11 @@ class KNN(OODDetector):
         check_positive_int(self.k, "knn: k")
         check_search_options(self.backend, self.bank_dtype, "knn")
 
+    def check_bank_size(self, bank_size: int) -> None:
+        """The k-th neighbour must exist in the bank."""
+        check_k_fits_bank(self.k, bank_size, "knn")
+
     def _fit(self, outputs: Outputs) -> None:
-        check_k_fits_bank(self.k, outputs["feas"].shape[0], "knn")
         self.index_ = InnerProductSearch(outputs["feas"], backend=self.backend, bank_dtype=self.bank_dtype)
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
@@ -38,5 +41,6 @@ class KNN(OODDetector):
 
 
 def check_k_fits_bank(k: int, bank_size: int, detector: str) -> None:
+    """k nearest neighbours need at least k bank samples."""
     if k > bank_size:
         raise ValueError(f"{detector}: k={k} is larger than the bank ({bank_size} samples)")

@@ -77,13 +77,25 @@ class NNGuide(OODDetector):
             raise ValueError(f"nnguide: base_options must be a mapping of the base's hyper-parameters, "
                              f"got {self.base_options!r}")
         try:  # unknown or invalid options fail now, not after extraction
-            create_detector(self.base, **self.base_options)
+            self._new_base()
         except ValueError as error:
             raise ValueError(f"nnguide: base_options: {error}") from None
 
+    def _new_base(self) -> OODDetector:
+        """An unfitted base-score detector with base_options."""
+        return create_detector(self.base, **self.base_options)
+
+    def check_feature_dim(self, dim: int) -> None:
+        """The base's own limits (ViM's principal_dim); the guidance works at any width."""
+        self._new_base().check_feature_dim(dim)
+
+    def check_bank_size(self, bank_size: int) -> None:
+        """k must fit the bank, and the base (ViM) is fitted on the same bank."""
+        check_k_fits_bank(self.k, bank_size, "nnguide")
+        self._new_base().check_bank_size(bank_size)
+
     def _fit(self, outputs: Outputs) -> None:
-        check_k_fits_bank(self.k, outputs["feas"].shape[0], "nnguide")
-        self.base_ = create_detector(self.base, **self.base_options).fit(outputs)
+        self.base_ = self._new_base().fit(outputs)
         bank_scores = self.base_.score_samples(outputs)                    # (M,)
         # the bank's extreme that "shift" and "exp" subtract; 0 (unused) for "raw" and "softplus"
         self.offset_ = {"shift": bank_scores.min().item(), "exp": bank_scores.max().item()}.get(self.confidence, 0.0)

@@ -26,11 +26,25 @@ class ViM(OODDetector):
     def __post_init__(self) -> None:
         check_positive_int(self.principal_dim, "vim: principal_dim")
 
+    def check_feature_dim(self, dim: int) -> None:
+        """The residual space beyond the top principal_dim directions must exist."""
+        if self.principal_dim >= dim:
+            raise ValueError(f"vim: principal_dim={self.principal_dim} must be smaller than the feature "
+                             f"dimension {dim}")
+
+    def check_bank_size(self, bank_size: int) -> None:
+        """The bank must span more than principal_dim directions: centred, M samples span at most M - 1, so
+        M - 1 < principal_dim leaves the residual space arbitrary, and M - 1 = principal_dim leaves the bank no
+        residual (alpha would divide by a rounding error)."""
+        if bank_size - 1 <= self.principal_dim:
+            raise ValueError(f"vim: a bank of {bank_size} samples is too small for principal_dim="
+                             f"{self.principal_dim}: centred, it spans at most {bank_size - 1} directions, so the "
+                             f"residual space beyond the top {self.principal_dim} is arbitrary or empty of bank "
+                             f"variance; use at least {self.principal_dim + 2} samples (a larger bank_ratio) or a "
+                             f"principal_dim below {bank_size - 1}")
+
     def _fit(self, outputs: Outputs) -> None:
         feas = outputs["feas"].double()
-        if self.principal_dim >= feas.shape[1]:
-            raise ValueError(f"vim: principal_dim={self.principal_dim} must be smaller than the feature "
-                             f"dimension {feas.shape[1]}")
         mean = feas.mean(dim=0)                                              # (D,)
         centred = feas - mean
         covariance = centred.T @ centred / feas.shape[0]                     # (D, D)

@@ -171,6 +171,13 @@ class Experiment:
             if isinstance(k, int) and k > bank_size:
                 raise UserError(f"detector '{table_name}': k={k} is larger than the bank ({bank_size} images = "
                                 f"{config.bank_ratio} x {len(train)}); lower k or raise bank_ratio")
+            detector = build_detector(table_name, detector_config)
+            try:  # what fit would refuse after extraction, refused before it
+                detector.check_feature_dim(self.backbone.feature_dim)
+                detector.check_bank_size(bank_size)
+            except ValueError as error:
+                raise UserError(f"detector '{table_name}': {error} (model '{self.model_config.name}': "
+                                f"{self.backbone.feature_dim}-d features; bank: {bank_size} images)") from None
         bank_raw = self.bank(train, bank_size)
         test_raws = {name: self.test_set(name, dataset) for name, dataset in test_sets.items()}
         if not self.topology.is_main:  # the other torchrun ranks only help extract
