@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
@@ -48,12 +50,67 @@ class BrokenImageError(UserError):
     """An image file that cannot be read or decoded; the message names its path."""
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's unsigned 16-bit grey modes
+FILES_PER_TASK = 256  # files one thread stats or hashes per task: few futures, yet parallel reads
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit and 32-bit integer grey (modes I;16*, I) and float grey (F) are scaled to 8
+    bits first: `convert("RGB")` clips them at 255, which turns a 16-bit photograph nearly white.
+
+    Integer grey keeps its high byte (value >> 8, after clipping to [0, 65535]): that is what Pillow itself does
+    to 16-bit RGB and grey-with-alpha PNGs and 16-bit PPMs, so a picture decodes to the same pixels whichever
+    16-bit layout stored it, and an 8-bit image widened to 16 bits (v * 257) comes back exactly. Mode I is read
+    as 16-bit data because that is what Pillow gives for 16-bit PGM files (and gave for 16-bit PNGs before
+    Pillow 10); 32-bit integer images are rare. Float images are taken as intensities in [0, 1], the convention
+    of float image files (float TIFF, PFM) and of torchvision, rounded to the nearest level, clipped (NaN = 0).
+    Every 8-bit mode (L, P, RGB, RGBA, CMYK, LA, 1, ...) is converted exactly as `convert("RGB")` does."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image).astype(np.int32)  # (H, W); I;16B arrives big-endian, I as int32
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        image = Image.fromarray(np.floor(np.clip(values, 0.0, 1.0) * 255 + 0.5).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def _in_blocks(function: Callable[[str], Any], paths: Sequence[str]) -> list[Any]:
+    """[function(path) for path in paths], computed by a thread pool in blocks of FILES_PER_TASK, in path order.
+
+    Threads overlap the file system's latency (stat and read release the GIL, and so does sha256 on large
+    buffers); the results keep the order of `paths`, whatever order the threads finish in."""
+    blocks = [paths[start:start + FILES_PER_TASK] for start in range(0, len(paths), FILES_PER_TASK)]
+    if len(blocks) <= 1:
+        return [function(path) for path in paths]
+    with ThreadPoolExecutor() as pool:
+        results = pool.map(lambda block: [function(path) for path in block], blocks)
+        return [result for block_results in results for result in block_results]
+
+
+def _file_stat(path: str) -> list[int] | str:
+    """[size, modification time in ns] of the file at `path` (links followed), or why it cannot be stat'ed."""
+    try:
+        info = os.stat(path)
+    except OSError as error:  # gone or unreadable since it was listed: decoding will report it as broken
+        return f"cannot stat: {error.strerror}"
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _file_sha256(path: str) -> str:
+    """sha256 hex of the file's bytes, read in chunks, or why it cannot be read."""
+    try:
+        with open(path, "rb") as stream:
+            return hashlib.file_digest(stream, "sha256").hexdigest()
+    except OSError as error:  # gone or unreadable since it was listed: decoding will report it as broken
+        return f"cannot read: {error.strerror}"
+
+
 class ImageDataset(Dataset):
     """Images with int labels (-1 = unlabelled) and one stable id each, in a fixed order.
 
     `__getitem__` returns `(transform(rgb_pil_image), label)`, or the PIL image itself when
-    `transform` is None. Subclasses say where pixels come from (`_load_image`) and what the
-    fingerprint hashes besides the format name and the ids (`_hash_contents`).
+    `transform` is None. Subclasses say where pixels come from (`_load_image`), what the fingerprint hashes
+    besides the format name (`_hash_contents`) and what the content fingerprint hashes (`_hash_image_bytes`).
     """
 
     def __init__(self, format_name: str, image_ids: Sequence[str], labels: Iterable[int],
@@ -66,6 +123,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.skipped = list(skipped)
         self._fingerprint: str | None = None
+        self._content_fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -77,12 +135,42 @@ class ImageDataset(Dataset):
         return image, int(self.labels[index])
 
     def fingerprint(self) -> str:
-        """sha256 hex of the format name, the ids in order and the files behind them; memoised."""
+        """sha256 hex of the format name, the ids in order and, per image file, its size and modification time
+        (st_mtime_ns, links followed: what make and rsync compare); array formats hash their data files' bytes.
+        The feature cache's key; memoised. One stat per file, no reads.
+
+        It changes when a file is added, removed, renamed, resized or rewritten. It misses a file replaced by
+        another of the same size whose modification time is the old one: set back (os.utime, `cp -p`, `tar x`
+        of another archive), or written within the file system's timestamp resolution (a few ms; 1-2 s on
+        FAT and some network file systems). `content_fingerprint` catches those."""
         if self._fingerprint is None:
-            digest = hashlib.sha256(json.dumps(self.format_name).encode() + b"\n")
+            digest = self._new_digest()
             self._hash_contents(digest)
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+    def content_fingerprint(self, rows: Iterable[int] | None = None) -> str:
+        """sha256 hex of the format name and, in row order, each image's id and the sha256 of its bytes (pixels
+        for arrays), for the images at `rows` (all when None; memoised then). Reads every byte.
+
+        A check on the cache key, not a second key: cached features stay under `fingerprint()`, so runs that
+        verify content and runs that do not share one entry. To verify, record this value beside the features
+        of the rows it covers when they are written, and recompute and compare it before reusing them (per rows
+        file, so a 1% bank reads only its own images); a mismatch, or no recorded value, means re-extracting
+        those rows. A separate key would keep a stale entry alive for the runs that do not verify, and would
+        re-extract everything merely to start verifying. Row order is the dataset's (its sorted listing), never
+        the OS's; file times do not enter, so `touch` or a copy to another disk leaves it unchanged."""
+        if rows is None and self._content_fingerprint is not None:
+            return self._content_fingerprint
+        selected = range(len(self)) if rows is None else [int(row) for row in rows]
+        digest = self._new_digest()
+        self._hash_image_bytes(digest, selected)
+        if rows is None:
+            self._content_fingerprint = digest.hexdigest()
+        return digest.hexdigest()
+
+    def _new_digest(self) -> Any:
+        return hashlib.sha256(json.dumps(self.format_name).encode() + b"\n")
 
     def subset(self, indices: np.ndarray) -> ImageDataset:
         """The samples at `indices`, in that order (e.g. the bank drawn from a train split).
@@ -97,6 +185,9 @@ class ImageDataset(Dataset):
         raise NotImplementedError
 
     def _hash_contents(self, digest) -> None:
+        raise NotImplementedError
+
+    def _hash_image_bytes(self, digest, rows: Sequence[int]) -> None:
         raise NotImplementedError
 
     def _take(self, indices: np.ndarray) -> ImageDataset:
@@ -115,14 +206,23 @@ class FileImageDataset(ImageDataset):
         path = self.root / self.image_ids[index]
         try:
             with Image.open(path) as image:
-                return image.convert("RGB")  # decodes now: a truncated file fails here, not in the transform
-        except OSError as error:  # PIL.UnidentifiedImageError, truncated data, an unreadable file
+                return to_rgb(image)  # decodes now: a truncated file fails here, not in the transform
+        except (OSError, Image.DecompressionBombError) as error:
+            # OSError: PIL.UnidentifiedImageError, truncated data, an unreadable file. DecompressionBombError:
+            # more than 2 x Image.MAX_IMAGE_PIXELS pixels, which Pillow refuses to decode (it is no OSError)
             raise BrokenImageError(f"cannot decode image {path}: {error}") from None
 
     def _hash_contents(self, digest) -> None:
-        for image_id in self.image_ids:
-            size = (self.root / image_id).stat().st_size
-            digest.update(json.dumps([image_id, size]).encode() + b"\n")
+        for image_id, stat in zip(self.image_ids, _in_blocks(_file_stat, self._paths(range(len(self))))):
+            digest.update(json.dumps([image_id, stat]).encode() + b"\n")
+
+    def _hash_image_bytes(self, digest, rows: Sequence[int]) -> None:
+        for row, file_sha256 in zip(rows, _in_blocks(_file_sha256, self._paths(rows))):
+            digest.update(json.dumps([self.image_ids[row], file_sha256]).encode() + b"\n")
+
+    def _paths(self, rows: Iterable[int]) -> list[str]:
+        root = os.fspath(self.root)
+        return [os.path.join(root, self.image_ids[row]) for row in rows]
 
     def _take(self, indices: np.ndarray) -> FileImageDataset:
         return FileImageDataset(self.format_name, self.root, [self.image_ids[i] for i in indices],
@@ -153,6 +253,11 @@ class ArrayImageDataset(ImageDataset):
                     digest.update(chunk)
         if not self.data_files:  # generated in memory: the pixels are the content
             digest.update(np.ascontiguousarray(self.images).tobytes())
+
+    def _hash_image_bytes(self, digest, rows: Sequence[int]) -> None:
+        for row in rows:
+            pixels_sha256 = hashlib.sha256(np.ascontiguousarray(self.images[row]).tobytes()).hexdigest()
+            digest.update(json.dumps([self.image_ids[row], pixels_sha256]).encode() + b"\n")
 
     def _take(self, indices: np.ndarray) -> ArrayImageDataset:
         return ArrayImageDataset(self.format_name, self.images[indices], [self.image_ids[i] for i in indices],

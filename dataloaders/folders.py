@@ -1,12 +1,14 @@
 """Image-file formats: ImageFolder class folders, ImageNet-V2 numbered folders, flat OOD folders."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from dataloaders.base import DATASET_FORMATS, FileImageDataset
 from errors import UserError, did_you_mean
@@ -57,18 +59,109 @@ def _require_folder(path: Path, layout: str) -> None:
         raise UserError(f"dataset folder {path} does not exist; expected {layout}")
 
 
+def unreadable_path_error(path: Path, error: OSError) -> UserError:
+    """The UserError for a path met while listing that cannot be followed or read: what is wrong, and the fix."""
+    if error.errno == errno.ELOOP:
+        return UserError(f"{path} is a symbolic link that leads back to itself ({error.strerror}); remove it")
+    if isinstance(error, PermissionError):
+        return UserError(f"cannot read {path} (permission denied); make it readable to this user, or remove it")
+    return UserError(f"cannot read {path} ({error.strerror}); fix or remove it")
+
+
+class FolderWalk:
+    """Lists the folders of one dataset tree, following symbolic links, so that symlink farms work, and stops
+    at the listing (before anything is extracted) on what would otherwise corrupt the image list silently.
+
+    torchvision's make_dataset walks with os.walk(followlinks=True): a link such as `a/again -> .` repeats the
+    folder until the system stops resolving the path (a class of 4 images became 164 on Linux), a dangling link
+    is listed as an image, and a folder it cannot read is skipped without a word. Here each is a UserError
+    naming the path: a folder reached a second time, compared by (st_dev, st_ino) (a link loop, or two links to
+    one folder, whose images would be listed twice); a link whose target is missing (a folder or an image gone);
+    a folder that cannot be listed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._reached: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) -> the folder first reached there
+        self.enter(".")
+
+    def enter(self, folder: str) -> None:
+        """Note that the walk lists `folder` (relative to the root); reaching one folder twice is a UserError."""
+        path = self.root / folder
+        try:
+            info = os.stat(path)
+        except OSError as error:
+            raise unreadable_path_error(path, error) from None
+        first = self._reached.setdefault((info.st_dev, info.st_ino), folder)
+        if first == folder:
+            return
+        if first == "." or folder.startswith(first + "/"):
+            raise UserError(f"{path} is the folder {self.root / first} again: a symbolic-link loop, which would "
+                            f"list the same images over and over; remove the link")
+        raise UserError(f"{path} and {self.root / first} are the same folder (through a symbolic link), so its "
+                        f"images would be listed twice; remove the link that duplicates it")
+
+    def scan(self, folder: str) -> tuple[list[str], list[str]]:
+        """(sub-folder names, file names) directly in `folder`, links followed, each in sorted order.
+
+        Files are regular files or links to them; other entries (sockets, pipes, devices) are left out."""
+        path = self.root / folder
+        try:
+            entries = list(os.scandir(path))
+        except OSError as error:
+            raise unreadable_path_error(path, error) from None
+        folders, files = [], []
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    folders.append(entry.name)
+                elif entry.is_file():
+                    files.append(entry.name)
+                elif entry.is_symlink():
+                    raise UserError(f"{entry.path} is a symbolic link to {os.readlink(entry.path)}, which does not "
+                                    f"exist; remove the link or restore its target")
+            except OSError as error:  # a link to itself (ELOOP), or into a folder this user may not read
+                raise unreadable_path_error(Path(entry.path), error) from None
+        return sorted(folders), sorted(files)
+
+    def files_below(self, folder: str) -> list[str]:
+        """Paths (relative to the root) of the files in `folder` and in every folder below it, in torchvision
+        make_dataset's order: folders sorted by path string, as `sorted(os.walk(...))`, files by name in each."""
+        listed: list[tuple[str, list[str]]] = []  # (folder, its file names)
+        pending = [folder]
+        while pending:
+            current = pending.pop()
+            self.enter(current)
+            subfolders, files = self.scan(current)
+            listed.append((current, files))
+            pending.extend(f"{current}/{name}" for name in reversed(subfolders))  # pop() takes them in order
+        return [f"{current}/{name}" for current, files in sorted(listed) for name in files]
+
+
+def _image_extension(name: str) -> bool:
+    return has_file_allowed_extension(name, IMG_EXTENSIONS)
+
+
 @DATASET_FORMATS.register("class_folders")
 def class_folders(path: Path, split: str, transform: Callable | None, download: bool = False) -> FileImageDataset:
-    """torchvision ImageFolder: one sub-folder per class, classes indexed in sorted name order."""
+    """torchvision ImageFolder: one sub-folder per class, classes indexed in sorted name order, images found at
+    any depth below them (links followed) in ImageFolder's order; see FolderWalk for what stops the listing."""
     layout = "one sub-folder per class holding its images, as torchvision's ImageFolder reads"
     _require_folder(path, layout)
-    try:
-        classes, class_to_idx = find_classes(path)
-        samples = make_dataset(path, class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as error:  # no class folder, or a class folder without images
-        raise UserError(f"no images in {path} ({error}); expected {layout}") from error
-    image_ids = [Path(file).relative_to(path).as_posix() for file, _ in samples]
-    return FileImageDataset("class_folders", path, image_ids, [label for _, label in samples], transform)
+    walk = FolderWalk(path)
+    classes, _ = walk.scan(".")
+    if not classes:
+        raise UserError(f"no images in {path} (no class folder); expected {layout}")
+    image_ids, labels, empty_classes = [], [], []
+    for label, class_name in enumerate(classes):
+        found = [file for file in walk.files_below(class_name) if _image_extension(file)]
+        image_ids += found
+        labels += [label] * len(found)
+        if not found:
+            empty_classes.append(class_name)
+    if empty_classes:
+        raise UserError(f"no images in {path} (none in the class folders {', '.join(empty_classes)}; image "
+                        f"extensions: {', '.join(IMG_EXTENSIONS)}); expected {layout}")
+    return FileImageDataset("class_folders", path, image_ids, labels, transform)
 
 
 @DATASET_FORMATS.register("class_index_folders")
@@ -77,18 +170,19 @@ def class_index_folders(path: Path, split: str, transform: Callable | None,
     """ImageNet-V2: folders named 0..999 whose number is the label (not their string-sorted rank)."""
     layout = "sub-folders named by class index (0, 1, ..., 999) holding the images"
     _require_folder(path, layout)
-    folders = [entry for entry in path.iterdir() if entry.is_dir()]
-    not_numbers = [folder.name for folder in folders if not folder.name.isdigit()]
+    walk = FolderWalk(path)
+    folders, _ = walk.scan(".")
+    not_numbers = [folder for folder in folders if not folder.isdigit()]
     if not_numbers:
-        raise UserError(f"{path} has sub-folders not named by a class index: {', '.join(sorted(not_numbers))}; "
+        raise UserError(f"{path} has sub-folders not named by a class index: {', '.join(not_numbers)}; "
                         f"expected {layout}")
     image_ids, labels = [], []
-    for folder in sorted(folders, key=lambda folder: int(folder.name)):
-        files = [file.name for file in folder.iterdir()
-                 if file.is_file() and has_file_allowed_extension(file.name, IMG_EXTENSIONS)]
-        for name in sorted(files, key=natural_key):
-            image_ids.append(f"{folder.name}/{name}")
-            labels.append(int(folder.name))
+    for folder in sorted(folders, key=int):
+        walk.enter(folder)
+        _, files = walk.scan(folder)
+        for name in sorted(filter(_image_extension, files), key=natural_key):
+            image_ids.append(f"{folder}/{name}")
+            labels.append(int(folder))
     if not image_ids:
         raise UserError(f"no images in {path}; expected {layout}")
     return FileImageDataset("class_index_folders", path, image_ids, labels, transform)
@@ -122,14 +216,18 @@ def flat_folder(path: Path, split: str, transform: Callable | None, download: bo
     is_member = FLAT_FOLDER_MEMBERSHIP[membership]
     layout = "JPEG or PNG images directly in that folder"
     _require_folder(path, layout)
+    _, names = FolderWalk(path).scan(".")
     image_ids, skipped, not_images, jpegs_left_out = [], [], [], []
-    files = [entry for entry in path.iterdir() if entry.is_file()]
-    for file in sorted(files, key=lambda file: natural_key(file.name)):
-        if is_member(file):
-            image_ids.append(file.name)
-        else:
-            skipped.append(file.name)
-            (jpegs_left_out if is_jpeg_or_png(file) else not_images).append(file.name)
+    for name in sorted(names, key=natural_key):
+        file = path / name
+        try:
+            if is_member(file):
+                image_ids.append(name)
+            else:
+                skipped.append(name)
+                (jpegs_left_out if is_jpeg_or_png(file) else not_images).append(name)
+        except OSError as error:  # the listing found it, but its first bytes cannot be read
+            raise unreadable_path_error(file, error) from None
     message = _skipped_files_message(path, not_images, jpegs_left_out, membership) if skipped else ""
     if not image_ids:
         raise UserError(f"no images in {path}; expected {layout}" + (f" ({message})" if message else ""))

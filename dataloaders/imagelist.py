@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from dataloaders.base import DATASET_FORMATS, FileImageDataset
+from dataloaders.folders import unreadable_path_error
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,8 @@ def read_image_list(list_file: Path) -> tuple[list[str], list[int]]:
         raise UserError(f"image list {list_file} does not exist") from None
     except (IsADirectoryError, UnicodeDecodeError) as error:
         raise UserError(f"image list {list_file} is not a UTF-8 text file ({error})") from None
+    except PermissionError:
+        raise UserError(f"cannot read image list {list_file} (permission denied); make it readable") from None
     image_paths, labels = [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -44,6 +48,14 @@ def read_image_list(list_file: Path) -> tuple[list[str], list[int]]:
     return image_paths, labels
 
 
+def _is_file(path: Path) -> bool:
+    """True for a file (links followed); False when missing, a dangling link or a link loop (all 'missing')."""
+    try:
+        return path.is_file()
+    except OSError as error:  # is_file answers False for the missing; this is e.g. a folder we may not read
+        raise unreadable_path_error(path, error) from None
+
+
 @DATASET_FORMATS.register("image_list")
 def image_list(path: Path, split: str, transform: Callable | None, download: bool = False,
                image_root: str = ".", skip_missing: bool = False) -> FileImageDataset:
@@ -51,16 +63,19 @@ def image_list(path: Path, split: str, transform: Callable | None, download: boo
 
     `image_root` is relative to the list file's folder (or absolute): base.py hands builders the split's
     path only, and this keeps every split's list and images described without knowing the data root.
-    A listed file that does not exist is an error, or with `skip_missing` skipped and counted in `skipped`."""
+    A listed file that does not exist (or is a dangling link) is an error, or with `skip_missing` skipped and
+    counted in `skipped`; a listed path that cannot be looked at (permission denied) is always an error."""
     image_paths, labels = read_image_list(path)
     root = (path.parent / Path(image_root).expanduser()).resolve()  # an absolute image_root replaces the parent
     if not root.is_dir():
         raise UserError(f"image root {root} (image_root '{image_root}' from {path.parent}) is not a folder")
-    exists = [(root / image_path).is_file() for image_path in image_paths]
+    exists = [_is_file(root / image_path) for image_path in image_paths]
     missing = [image_path for image_path, found in zip(image_paths, exists) if not found]
     if missing and not skip_missing:
+        first = root / missing[0]
+        dangling = f", a symbolic link to {os.readlink(first)}, which does not exist" if first.is_symlink() else ""
         raise UserError(f"{len(missing)} of the {len(image_paths)} images listed in {path} do not exist under "
-                        f"{root} (first: {root / missing[0]}); fix the list or image_root, or pass "
+                        f"{root} (first: {first}{dangling}); fix the list or image_root, or pass "
                         f"--skip-broken-images (dataset option skip_missing: true) to skip them")
     if missing:
         log.warning("skipped %d images listed in %s that do not exist under %s (first: %s)",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,26 @@ def write_svhn(root: Path, split: str, count: int, seed: int = 0) -> tuple[np.nd
     digits = np.where(labels == 0, 10, labels).astype(np.uint8)[:, None]  # (N, 1)
     scipy.io.savemat(Path(root) / f"{split}_32x32.mat", {"X": images.transpose(1, 2, 3, 0), "y": digits})
     return images, labels
+
+
+def write_bitmaps(paths: list[Path], size: tuple[int, int] = (8, 8), seed: int = 0) -> list[Path]:
+    """Uncompressed BMPs of random colours: every file of one size has the same byte count, whatever its pixels."""
+    rng = np.random.default_rng(seed)
+    return _save_images(paths, random_pixels(rng, len(paths), size[1], size[0]))
+
+
+def write_png16(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit PNG of `values` (uint16, (H, W) grey or (H, W, 3) RGB), written chunk by chunk (Pillow writes
+    16-bit grey PNGs but not 16-bit RGB ones)."""
+    height, width = values.shape[:2]
+    colour_type = 2 if values.ndim == 3 else 0  # PNG colour types: 2 = RGB, 0 = grey
+    rows = b"".join(b"\x00" + values[row].astype(">u2").tobytes() for row in range(height))  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, colour_type, 0, 0, 0])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                           + chunk(b"IEND", b""))
+    return Path(path)
