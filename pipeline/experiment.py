@@ -17,7 +17,7 @@ from ood_detectors.metrics import ood_metrics
 from pipeline.config import ExperimentConfig, build_detector, load_dataset_config, load_model_config
 from pipeline.distributed import Topology, barrier, init_from_environment
 from pipeline.extract import ExtractionSettings, FeatureExtractor
-from pipeline.plots import write_score_plots
+from pipeline.plots import score_plot_writers
 from pipeline.report import write_results
 from pipeline.train import trained_checkpoint
 
@@ -250,8 +250,7 @@ def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
                   # non-image files in flat folders, and image-list entries missing with --skip-broken-images
                   "skipped_files": {name: len(files) for name, files in experiment.skipped_files.items()},
                   "broken_images": experiment.broken_images}
-    table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance)
-    if config.plots:
-        write_score_plots(Path(config.output_dir), display_name(config.id_data), experiment.id_scores,
-                          experiment.ood_scores, metrics=experiment.metrics)
+    plots = (score_plot_writers(display_name(config.id_data), experiment.id_scores, experiment.ood_scores,
+                                metrics=experiment.metrics) if config.plots else {})
+    table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance, extra_files=plots)
     return rows, table

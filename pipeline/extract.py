@@ -176,8 +176,10 @@ class FeatureExtractor:
                     log.info("%s: --recompute, deleting the cached features in %s", label, entry.directory)
                     entry.clear()
                     self._recomputed.add(entry.directory)
-                stored = entry.load(num_rows)
+                stored = entry.load(num_rows, self.backbone.feature_dim)  # other widths are recomputed
                 missing = missing_ranges(stored, num_rows, self.settings.chunk_size)
+            # the other ranks write their shards only after this broadcast, so never while rank 0, under the
+            # lock, removes the files a killed run left in the entry
             missing = broadcast_ranges(missing, self.topology)
             if missing:
                 todo = sum(end - start for start, end in missing)
@@ -242,7 +244,7 @@ class FeatureExtractor:
         def save(path: Path) -> None:
             with path.open("wb") as file:
                 np.savez(file, features=features, broken=np.asarray(broken, dtype=np.int64))
-        write_atomically(shard, save)
+        write_atomically(shard, save, features.nbytes)
         barrier(self.topology)
         written: list[StoredRows] = []
         if self.topology.is_main:

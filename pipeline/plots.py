@@ -1,11 +1,14 @@
 """Figures per OOD set: ID vs OOD score histograms (one panel per detector) and ROC curves (ID positive).
 
-Figures are built with `matplotlib.figure.Figure` (no pyplot, no global state) and written atomically.
+Figures are built with `matplotlib.figure.Figure` (no pyplot, no global state) and written atomically, on their
+own (`write_score_plots`) or with a run's tables as one set (`score_plot_writers` into `write_results`).
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -99,18 +102,20 @@ def _roc_figure(id_name: str, ood_name: str, id_scores: dict[str, np.ndarray],
     return figure
 
 
-def _save_png(figure: Figure, path: Path) -> None:
-    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=DPI))
+def _png_writer(figure: Callable[[], Figure]) -> Callable[[Path], None]:
+    """write(path) that draws the figure only when called, so a run holds one figure at a time."""
+    return lambda path: figure().savefig(path, format="png", dpi=DPI)
 
 
-def write_score_plots(output_dir: Path, id_name: str, id_scores: dict[str, np.ndarray],
-                      ood_scores: dict[str, dict[str, np.ndarray]],
-                      metrics: dict[str, dict[str, dict[str, float]]] | None = None) -> list[Path]:
-    """Per OOD set: scores_<set>.png (ID vs OOD histograms, one panel per detector) and roc_<set>.png.
+def score_plot_writers(id_name: str, id_scores: dict[str, np.ndarray], ood_scores: dict[str, dict[str, np.ndarray]],
+                       metrics: dict[str, dict[str, dict[str, float]]] | None = None
+                       ) -> dict[str, Callable[[Path], None]]:
+    """{file name: write(path)} per OOD set: scores_<set>.png (ID vs OOD histograms, one panel per detector),
+    then roc_<set>.png, in the dicts' order; for `write_score_plots`, or `write_results(extra_files=...)` to
+    replace them together with the tables. Inputs are checked here, the figures drawn by each write.
 
-    Order follows the dicts; returns the paths written (scores, roc per set). `metrics[ood_set][detector]`,
-    the `ood_metrics` dicts (fractions) the caller already has, saves recomputing them; None computes them.
-    """
+    `metrics[ood_set][detector]`, the `ood_metrics` dicts (fractions) the caller already has, saves recomputing
+    them; None computes them."""
     if not id_scores:
         raise ValueError("id_scores has no detectors")
     file_names: dict[str, str] = {}
@@ -122,16 +127,27 @@ def write_score_plots(output_dir: Path, id_name: str, id_scores: dict[str, np.nd
             raise ValueError(f"OOD sets {file_names[file_name]!r} and {ood_name!r} share the file name {file_name!r}")
         file_names[file_name] = ood_name
 
-    output_dir = Path(output_dir)
-    written = []
+    writers: dict[str, Callable[[Path], None]] = {}
     for file_name, ood_name in file_names.items():
         set_metrics = (metrics[ood_name] if metrics is not None else
                        {detector: ood_metrics(id_scores[detector], ood_scores[ood_name][detector])
                         for detector in id_scores})
         titles = {detector: _format_title(detector, set_metrics[detector]) for detector in id_scores}
         aurocs = {detector: set_metrics[detector]["auroc"] for detector in id_scores}
-        scores_path, roc_path = output_dir / f"scores_{file_name}.png", output_dir / f"roc_{file_name}.png"
-        _save_png(_histogram_figure(id_name, ood_name, id_scores, ood_scores[ood_name], titles), scores_path)
-        _save_png(_roc_figure(id_name, ood_name, id_scores, ood_scores[ood_name], aurocs), roc_path)
-        written += [scores_path, roc_path]
+        writers[f"scores_{file_name}.png"] = _png_writer(functools.partial(
+            _histogram_figure, id_name, ood_name, id_scores, ood_scores[ood_name], titles))
+        writers[f"roc_{file_name}.png"] = _png_writer(functools.partial(
+            _roc_figure, id_name, ood_name, id_scores, ood_scores[ood_name], aurocs))
+    return writers
+
+
+def write_score_plots(output_dir: Path, id_name: str, id_scores: dict[str, np.ndarray],
+                      ood_scores: dict[str, dict[str, np.ndarray]],
+                      metrics: dict[str, dict[str, dict[str, float]]] | None = None) -> list[Path]:
+    """Write `score_plot_writers`' PNGs into `output_dir`, each atomically; returns their paths (scores, roc per
+    set). A run's results folder uses `write_results(extra_files=...)` instead, which replaces them as a set."""
+    written = []
+    for file_name, write in score_plot_writers(id_name, id_scores, ood_scores, metrics).items():
+        write_atomically(Path(output_dir) / file_name, write)
+        written.append(Path(output_dir) / file_name)
     return written

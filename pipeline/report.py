@@ -1,14 +1,26 @@
-"""Results as a paper-style table (terminal and markdown), results.csv, and the resolved config."""
+"""Results as a paper-style table (terminal and markdown), results.csv, and the resolved config.
+
+A run's result files are replaced as one set (`replace_result_files`): the output folder never holds two runs'
+files at once, and `results-manifest.json`, written last, lists the complete set.
+"""
 from __future__ import annotations
 
 import csv
+import datetime
+import hashlib
 import io
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.cache import write_atomically
+from pipeline.cache import exclusive_lock, full_disk_is_a_user_error, remove_unfinished_files, write_atomically
+
+log = logging.getLogger(__name__)
 
 PAPER_AVERAGE_SETS = ("inaturalist", "sun", "places", "textures")  # the paper's "Average"; OpenImage-O apart
 MISSING = "-"
@@ -18,6 +30,10 @@ CSV_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc"
 OPENOOD_FILE = "results_openood.csv"
 OPENOOD_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95_ood_positive",
                    "aupr_in", "aupr_out", "id_acc"]
+# the output folder's record of its result files: {"complete": bool, "files": {name: sha256}, "written": ISO UTC}
+RESULTS_MANIFEST = "results-manifest.json"
+_STAGING = ".results-staging"     # a run's files before they are renamed in; a killed run's is removed by the next
+_RESULTS_LOCK = ".results.lock"   # exclusive_lock: one run at a time stages and replaces a folder's results
 
 
 def _metric_cells(results: list[dict[str, Any] | None]) -> list[str]:
@@ -73,9 +89,10 @@ def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config: dict[str, Any],
-                  provenance: dict[str, Any]) -> str:
-    """Writes results.csv, results_openood.csv, results.md and config.yaml; returns the terminal table."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+                  provenance: dict[str, Any], extra_files: Mapping[str, Callable[[Path], Any]] | None = None) -> str:
+    """Replace the folder's previous results with results.csv, results_openood.csv, results.md, config.yaml
+    and `extra_files` ({file name: write(path)}, e.g. `score_plot_writers`), as one set; returns the terminal
+    table."""
     table = paper_table(rows)
     first = rows[0]
     title = (f"# {first['model']}: ID {first['id_data']}, bank from {first['train_data']} "
@@ -85,6 +102,69 @@ def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config:
     documents = {"results.csv": _csv_text(rows, CSV_COLUMNS), OPENOOD_FILE: _csv_text(rows, OPENOOD_COLUMNS),
                  "results.md": title + format_markdown(table),
                  "config.yaml": yaml.safe_dump({**resolved_config, "provenance": provenance}, sort_keys=False)}
-    for name, text in documents.items():
-        write_atomically(output_dir / name, lambda path, text=text: path.write_text(text))
+    writers = {name: (lambda path, text=text: path.write_text(text)) for name, text in documents.items()}
+    clashing = set(writers) & set(extra_files or {})
+    if clashing:
+        raise ValueError(f"extra_files would replace the tables {sorted(clashing)}")
+    replace_result_files(output_dir, {**writers, **(extra_files or {})})
     return format_terminal(table)
+
+
+def replace_result_files(output_dir: Path, writers: Mapping[str, Callable[[Path], Any]]) -> list[Path]:
+    """Replace the files of the folder's previous run by `writers`' ({file name: write(path)}) as one set.
+
+    Under the folder's lock, every file is first written into `.results-staging/`; then the manifest is marked
+    incomplete (listing the old files and the new), the files it lists are removed, the new ones renamed in,
+    and the manifest, written last, lists them with their sha256. The folder never holds two runs' files at
+    once: a run killed while writing leaves the previous results whole (its staging folder is removed by the
+    next run), one killed while renaming leaves a manifest saying "complete": false, whose files the next run
+    removes. Files the manifest never listed (the user's own, a sweep's subfolders) are left alone."""
+    for name in writers:
+        if not _is_result_file_name(name):
+            raise ValueError(f"result file name {name!r} is not a plain file name, or is the manifest's")
+    output_dir = Path(output_dir)
+    with exclusive_lock(output_dir / _RESULTS_LOCK, f"the results in {output_dir}"):
+        staging = output_dir / _STAGING
+        if staging.is_dir():
+            remove_unfinished_files(staging, lambda name: True)
+        staging.mkdir(exist_ok=True)
+        checksums = {}
+        for name, write in writers.items():  # the slow part (plots): the previous results stay whole meanwhile
+            with full_disk_is_a_user_error(output_dir, name):  # the staging folder is private: no temporaries
+                write(staging / f"{name}.part")
+            checksums[name] = hashlib.sha256((staging / f"{name}.part").read_bytes()).hexdigest()
+        replaced = _listed_files(output_dir) | set(writers)
+        _write_manifest(output_dir, complete=False, files=dict.fromkeys(sorted(replaced)))
+        for name in replaced:
+            (output_dir / name).unlink(missing_ok=True)
+        for name in writers:
+            os.replace(staging / f"{name}.part", output_dir / name)
+        _write_manifest(output_dir, complete=True, files=checksums)
+        staging.rmdir()
+    return [output_dir / name for name in writers]
+
+
+def _is_result_file_name(name: str) -> bool:
+    """A name within the folder (no separator, not '.' or '..'), not hidden (those are the writer's own) and
+    not the manifest's."""
+    return bool(name) and Path(name).name == name and not name.startswith(".") and name != RESULTS_MANIFEST
+
+
+def _listed_files(output_dir: Path) -> set[str]:
+    """The file names the folder's manifest lists (a previous run's, or every file an interrupted one may
+    have left); none without a manifest. Only plain names: an edited manifest cannot reach outside."""
+    manifest = output_dir / RESULTS_MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except FileNotFoundError:
+        return set()
+    except (ValueError, KeyError, TypeError):  # ValueError: not JSON; KeyError, TypeError: not a manifest
+        log.warning("%s is not a results manifest; the files it may list are left in place", manifest)
+        return set()
+    return {name for name in files if isinstance(name, str) and _is_result_file_name(name)}
+
+
+def _write_manifest(output_dir: Path, complete: bool, files: dict[str, str | None]) -> None:
+    written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    manifest = {"complete": complete, "files": files, "written": written}
+    write_atomically(output_dir / RESULTS_MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1) + "\n"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,13 @@ def test_gpu_decode_path_gives_nearly_the_pil_features(first_run):
     assert cosine.min() > 0.98 and not np.array_equal(first, second)
     rows = read_csv(work / "decoded/results.csv")
     assert len(rows) == len(read_csv(work / "out/results.csv"))  # PNGs and junk files handled as before
+
+
+def test_the_output_folder_holds_one_runs_tables_and_plots_listed_in_its_manifest(first_run):
+    work, _ = first_run
+    manifest = json.loads((work / "out/results-manifest.json").read_text())
+    plots = [f"{kind}_{name}.png" for name in OOD_SETS for kind in ("scores", "roc")]
+    assert manifest["complete"] is True
+    assert set(manifest["files"]) >= {"results.csv", "results.md", "config.yaml", *plots}
+    visible = {path.name for path in (work / "out").iterdir() if not path.name.startswith(".")}
+    assert visible == {*manifest["files"], "results-manifest.json"}

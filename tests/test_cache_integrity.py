@@ -1,0 +1,426 @@
+"""Data integrity of what runs write: file modes, a killed run's leftovers, lock holders, feature widths, full
+disks, and a results folder that always holds one run's files."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main
+import pipeline.report
+from errors import UserError
+from pipeline.cache import FeatureEntry, exclusive_lock, is_temporary, write_atomically
+from pipeline.plots import score_plot_writers
+from pipeline.report import RESULTS_MANIFEST, write_results
+from tests.test_reliability import ONE_THREAD, REPO, CountingBackbone, colour_dataset, extract, main_command
+
+PIPELINE_FILES = {"results.csv", "results_openood.csv", "results.md", "config.yaml"}
+
+
+class WiderBackbone(CountingBackbone):
+    """The counting backbone's three features padded with zeros to `feature_dim`: another model's width."""
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(super().features(images), (0, self.feature_dim - 3))  # (N, feature_dim)
+
+
+def entry_folder(cache: Path) -> Path:
+    (entry,) = (cache / "counting").iterdir()
+    return entry
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def fake_rows(run: str, ood_sets: list[str]) -> list[dict]:
+    """Result rows whose model name is `run`, so every file written from them names its run."""
+    metrics = {"auroc": 90.0, "fpr95": 30.0, "aupr_in": 80.0, "aupr_out": 70.0, "dtacc": 85.0,
+               "fpr95_ood_positive": 31.0, "id_acc": 75.0}
+    return [{"model": run, "train_data": "imagenet1k", "id_data": "imagenet1k", "ood_data": name,
+             "detector": "knn", **metrics} for name in ood_sets]
+
+
+def write_run(folder: Path, run: str, ood_sets: list[str], **extra) -> None:
+    """write_results for `run`, with one placeholder plot per OOD set naming the run."""
+    plots = {f"scores_{name}.png": (lambda path, text=f"{run} plot of {name}": path.write_text(text))
+             for name in ood_sets}
+    write_results(folder, fake_rows(run, ood_sets), {"model": run}, {}, extra_files={**plots, **extra})
+
+
+def runs_in(folder: Path) -> dict[str, str]:
+    """{file name: the run it names} for every file a run writes that is in `folder`."""
+    found = {}
+    for path in folder.iterdir():
+        if path.name in PIPELINE_FILES or path.name.startswith("scores_"):
+            (run,) = {word for word in ("run-A", "run-B", "run-C") if word in path.read_text()}
+            found[path.name] = run
+    return found
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / RESULTS_MANIFEST).read_text())
+
+
+# ---- file modes follow the umask -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask-022", "umask-002"])
+def test_cache_and_result_files_follow_the_umask(umask, tmp_path):
+    id_scores = {"knn": np.linspace(0, 1, 20)}
+    plots = score_plot_writers("imagenet", id_scores, {"inaturalist": {"knn": np.linspace(-1, 0.5, 20)}})
+    previous = os.umask(umask)
+    try:
+        extract(tmp_path / "cache", CountingBackbone(), colour_dataset(4))
+        write_results(tmp_path / "out", fake_rows("run-A", ["inaturalist"]), {}, {}, extra_files=plots)
+    finally:
+        os.umask(previous)
+    written = list(tmp_path.rglob("*"))
+    assert {path.name for path in written} >= {"key.json", "lock", "rows_000000000_000000003.json",
+                                                "rows_000000003_000000004.npy", RESULTS_MANIFEST, ".results.lock",
+                                                *PIPELINE_FILES, "scores_inaturalist.png", "roc_inaturalist.png"}
+    for path in written:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+# ---- a killed run's temporary files --------------------------------------------------------------------
+
+def test_a_killed_runs_temporary_files_and_shards_are_removed_by_the_next_run(tmp_path, caplog):
+    dataset = colour_dataset(10)
+    clean = extract(tmp_path, CountingBackbone(), dataset)
+    entry = entry_folder(tmp_path)
+    leftovers = [entry / ".rows_000000009_000000010.npy.0123abcd.tmp", entry / ".key.json.4567cdef.tmp",
+                 entry / "shard-00001.npz"]  # the last: a torchrun rank's rows, never joined
+    for path, size in zip(leftovers, (3000, 0, 1000)):
+        path.write_bytes(b"x" * size)
+    (entry / "notes.txt").write_text("mine")
+    with caplog.at_level(logging.INFO):
+        np.testing.assert_array_equal(extract(tmp_path, CountingBackbone(), dataset), clean)
+    assert f"removed 3 unfinished files (4.0 kB) that an interrupted run left in {entry}" in caplog.text
+    assert not any(path.exists() for path in leftovers) and (entry / "notes.txt").exists()
+
+
+def test_every_file_of_an_entry_is_written_under_its_lock(tmp_path):
+    """Other torchrun ranks and other runs open entries without the lock: they must not write, or the lock
+    holder's cleanup could remove their live temporary file."""
+    entry = FeatureEntry(tmp_path, {"model": "counting"}, "colours")
+    assert not entry.directory.exists()
+    with entry.locked():
+        assert json.loads((entry.directory / "key.json").read_text())["model"] == "counting"
+
+
+def test_a_live_lock_holders_temporary_file_is_not_removed(tmp_path, caplog):
+    dataset = colour_dataset(10)
+    clean = extract(tmp_path, CountingBackbone(), dataset)
+    entry = entry_folder(tmp_path)
+    live = entry / ".rows_000000000_000000003.npy.live0001.tmp"
+    results: dict[str, np.ndarray] = {}
+    second = threading.Thread(target=lambda: results.__setitem__("features",
+                                                                 extract(tmp_path, CountingBackbone(), dataset)))
+    with caplog.at_level(logging.INFO):
+        with exclusive_lock(entry / "lock", "a test"):  # another run, in the middle of writing a file
+            live.write_bytes(b"being written")
+            second.start()
+            wait_for(lambda: "waiting for another run" in caplog.text)
+            assert live.read_bytes() == b"being written"
+            os.replace(live, entry / "finished.bin")  # the holder completes its write, then lets go
+        second.join(timeout=10)
+    assert (entry / "finished.bin").read_bytes() == b"being written"
+    assert "unfinished" not in caplog.text
+    np.testing.assert_array_equal(results["features"], clean)
+
+
+def test_a_killed_runs_staged_results_are_removed_by_the_next_run(tmp_path, caplog):
+    staging = tmp_path / ".results-staging"
+    staging.mkdir()
+    (staging / "results.csv.part").write_text("a killed run's")
+    (staging / ".results.md.part.89abcdef.tmp").write_text("")
+    with caplog.at_level(logging.INFO):
+        write_run(tmp_path, "run-A", ["inaturalist"])
+    assert f"removed 2 unfinished files (14 bytes) that an interrupted run left in {staging}" in caplog.text
+    assert not staging.exists() and set(runs_in(tmp_path).values()) == {"run-A"}
+
+
+# ---- who holds a lock ----------------------------------------------------------------------------------
+
+def take_and_release(lock: Path) -> threading.Thread:
+    """A thread that waits for `lock` (its own open file description), takes it and lets it go."""
+    def take() -> None:
+        with exclusive_lock(lock, "the entry"):
+            pass
+    thread = threading.Thread(target=take)
+    thread.start()
+    return thread
+
+
+def test_a_waiting_run_says_which_process_holds_the_lock_and_since_when(tmp_path, caplog):
+    lock = tmp_path / "lock"
+    with caplog.at_level(logging.INFO):
+        with exclusive_lock(lock, "the entry"):
+            record = json.loads(lock.read_text())
+            waiter = take_and_release(lock)
+            wait_for(lambda: "waiting for" in caplog.text)
+            assert waiter.is_alive()
+        waiter.join(timeout=10)
+    assert (record["pid"], record["host"]) == (os.getpid(), socket.gethostname())
+    taken = datetime.strptime(record["since"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert abs(datetime.now(timezone.utc) - taken) < timedelta(minutes=1)
+    assert (f"waiting for another run to finish writing the entry: process {os.getpid()} on "
+            f"{socket.gethostname()} has held the lock since {record['since']}") in caplog.text
+    assert lock.read_text() == ""  # released: it names no holder
+
+
+def exited_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize("record, message", [
+    (None, "its holder has not recorded itself in {lock} (it is starting, or runs an older version)"),
+    ("stale", "{lock} still names process {pid} on {host}, since 2026-01-02T03:04:05Z, which has exited (a stale "
+              "record: the holder is starting, or runs an older version)"),
+    ("elsewhere", "process 4242 on node-7 has held the lock since 2026-01-02T03:04:05Z"),
+], ids=["no record", "stale record", "another host"])
+def test_the_lock_message_says_when_the_holder_is_unknown_or_stale(record, message, tmp_path, caplog):
+    lock = tmp_path / "lock"
+    pid, host = (exited_pid(), socket.gethostname()) if record == "stale" else (4242, "node-7")
+    with lock.open("a") as holder:  # a holder that does not record itself, as older versions did
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        if record:
+            lock.write_text(json.dumps({"pid": pid, "host": host, "since": "2026-01-02T03:04:05Z"}))
+        with caplog.at_level(logging.INFO):
+            waiter = take_and_release(lock)
+            wait_for(lambda: "waiting for" in caplog.text)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    waiter.join(timeout=10)
+    assert message.format(lock=lock, pid=pid, host=host) in caplog.text
+
+
+# ---- cache rows of another model's width ---------------------------------------------------------------
+
+def test_rows_of_another_width_are_reported_deleted_and_recomputed(tmp_path, caplog):
+    """A cache folder copied from another model, or a model config edited: the rows and sidecars agree, but
+    their width is not the model's."""
+    dataset = colour_dataset(10)
+    extract(tmp_path, CountingBackbone(), dataset)  # 3 features per image
+    wider = WiderBackbone(5)
+    with caplog.at_level(logging.INFO):
+        features = extract(tmp_path, wider, dataset)
+    entry = entry_folder(tmp_path)
+    assert (f"cache file {entry / 'rows_000000000_000000003.npy'} holds features of width 3, the model's are 5 wide"
+            in caplog.text)
+    assert features.shape == (10, 5) and wider.forwarded == 10
+    again = WiderBackbone(5)
+    np.testing.assert_array_equal(extract(tmp_path, again, dataset), features)
+    assert again.forwarded == 0
+
+
+def test_one_copied_rows_file_of_another_width_is_the_only_one_recomputed(tmp_path, caplog):
+    dataset = colour_dataset(10)
+    clean = extract(tmp_path / "ours", CountingBackbone(), dataset)
+    extract(tmp_path / "theirs", WiderBackbone(4), dataset)
+    for suffix in (".npy", ".json"):  # a file and its sidecar, consistent with each other, from another model
+        name = f"rows_000000003_000000006{suffix}"
+        shutil.copyfile(entry_folder(tmp_path / "theirs") / name, entry_folder(tmp_path / "ours") / name)
+    backbone = CountingBackbone()
+    with caplog.at_level(logging.INFO):
+        np.testing.assert_array_equal(extract(tmp_path / "ours", backbone, dataset), clean)
+    assert "holds features of width 4, the model's are 3 wide" in caplog.text and backbone.forwarded == 3
+
+
+# ---- a full disk ---------------------------------------------------------------------------------------
+
+def disk_full(code: int = errno.ENOSPC):
+    """A writer (or Path.write_bytes) failing as on a full disk, or with another error `code`."""
+    def write(*args) -> None:
+        raise OSError(code, os.strerror(code))
+    return write
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_a_full_cache_disk_is_one_user_error_naming_the_folder_and_the_space(code, tmp_path, monkeypatch):
+    monkeypatch.setattr(Path, "write_bytes", disk_full(code))
+    with pytest.raises(UserError) as error:
+        extract(tmp_path, CountingBackbone(), colour_dataset(10))
+    entry = entry_folder(tmp_path)
+    # 3 x 3 float32 and the .npy header; the free space is measured
+    assert re.fullmatch(rf"cannot write rows_000000000_000000003\.npy in {re.escape(str(entry))}: "
+                        rf"{os.strerror(code)} \(needs 164 bytes, [0-9.]+ (bytes|kB|MB|GB) free\); free space there "
+                        rf"or choose another folder \(--cache-dir for features, --output-dir for results\)",
+                        str(error.value))
+    assert not [path for path in entry.iterdir() if is_temporary(path.name)]
+
+
+def test_a_full_results_disk_names_the_output_folder_and_keeps_the_previous_results(tmp_path):
+    write_run(tmp_path, "run-A", ["inaturalist"])
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    with pytest.raises(UserError, match=f"cannot write roc_inaturalist.png in {tmp_path}: No space left on device"):
+        write_run(tmp_path, "run-B", ["inaturalist"], **{"roc_inaturalist.png": disk_full()})
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
+def test_other_write_errors_are_not_reported_as_a_full_disk(tmp_path):
+    with pytest.raises(PermissionError):
+        write_atomically(tmp_path / "a.txt", disk_full(errno.EACCES), expected_bytes=10)
+
+
+def test_main_reports_a_full_disk_as_one_error_line(data_root, tiny_model_yaml, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Path, "write_bytes", disk_full())
+    argv = main_command(data_root, tiny_model_yaml, tmp_path, "--num-workers", "0")[2:]
+    assert main.main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: cannot write rows_000000000_000000048.npy in {tmp_path / 'cache'}")
+    assert "No space left on device (needs 393.3 kB, " in error  # 48 x 2048 float32
+
+
+# ---- the results folder holds one run's files ----------------------------------------------------------
+
+def test_results_replace_the_previous_runs_as_one_set_and_leave_other_files_alone(tmp_path):
+    write_run(tmp_path, "run-A", ["inaturalist", "textures"])
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "k=1").mkdir()  # a sweep value's folder
+    write_run(tmp_path / "k=1", "run-A", ["inaturalist"])
+    write_run(tmp_path, "run-B", ["inaturalist"])
+    assert runs_in(tmp_path) == dict.fromkeys([*PIPELINE_FILES, "scores_inaturalist.png"], "run-B")
+    listed = manifest(tmp_path)
+    assert listed["complete"] is True
+    assert listed["files"] == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+                               for name in runs_in(tmp_path)}
+    assert (tmp_path / "notes.txt").read_text() == "mine" and set(runs_in(tmp_path / "k=1").values()) == {"run-A"}
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in the middle of writing: nothing after it runs."""
+
+
+def test_a_run_killed_while_writing_its_files_leaves_the_previous_results_whole(tmp_path):
+    write_run(tmp_path, "run-A", ["inaturalist", "textures"])
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+
+    def killed(path: Path) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):  # results.csv and others are written; the first plot is not
+        write_run(tmp_path, "run-B", ["inaturalist"], **{"scores_inaturalist.png": killed})
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+    write_run(tmp_path, "run-C", ["svhn"])
+    assert runs_in(tmp_path) == dict.fromkeys([*PIPELINE_FILES, "scores_svhn.png"], "run-C")
+
+
+def test_a_run_killed_while_renaming_leaves_an_incomplete_folder_of_its_own_files(tmp_path, monkeypatch):
+    write_run(tmp_path, "run-A", ["inaturalist", "textures"])
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def replace_once(source, target) -> None:
+        if str(source).endswith(".part"):
+            if renamed:
+                raise Killed
+            renamed.append(Path(target).name)
+        real_replace(source, target)
+
+    monkeypatch.setattr(pipeline.report.os, "replace", replace_once)
+    with pytest.raises(Killed):
+        write_run(tmp_path, "run-B", ["inaturalist"])
+    monkeypatch.setattr(pipeline.report.os, "replace", real_replace)
+    assert runs_in(tmp_path) == {"results.csv": "run-B"}  # a part of run B, nothing of run A
+    listed = manifest(tmp_path)
+    assert listed["complete"] is False and set(listed["files"]) == {*PIPELINE_FILES, "scores_inaturalist.png",
+                                                                    "scores_textures.png"}
+    write_run(tmp_path, "run-C", ["svhn"])
+    assert runs_in(tmp_path) == dict.fromkeys([*PIPELINE_FILES, "scores_svhn.png"], "run-C")
+    assert manifest(tmp_path)["complete"] is True and not (tmp_path / ".results-staging").exists()
+
+
+# ---- main.py killed while writing: the rerun cleans up -------------------------------------------------
+
+KILLED_MAIN = '''"""main.py, killed as by SIGKILL (os._exit: nothing else runs) at a write; KILL_AT=rows|results."""
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, {repo!r})
+real_write_bytes, real_replace = pathlib.Path.write_bytes, os.replace
+rows_written = []
+
+
+def write_bytes(path, data):
+    if path.name.startswith(".rows_") and os.environ["KILL_AT"] == "rows":
+        rows_written.append(path)
+        if len(rows_written) == 2:  # half of the second rows file is on disk
+            real_write_bytes(path, data[:len(data) // 2])
+            os._exit(137)
+    return real_write_bytes(path, data)
+
+
+def replace(source, target):
+    if os.environ["KILL_AT"] == "results" and os.path.basename(target) == "results.md":
+        os._exit(137)  # results.csv and results_openood.csv are renamed in, the others are staged
+    return real_replace(source, target)
+
+
+pathlib.Path.write_bytes, os.replace = write_bytes, replace
+import main  # noqa: E402
+
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+def test_main_killed_while_writing_then_rerun_leaves_no_leftovers_and_whole_results(data_root, tiny_model_yaml,
+                                                                                   tmp_path):
+    script = tmp_path / "killed_main.py"
+    script.write_text(KILLED_MAIN.format(repo=str(REPO)))
+    command = main_command(data_root, tiny_model_yaml, tmp_path, "--num-workers", "0")
+
+    def run(kill_at: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, str(script), *command[2:]] if kill_at else command
+        return subprocess.run(argv, cwd=REPO, env={**ONE_THREAD, "KILL_AT": kill_at}, capture_output=True,
+                              text=True, timeout=180)
+
+    assert run("rows").returncode == 137
+    (half_written,) = [path for path in (tmp_path / "cache").rglob("*") if is_temporary(path.name)]
+    size = half_written.stat().st_size
+
+    killed = run("results")
+    assert killed.returncode == 137
+    assert (f"removed 1 unfinished file ({size / 1e3:.1f} kB) that an interrupted run left in "
+            f"{half_written.parent}") in killed.stderr
+    assert manifest(tmp_path / "out")["complete"] is False
+    assert {path.name for path in (tmp_path / "out").iterdir()} == {"results.csv", "results_openood.csv",
+                                                                   RESULTS_MANIFEST, ".results.lock",
+                                                                   ".results-staging"}
+
+    rerun = run("")
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"that an interrupted run left in {tmp_path / 'out/.results-staging'}" in rerun.stderr
+    listed = manifest(tmp_path / "out")
+    assert listed["complete"] is True and set(listed["files"]) == PIPELINE_FILES
+    for name, sha256 in listed["files"].items():
+        assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest() == sha256
+    assert not [path for path in tmp_path.rglob("*") if is_temporary(path.name) or path.suffix == ".part"]
