@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip images that cannot be decoded (listed in the log and config.yaml) instead of stopping")
     add("--gpu-decode", dest="gpu_decode", action="store_true", default=None,
         help="decode JPEGs on the GPU (nvJPEG); off by default: it changes pixels, so the last digits")
+    add("--verify-image-content", dest="verify_image_content", action="store_true", default=None,
+        help="hash the bytes of every image the run uses and recompute cached features whose images changed, "
+             "even where size and modification time did not (reads every image)")
     add("--debug", action="store_true", help="show the full traceback of user errors")
     return parser.parse_args(argv)
 

@@ -243,26 +243,30 @@ class FeatureEntry:
         for start, end in self.stored_ranges():
             self._delete(start, end)
 
-    def load(self, num_rows: int, feature_dim: int) -> list[StoredRows]:
+    def load(self, num_rows: int, feature_dim: int,
+             images_sha256: Callable[[int, int], str] | None = None) -> list[StoredRows]:
         """Every rows file that overlaps [0, num_rows), each read once and verified against its sidecar and
         against the model's feature width `feature_dim`.
 
         A file that is unreadable, whose checksum or shape differs from its sidecar, or whose rows are not
         `feature_dim` wide (a folder copied from another model, an edited model config) is reported, deleted
-        and left out, to be recomputed."""
+        and left out, to be recomputed. With `images_sha256` ((start, end) -> the content hash of those rows'
+        images now), so is a file whose recorded hash differs or that was written without one."""
         loaded = []
         for start, end in self.stored_ranges():
             if start >= num_rows:
                 continue
-            rows = self._load_verified(start, end, feature_dim)
+            rows = self._load_verified(start, end, feature_dim, images_sha256)
             if rows is None:
                 self._delete(start, end)
             else:
                 loaded.append(rows)
         return loaded
 
-    def write_rows(self, start: int, features: np.ndarray, broken: list[int]) -> StoredRows:
-        """Store rows [start, start + len(features)); `broken` are entry row indices of undecodable images."""
+    def write_rows(self, start: int, features: np.ndarray, broken: list[int],
+                   images_sha256: str | None = None) -> StoredRows:
+        """Store rows [start, start + len(features)); `broken` are entry row indices of undecodable images;
+        `images_sha256`, the content hash of the rows' images, is recorded for runs that verify it."""
         end = start + len(features)
         array = np.ascontiguousarray(features, dtype=np.float32)
         buffer = io.BytesIO()
@@ -270,11 +274,14 @@ class FeatureEntry:
         data = buffer.getvalue()
         sidecar = {"sha256": hashlib.sha256(data).hexdigest(), "shape": list(array.shape), "dtype": "float32",
                    "broken_rows": sorted(broken)}
+        if images_sha256 is not None:
+            sidecar["images_sha256"] = images_sha256
         write_atomically(self._path(start, end, ".json"), lambda path: path.write_text(json.dumps(sidecar)))
         write_atomically(self._path(start, end, ".npy"), lambda path: path.write_bytes(data), len(data))
         return StoredRows(start, end, array, tuple(sorted(broken)))
 
-    def _load_verified(self, start: int, end: int, feature_dim: int) -> StoredRows | None:
+    def _load_verified(self, start: int, end: int, feature_dim: int,
+                       images_sha256: Callable[[int, int], str] | None = None) -> StoredRows | None:
         path = self._path(start, end, ".npy")
         try:
             data = path.read_bytes()
@@ -302,6 +309,10 @@ class FeatureEntry:
             log.warning("cache file %s holds features of width %d, the model's are %d wide (a cache folder copied "
                         "from another model, or an edited model config?); recomputing it", path, array.shape[1],
                         feature_dim)
+            return None
+        if images_sha256 is not None and sidecar.get("images_sha256") != images_sha256(start, end):
+            reason = "were cached without their content hash" if "images_sha256" not in sidecar else "have changed"
+            log.warning("the images of cache file %s %s (--verify-image-content); recomputing it", path, reason)
             return None
         return StoredRows(start, end, array, tuple(sidecar.get("broken_rows", ())))
 

@@ -49,6 +49,7 @@ class ExperimentConfig:
     recompute: bool = False                       # delete and re-extract the cache entries this run uses
     skip_broken_images: bool = False              # skip undecodable images (listed in provenance), not stop
     gpu_decode: bool = False                      # decode JPEGs on the GPU (nvJPEG): faster loading, last digits change
+    verify_image_content: bool = False            # hash every image read; cached rows of changed images recomputed
 
     def __post_init__(self) -> None:
         checks = [(self.batch_size > 0, "batch_size", "a positive integer"),

@@ -101,7 +101,8 @@ class Experiment:
         settings = ExtractionSettings(self.device, config.batch_size, config.num_workers, config.amp,
                                       config.channels_last, config.chunk_size, config.recompute,
                                       config.skip_broken_images,
-                                      self.model_config.transform if config.gpu_decode else None)
+                                      self.model_config.transform if config.gpu_decode else None,
+                                      verify_image_content=config.verify_image_content)
         self.extractor = FeatureExtractor(self.backbone, model_key, Path(config.cache_dir), settings, topology)
         self.skipped_files: dict[str, list[str]] = {}
         self.broken_images: dict[str, list[str]] = {}  # cache label -> ids of images skipped as undecodable

@@ -42,6 +42,7 @@ class ExtractionSettings:
     recompute: bool = False           # delete and re-extract every cache entry this extractor uses, once
     skip_broken_images: bool = False  # undecodable images become NaN rows reported as broken, not an error
     gpu_transform: TransformConfig | None = None  # set: decode JPEG files on `device` (nvJPEG), transform there
+    verify_image_content: bool = False  # reuse cached rows only if their images' bytes hash as when cached
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ class FeatureExtractor:
                     log.info("%s: --recompute, deleting the cached features in %s", label, entry.directory)
                     entry.clear()
                     self._recomputed.add(entry.directory)
-                stored = entry.load(num_rows, self.backbone.feature_dim)  # other widths are recomputed
+                stored = entry.load(num_rows, self.backbone.feature_dim,  # other widths are recomputed
+                                    self._images_sha256(dataset))
                 missing = missing_ranges(stored, num_rows, self.settings.chunk_size)
             # the other ranks write their shards only after this broadcast, so never while rank 0, under the
             # lock, removes the files a killed run left in the entry
@@ -184,7 +186,7 @@ class FeatureExtractor:
             if missing:
                 todo = sum(end - start for start, end in missing)
                 log.info("extracting %d of %d images of %s (cache: %s)", todo, num_rows, label, entry.directory)
-                stored += self._extract(dataset, missing, entry, label)
+                stored += self._extract(dataset, missing, entry, label, self._images_sha256(dataset))
             else:
                 log.info("%s: all %d images' features are cached in %s", label, num_rows, entry.directory)
         if not main:  # only rank 0 scores
@@ -202,8 +204,15 @@ class FeatureExtractor:
                         ", ".join(dataset.image_ids[row] for row in broken))
         return Extracted(features, broken)
 
+    def _images_sha256(self, dataset: ImageDataset) -> Callable[[int, int], str] | None:
+        """With verify_image_content: (start, end) -> the content hash of those rows' images, which the entry
+        records beside their features and compares before reusing them."""
+        if not self.settings.verify_image_content:
+            return None
+        return lambda start, end: dataset.content_fingerprint(range(start, end))
+
     def _extract(self, dataset: ImageDataset, ranges: list[tuple[int, int]], entry: FeatureEntry,
-                 label: str) -> list[StoredRows]:
+                 label: str, images_sha256: Callable[[int, int], str] | None = None) -> list[StoredRows]:
         """Compute the rows of `ranges` and write each range once it is complete.
 
         A batch never spans two ranges, so every row is computed in the same batch whether the extraction
@@ -212,7 +221,7 @@ class FeatureExtractor:
         batches = [list(range(first, min(first + self.settings.batch_size, end)))
                    for start, end in ranges for first in range(start, end, self.settings.batch_size)]
         if self.topology.distributed:
-            return self._extract_distributed(dataset, ranges, batches, entry, label)
+            return self._extract_distributed(dataset, ranges, batches, entry, label, images_sha256)
         written: list[StoredRows] = []
         pending: list[np.ndarray] = []  # batches of the range being filled, written once it is complete
         broken: list[int] = []
@@ -224,13 +233,15 @@ class FeatureExtractor:
             broken += batch_broken
             filled += len(batch)
             if filled == end - start:
-                written.append(entry.write_rows(start, np.concatenate(pending), broken))
+                written.append(entry.write_rows(start, np.concatenate(pending), broken,
+                                                images_sha256(start, end) if images_sha256 else None))
                 pending, broken, filled = [], [], 0
                 start, end = next(ranges_left, (None, None))  # the batches end with the last range
         return written
 
     def _extract_distributed(self, dataset: ImageDataset, ranges: list[tuple[int, int]],
-                             batches: list[list[int]], entry: FeatureEntry, label: str) -> list[StoredRows]:
+                             batches: list[list[int]], entry: FeatureEntry, label: str,
+                             images_sha256: Callable[[int, int], str] | None = None) -> list[StoredRows]:
         """Each rank computes a contiguous run of whole batches and saves it atomically as a shard; rank 0
         joins the shards in row order and writes the same rows files a single process would."""
         first, last = shard_bounds(len(batches), self.topology)
@@ -255,7 +266,8 @@ class FeatureExtractor:
             offset = 0
             for start, end in ranges:
                 written.append(entry.write_rows(start, rows[offset:offset + end - start],
-                                                sorted(row for row in all_broken if start <= row < end)))
+                                                sorted(row for row in all_broken if start <= row < end),
+                                                images_sha256(start, end) if images_sha256 else None))
                 offset += end - start
             for rank in range(self.topology.world_size):
                 (entry.directory / f"shard-{rank:05d}.npz").unlink()

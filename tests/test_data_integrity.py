@@ -404,3 +404,38 @@ def test_image_over_twice_pillows_pixel_limit_is_a_broken_image(tmp_path, monkey
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         assert pixels(dataset, 1).shape == (12, 12, 3)
+
+
+def test_verify_image_content_recomputes_the_rows_of_an_image_replaced_behind_the_fingerprint(tmp_path,
+                                                                                             tiny_model_yaml, caplog):
+    """Same size, modification time set back: the default key cannot see it, --verify-image-content does."""
+    import main
+    root = tmp_path / "datasets"
+    for split, count in (("train", 4), ("val", 4)):
+        write_bitmaps([root / f"imagenet1k/imagenet/{split}/n0{label}/img{j}.bmp" for label in range(2)
+                       for j in range(count)], seed=count + len(split))
+    write_bitmaps([root / f"textures/dtd/images/c{label}/img{j}.bmp" for label in range(2) for j in range(2)], seed=9)
+    argv = ["--model", str(tiny_model_yaml), "--train-data", "imagenet1k", "--id-data", "imagenet1k",
+            "--ood-data", "textures", "--detectors", "energy", "--data-root", str(root), "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--bank-ratio", "1.0", "--num-workers", "0", "--no-plots",
+            "--set", "chunk_size=4"]
+
+    def run(output: str, *flags: str) -> str:
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert main.main([*argv, "--output-dir", str(tmp_path / output), *flags]) == 0
+        return caplog.text
+
+    assert "extracting" in run("first")
+    assert "cached without their content hash" in run("verified", "--verify-image-content")  # once
+    assert "extracting" not in run("verified-again", "--verify-image-content")
+    replaced = root / "imagenet1k/imagenet/val/n01/img2.bmp"
+    times = replaced.stat()
+    write_bitmaps([replaced], seed=99)
+    os.utime(replaced, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert "extracting" not in run("stale")  # the limit of the default fingerprint, stated in the README
+    log = run("caught", "--verify-image-content")
+    assert "have changed (--verify-image-content)" in log and "extracting 4 of 8 images of imagenet1k-test" in log
+    assert "extracting" not in run("caught-again", "--verify-image-content")
+    results = {name: (tmp_path / name / "results.csv").read_text() for name in ("stale", "caught", "first")}
+    assert results["caught"] != results["stale"] == results["first"]
