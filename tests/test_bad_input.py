@@ -159,6 +159,13 @@ def transform_crop_zero(inputs: Inputs) -> tuple[list[str], list[str]]:
     return ["--model", str(model)], [f"{model}: key 'transform': transform: crop must be at least 1 pixel, got 0"]
 
 
+def link_loop_in_a_class_folder(inputs: Inputs) -> tuple[list[str], list[str]]:
+    root = inputs.data_root_without_inaturalist()
+    write_class_folders(root / "textures/dtd/images", ["banded", "woven"], per_class=2, seed=4)
+    (root / "textures/dtd/images/banded/again").symlink_to(".")
+    return ["--data-root", str(root), "--ood-data", "textures"], [str(root / "textures/dtd/images/banded/again")]
+
+
 def skipped_non_images(inputs: Inputs) -> list[str]:
     return [f"skipped 2 files in {inputs.work / 'datasets/inaturalist/iNaturalist/images'} that are not JPEG or PNG"]
 
@@ -169,6 +176,7 @@ CASES = {
     # paths (a missing data root and an unwritable output folder: test_reliability.py)
     "dataset folder missing": Case(missing_dataset_folder),
     "dataset folder without images": Case(dataset_folder_without_images),
+    "link loop in a class folder": Case(link_loop_in_a_class_folder),
     "unwritable cache directory": Case(unwritable_cache_directory),
     # names: the closest valid one and all of them
     "unknown model": Case(lambda inputs: (["--model", "resnet50-supcom"], [
