@@ -310,10 +310,12 @@ class FeatureEntry:
                         "from another model, or an edited model config?); recomputing it", path, array.shape[1],
                         feature_dim)
             return None
-        if images_sha256 is not None and sidecar.get("images_sha256") != images_sha256(start, end):
-            reason = "were cached without their content hash" if "images_sha256" not in sidecar else "have changed"
-            log.warning("the images of cache file %s %s (--verify-image-content); recomputing it", path, reason)
-            return None
+        if images_sha256 is not None:
+            recorded = sidecar.get("images_sha256")  # no record: nothing to compare, so no image is read
+            if recorded is None or recorded != images_sha256(start, end):
+                reason = "were cached without their content hash" if recorded is None else "have changed"
+                log.warning("the images of cache file %s %s (--verify-image-content); recomputing it", path, reason)
+                return None
         return StoredRows(start, end, array, tuple(sidecar.get("broken_rows", ())))
 
     def _delete(self, start: int, end: int) -> None:

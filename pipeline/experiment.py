@@ -167,12 +167,13 @@ class Experiment:
         id_name, ood_names = names[config.id_data], [names[given] for given in config.ood_data]
         warn_about_ood_sets_equal_to_the_id_set(test_sets, id_name, ood_names)
         bank_size = len(bank_indices(len(train), config.bank_ratio, config.seed))
+        detectors = {}
         for table_name, detector_config in config.detectors.items():
             k = detector_config.get("k")
             if isinstance(k, int) and k > bank_size:
                 raise UserError(f"detector '{table_name}': k={k} is larger than the bank ({bank_size} images = "
                                 f"{config.bank_ratio} x {len(train)}); lower k or raise bank_ratio")
-            detector = build_detector(table_name, detector_config)
+            detectors[table_name] = detector = build_detector(table_name, detector_config)
             try:  # what fit would refuse after extraction, refused before it
                 detector.check_feature_dim(self.backbone.feature_dim)
                 detector.check_bank_size(bank_size)
@@ -198,8 +199,8 @@ class Experiment:
         id_accuracy = 100 * (id_outputs["logits"].argmax(dim=1) == id_outputs["labels"]).float().mean().item()
 
         rows = []
-        for table_name, detector_config in config.detectors.items():
-            detector = build_detector(table_name, detector_config).fit(bank)
+        for table_name, detector in detectors.items():
+            detector.fit(bank)
             id_scores = detector.score_samples(id_outputs)
             self.id_scores[table_name] = id_scores.cpu().numpy()
             for ood_name, outputs in ood_outputs.items():

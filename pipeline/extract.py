@@ -172,13 +172,13 @@ class FeatureExtractor:
         stored: list[StoredRows] = []
         with entry.locked() if main else contextlib.nullcontext():  # rank 0 holds it for all ranks
             missing: list[tuple[int, int]] = []
+            images_sha256 = self._images_sha256(dataset)
             if main:
                 if self.settings.recompute and entry.directory not in self._recomputed:
                     log.info("%s: --recompute, deleting the cached features in %s", label, entry.directory)
                     entry.clear()
                     self._recomputed.add(entry.directory)
-                stored = entry.load(num_rows, self.backbone.feature_dim,  # other widths are recomputed
-                                    self._images_sha256(dataset))
+                stored = entry.load(num_rows, self.backbone.feature_dim, images_sha256)  # other widths: recomputed
                 missing = missing_ranges(stored, num_rows, self.settings.chunk_size)
             # the other ranks write their shards only after this broadcast, so never while rank 0, under the
             # lock, removes the files a killed run left in the entry
@@ -186,7 +186,7 @@ class FeatureExtractor:
             if missing:
                 todo = sum(end - start for start, end in missing)
                 log.info("extracting %d of %d images of %s (cache: %s)", todo, num_rows, label, entry.directory)
-                stored += self._extract(dataset, missing, entry, label, self._images_sha256(dataset))
+                stored += self._extract(dataset, missing, entry, label, images_sha256)
             else:
                 log.info("%s: all %d images' features are cached in %s", label, num_rows, entry.directory)
         if not main:  # only rank 0 scores
