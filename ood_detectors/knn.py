@@ -19,7 +19,7 @@ class KNN(OODDetector):
     """
 
     k: int = 10
-    backend: str = "auto"  # nearest-neighbour search: "auto", "faiss" or "torch"
+    backend: str = "auto"  # nearest-neighbour search: "auto", "faiss", "torch" or "numpy" (see search.py)
     bank_dtype: str = "float32"  # "float16": faster, half the memory, similarities rounded (see search.py)
 
     fit_fields = ("feas",)

@@ -51,7 +51,7 @@ class NNGuide(OODDetector):
 
     k: int = 10
     base: str = "energy"
-    backend: str = "auto"  # nearest-neighbour search: "auto", "faiss" or "torch"
+    backend: str = "auto"  # nearest-neighbour search: "auto", "faiss", "torch" or "numpy" (see search.py)
     bank_dtype: str = "float32"  # "float16": faster, half the memory, similarities rounded (see search.py)
     base_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     confidence: str | None = None  # C from S: "raw", "softplus", "shift", "exp"; None: softplus for vim, else raw

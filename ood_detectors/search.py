@@ -1,21 +1,27 @@
-"""Exact top-k inner-product search against a fixed bank: faiss (`IndexFlatIP`) or chunked torch matmul + topk.
+"""Exact top-k inner-product search against a fixed bank: faiss (`IndexFlatIP`) or blocked matmul + top-k.
 
 The index is built once (in a detector's `fit`) and reused for every query set. Memory stays bounded: the
-torch backend walks the bank in blocks and the queries in chunks, keeping a running top-k, and a bank too
-large for the queries' GPU stays in host memory and is streamed to it block by block. `bank_dtype="float16"`
-stores (and on GPUs multiplies) the bank in half precision: about twice as fast and half the memory, at the
-cost of rounding every similarity to about 3 significant digits.
+blocked backends walk the bank in blocks and the queries in chunks, keeping a running top-k, and a bank too
+large for the queries' GPU stays in host memory and is streamed to it block by block. On a CPU the matmul is
+the machine's fastest fp32 BLAS: numpy's (OpenBLAS) or torch's (MKL), picked by measuring once per process
+(see `fastest_cpu_matmul`); on GPUs it is torch's. `bank_dtype="float16"` stores (and on GPUs multiplies) the
+bank in half precision: about twice as fast and half the memory, at the cost of rounding every similarity to
+about 3 significant digits.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import time
 
 import numpy as np
 import torch
 
-BACKENDS = ("auto", "faiss", "torch")
+BACKENDS = ("auto", "faiss", "torch", "numpy")
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection limit
+CALIBRATION_MIN_FLOPS = 1e11  # a smaller search takes under a second with either: torch's, without measuring
+NUMPY_PREFERENCE = 1.10  # torch's matmul replaces numpy's only when measured over 10% faster (no flip-flop on noise)
 
 
 def faiss_available() -> bool:
@@ -31,13 +37,14 @@ def faiss_gpu_count() -> int:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto': faiss on GPUs when faiss-gpu sees one, else torch (as fast as faiss on a CPU, see the README)."""
+    """'auto': faiss on GPUs when faiss-gpu sees one, else blocked matmul + top-k with the device's fastest
+    matmul (as fast as faiss's or faster, see the README); 'torch' and 'numpy' force one matmul."""
     if backend == "faiss" and not faiss_available():
         raise ValueError("search backend 'faiss' was asked for but faiss is not installed "
-                         "(run ./install_packages.sh, or use backend='torch')")
+                         "(run ./install_packages.sh, or use backend='auto')")
     if backend != "auto":
         return backend
-    return "faiss" if faiss_gpu_count() > 0 else "torch"
+    return "faiss" if faiss_gpu_count() > 0 else "auto"
 
 
 def check_search_options(backend: str, bank_dtype: str, detector: str) -> None:
@@ -46,6 +53,43 @@ def check_search_options(backend: str, bank_dtype: str, detector: str) -> None:
         raise ValueError(f"{detector}: unknown search backend '{backend}'; valid: {', '.join(BACKENDS)}")
     if bank_dtype not in BANK_DTYPES:
         raise ValueError(f"{detector}: unknown bank_dtype '{bank_dtype}'; valid: {', '.join(BANK_DTYPES)}")
+
+
+def _numpy_matmul(queries: torch.Tensor, block: torch.Tensor, out: torch.Tensor) -> None:
+    """out = queries @ block.T with numpy's BLAS; CPU float32 tensors, `out` contiguous (shares their memory)."""
+    np.matmul(queries.numpy(), block.numpy().T, out=out.numpy())
+
+
+def _torch_matmul(queries: torch.Tensor, block: torch.Tensor, out: torch.Tensor) -> None:
+    torch.mm(queries, block.T, out=out)
+
+
+MATMULS = {"numpy": _numpy_matmul, "torch": _torch_matmul}
+
+
+@functools.cache
+def fastest_cpu_matmul(dim: int) -> str:
+    """'numpy' or 'torch': whose blocked search (matmul + top-k) is faster on this CPU for `dim`-wide rows,
+    measured once per process.
+
+    numpy's OpenBLAS and torch's MKL differ by up to 2x depending on the processor (MKL runs at about half
+    OpenBLAS's rate on AMD EPYCs; see the README), and switching between their thread pools has a cost of its
+    own, so the whole search step is timed: 512 queries against 4,096 bank rows, best of three after a warm-up,
+    about 0.5 s at dim 2048. numpy is kept unless torch is over 10% faster.
+    """
+    generator = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(4096, dim, generator=generator), torch.randn(512, dim, generator=generator)
+    seconds = {}
+    for name in MATMULS:
+        index = InnerProductSearch(bank, backend=name)
+        index.search(queries, 10)  # warm-up: thread pools, page faults
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            index.search(queries, 10)
+            runs.append(time.perf_counter() - start)
+        seconds[name] = min(runs)
+    return "torch" if seconds["torch"] * NUMPY_PREFERENCE < seconds["numpy"] else "numpy"
 
 
 class InnerProductSearch:
@@ -61,7 +105,7 @@ class InnerProductSearch:
         self.size, self.dim = bank.shape
         self.dtype = BANK_DTYPES[bank_dtype]
         self.chunk_bytes = chunk_bytes            # budget for one (queries x bank block) similarity matrix
-        self.bank_block_rows = bank_block_rows    # torch backend: bank rows per matmul
+        self.bank_block_rows = bank_block_rows    # blocked backends: bank rows per matmul
         if self.backend == "faiss":
             devices = list(range(faiss_gpu_count())) or [None]
             self._faiss_on_gpu = devices != [None]
@@ -70,9 +114,9 @@ class InnerProductSearch:
                 return
             if backend == "faiss":
                 raise ValueError(f"the bank ({self.size} x {self.dim}) does not fit in the free memory of "
-                                 f"{len(devices)} GPU(s) for faiss; use backend='torch', which streams it from "
-                                 f"host memory")
-            self.backend = "torch"  # 'auto': the torch backend streams what does not fit
+                                 f"{len(devices)} GPU(s) for faiss; use backend='auto' or 'torch', which stream it "
+                                 f"from host memory")
+            self.backend = "auto"  # the blocked search streams what does not fit
         self._bank = bank.detach().to(self.dtype).contiguous()
         self._resident = {self._bank.device: self._bank}  # copies on query devices, made once
 
@@ -85,9 +129,24 @@ class InnerProductSearch:
         if self.backend == "faiss":
             if self._faiss_on_gpu and k > FAISS_GPU_MAX_K:
                 raise ValueError(f"k={k}: faiss on GPUs finds at most {FAISS_GPU_MAX_K} neighbours; "
-                                 "use backend='torch' for larger k")
+                                 "use backend='auto' for larger k")
             return self._search_faiss(queries, k)
-        return self._search_torch(queries, k)
+        return self._search_blocks(queries, k, self.matmul_for(queries))
+
+    def matmul_for(self, queries: torch.Tensor) -> str:
+        """The matmul a blocked search of `queries` uses: torch's on GPUs, the forced one, or on a CPU the faster."""
+        if queries.device.type != "cpu":
+            if self.backend == "numpy":
+                raise ValueError(f"search backend 'numpy' runs on the CPU, but the queries are on {queries.device}; "
+                                 f"use backend='auto' or 'torch'")
+            return "torch"
+        if self.backend != "auto":
+            return self.backend
+        if 2 * queries.shape[0] * self.size * self.dim < CALIBRATION_MIN_FLOPS:
+            # not numpy's: after each call OpenBLAS's idle threads spin for a while, and the next torch work
+            # (a forward pass, when images are scored one by one) runs up to 2.5x slower on a 2-core machine
+            return "torch"
+        return fastest_cpu_matmul(self.dim)
 
     def _search_faiss(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         rows_per_chunk = max(1, self.chunk_bytes // (4 * self.dim))
@@ -98,22 +157,25 @@ class InnerProductSearch:
             results.append(torch.from_numpy(values))
         return torch.cat(results).to(queries.device)
 
-    def _search_torch(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+    def _search_blocks(self, queries: torch.Tensor, k: int, matmul: str) -> torch.Tensor:
+        """Running top-k over bank blocks x query chunks, each similarity block written into one reused buffer."""
         device = queries.device
         bank = self._bank_on(device)
         # half-precision matmuls only where they are fast (GPUs); on CPUs, half is a storage format
         compute_dtype = self.dtype if device.type == "cuda" else torch.float32
-        queries = queries.detach().to(compute_dtype)
+        queries = queries.detach().to(compute_dtype).contiguous()
         bank_rows = min(self.size, self.bank_block_rows)
-        query_rows = max(1, self.chunk_bytes // (4 * bank_rows))
+        query_rows = max(1, min(queries.shape[0], self.chunk_bytes // (4 * bank_rows)))
+        buffer = torch.empty(query_rows * bank_rows, dtype=compute_dtype, device=device)
         best = torch.full((queries.shape[0], k), -torch.inf, device=device)  # running top-k, decreasing
         for b_start in range(0, self.size, bank_rows):
             # copied to the device block by block when the bank stays in host memory
             block = bank[b_start:b_start + bank_rows].to(device, compute_dtype, non_blocking=True)
             for q_start in range(0, queries.shape[0], query_rows):
-                similarities = queries[q_start:q_start + query_rows] @ block.T  # (q, b)
+                chunk = queries[q_start:q_start + query_rows]
+                similarities = buffer[:chunk.shape[0] * block.shape[0]].view(chunk.shape[0], block.shape[0])
+                MATMULS[matmul](chunk, block, similarities)  # (q, b)
                 top = similarities.topk(min(k, block.shape[0]), dim=1).values.float()
-                del similarities  # else the next block is allocated while this one is still alive: 2x the memory
                 rows = slice(q_start, q_start + query_rows)
                 best[rows] = torch.cat([best[rows], top], dim=1).topk(k, dim=1).values
         return best

@@ -1,4 +1,5 @@
-"""The two nearest-neighbour search backends agree with brute force and with each other."""
+"""The nearest-neighbour search backends (faiss, and blocked matmul + top-k with numpy's or torch's matmul) agree
+with brute force and with each other."""
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from ood_detectors import create_detector
-from ood_detectors.search import InnerProductSearch, build_faiss_index, faiss_available
+from ood_detectors.search import (MATMULS, InnerProductSearch, build_faiss_index, faiss_available,
+                                  fastest_cpu_matmul)
 
 REPO = Path(__file__).resolve().parents[1]
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
@@ -21,7 +23,10 @@ def random_unit_rows(n: int, dim: int, seed: int) -> torch.Tensor:
     return rows / rows.norm(dim=1, keepdim=True)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=needs_faiss)])
+BACKENDS = ["numpy", "torch", "auto", pytest.param("faiss", marks=needs_faiss)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_top_k_equals_brute_force(backend):
     bank, queries = random_unit_rows(500, 32, seed=0), random_unit_rows(70, 32, seed=1)
     expected = np.sort((queries @ bank.T).numpy(), axis=1)[:, ::-1][:, :7]
@@ -29,12 +34,41 @@ def test_top_k_equals_brute_force(backend):
     np.testing.assert_allclose(found.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_torch_backend_merges_bank_and_query_chunks_exactly():
-    """Tiny chunk budgets force many query chunks and many bank blocks; the merged top-k must not change."""
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_blocked_search_merges_bank_and_query_chunks_exactly(backend):
+    """Tiny chunk budgets force many query chunks and many bank blocks, the last of each shorter (the reused
+    similarity buffer is then only partly filled); the merged top-k must not change."""
     bank, queries = random_unit_rows(3000, 16, seed=2), random_unit_rows(50, 16, seed=3)
-    whole = InnerProductSearch(bank, backend="torch").search(queries, 5)
-    chunked = InnerProductSearch(bank, backend="torch", chunk_bytes=4 * 7 * 128, bank_block_rows=128)
+    whole = InnerProductSearch(bank, backend=backend).search(queries, 5)
+    chunked = InnerProductSearch(bank, backend=backend, chunk_bytes=4 * 7 * 128, bank_block_rows=128)
     torch.testing.assert_close(chunked.search(queries, 5), whole)  # 8 query chunks x 24 bank blocks
+    expected = np.sort((queries @ bank.T).numpy(), axis=1)[:, ::-1][:, :5]
+    np.testing.assert_allclose(whole.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_uses_the_faster_cpu_matmul_only_where_it_matters(monkeypatch):
+    """'auto' on a CPU measures once which matmul is faster, for searches big enough to gain from it; a small
+    search uses torch's without measuring; a forced backend is kept."""
+    import ood_detectors.search as search
+    measured = []
+    monkeypatch.setattr(search, "fastest_cpu_matmul", lambda dim: measured.append(dim) or "numpy")
+    bank = random_unit_rows(1000, 100, seed=14)
+    index = InnerProductSearch(bank, backend="auto")
+    assert index.matmul_for(torch.zeros(10, 100)) == "torch" and measured == []  # 2e6 flops
+    assert index.matmul_for(torch.zeros(499_999, 100)) == "torch" and measured == []  # just under 1e11 flops
+    assert index.matmul_for(torch.empty(500_000, 100)) == "numpy" and measured == [100]  # 1e11 flops
+    assert InnerProductSearch(bank, backend="numpy").matmul_for(torch.zeros(10, 100)) == "numpy"
+    with pytest.raises(ValueError, match="search backend 'numpy' runs on the CPU, but the queries are on meta"):
+        InnerProductSearch(bank, backend="numpy").matmul_for(torch.zeros(3, 100, device="meta"))
+    assert index.matmul_for(torch.zeros(3, 100, device="meta")) == "torch"  # any accelerator: torch's
+
+
+@pytest.mark.parametrize("matmul", MATMULS)
+def test_each_cpu_matmul_writes_the_product_into_the_buffer(matmul):
+    queries, block, out = random_unit_rows(5, 8, seed=15), random_unit_rows(7, 8, seed=16), torch.full((5, 7), 9.0)
+    MATMULS[matmul](queries, block, out)
+    torch.testing.assert_close(out, queries @ block.T)
+    assert fastest_cpu_matmul(8) in MATMULS
 
 
 @needs_faiss
@@ -65,11 +99,11 @@ def test_a_bank_too_large_for_faiss_on_the_gpus_goes_to_the_torch_backend(monkey
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 500 * 32 * 4 // 2, 1 << 40))
     bank, queries = random_unit_rows(1000, 32, seed=12), random_unit_rows(5, 32, seed=13)
     index = InnerProductSearch(bank, backend="auto")  # a 500-row shard needs 64 KB; 64 KB are free, half usable
-    assert index.backend == "torch"
+    assert index.backend == "auto"  # blocked matmul + top-k
     expected = np.sort((queries @ bank.T).numpy(), axis=1)[:, ::-1][:, :3]
     np.testing.assert_allclose(index.search(queries, 3).numpy(), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"the bank \(1000 x 32\) does not fit in the free memory of 2 GPU\(s\) "
-                                         "for faiss; use backend='torch'"):
+                                         "for faiss; use backend='auto' or 'torch'"):
         InnerProductSearch(bank, backend="faiss")
 
 
@@ -80,8 +114,9 @@ def test_detectors_score_the_same_with_either_backend(name):
     bank = {"feas": feas, "logits": torch.randn(400, 5, generator=torch.Generator().manual_seed(5))}
     test = {"feas": random_unit_rows(60, 20, seed=6), "logits": torch.randn(60, 5)}
     via_faiss = create_detector(name, backend="faiss").fit(bank).score_samples(test)
-    via_torch = create_detector(name, backend="torch").fit(bank).score_samples(test)
-    torch.testing.assert_close(via_faiss, via_torch, rtol=1e-5, atol=1e-6)
+    for backend in ("torch", "numpy"):
+        blocked = create_detector(name, backend=backend).fit(bank).score_samples(test)
+        torch.testing.assert_close(via_faiss, blocked, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments_are_clear_errors():
@@ -97,7 +132,7 @@ def test_bad_arguments_are_clear_errors():
         InnerProductSearch(torch.zeros(0, 4))
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=needs_faiss)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float16_bank_rounds_similarities_only_slightly(backend):
     bank, queries = random_unit_rows(500, 64, seed=8), random_unit_rows(40, 64, seed=9)
     exact = InnerProductSearch(bank, backend=backend).search(queries, 5)
@@ -120,8 +155,8 @@ from ood_detectors.search import InnerProductSearch
 def memory_mb(field):
     with open("/proc/self/status") as status:
         return int(re.search(field + r":\\s+(\\d+) kB", status.read()).group(1)) / 1024
-bank, queries = torch.randn(800_000, 128), torch.randn(1000, 128)
-index = InnerProductSearch(bank, backend="torch", chunk_bytes=128 << 20)
+bank, queries = torch.randn(800_000, 64), torch.randn(1000, 64)
+index = InnerProductSearch(bank, backend=sys.argv[2], chunk_bytes=128 << 20)
 index.search(queries[:8], 10)
 with open("/proc/self/clear_refs", "w") as clear_refs:
     clear_refs.write("5")  # resets the peak resident set size (VmHWM) to the current one
@@ -132,10 +167,11 @@ print(memory_mb("VmHWM") - before)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory through Linux's /proc")
-def test_torch_search_on_a_cpu_needs_one_similarity_block_beyond_the_bank():
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_blocked_search_on_a_cpu_needs_one_similarity_block_beyond_the_bank(backend):
     """Peak memory of a search = the bank (already there) + one chunk_bytes block: not a copy of the bank
-    (391 MB here), not two blocks alive at once, not the full 1000 x 800,000 similarity matrix (3.2 GB)."""
-    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(REPO)], capture_output=True, text=True,
+    (195 MB here), not two blocks alive at once, not the full 1000 x 800,000 similarity matrix (3.2 GB)."""
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(REPO), backend], capture_output=True, text=True,
                            check=True, timeout=120)
     extra_mb = float(probe.stdout)
     assert 128 <= extra_mb < 1.5 * 128, extra_mb
