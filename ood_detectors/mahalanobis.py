@@ -6,6 +6,7 @@ import dataclasses
 import torch
 
 from ood_detectors.base import OODDetector, Outputs, register_detector
+from ood_detectors.linalg import gram, symmetric_pinv
 
 
 class _GaussianDistance(OODDetector):
@@ -30,8 +31,8 @@ class _GaussianDistance(OODDetector):
         self.centres_ = sums / counts[:, None]                                # (C, D)
         # mean over clusters of each one's biased covariance, as a single weighted product
         weighted = (standardised - self.centres_[assignment]) / counts[assignment].sqrt()[:, None]
-        covariance = weighted.T @ weighted / num_clusters                     # (D, D)
-        self.precision_ = torch.linalg.pinv(covariance, hermitian=True)
+        covariance = gram(weighted) / num_clusters                            # (D, D)
+        self.precision_ = symmetric_pinv(covariance)
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         feas = outputs["feas"]

@@ -7,6 +7,7 @@ import torch
 
 from ood_detectors.base import OODDetector, Outputs, check_positive_int, register_detector
 from ood_detectors.confidence import energy
+from ood_detectors.linalg import eigh, gram
 
 
 @register_detector("vim")
@@ -47,8 +48,8 @@ class ViM(OODDetector):
         feas = outputs["feas"].double()
         mean = feas.mean(dim=0)                                              # (D,)
         centred = feas - mean
-        covariance = centred.T @ centred / feas.shape[0]                     # (D, D)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)            # ascending eigenvalues
+        covariance = gram(centred) / feas.shape[0]                           # (D, D)
+        eigenvalues, eigenvectors = eigh(covariance)                         # ascending eigenvalues
         order = torch.argsort(eigenvalues, descending=True)
         residual_space = eigenvectors[:, order[self.principal_dim:]]        # (D, D - principal_dim)
         residual_norm = torch.linalg.vector_norm(centred @ residual_space, dim=1)

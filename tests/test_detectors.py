@@ -217,3 +217,19 @@ def test_missing_field_empty_bank_and_length_mismatch(bank):
         create_detector("nnguide").fit({"feas": bank["feas"], "logits": bank["logits"][:10]})
     with pytest.raises(ValueError, match="'labels' must be a 1-D integer tensor"):
         create_detector("mahalanobis").fit({"feas": bank["feas"], "labels": bank["labels"].float()})
+
+
+def test_covariance_algebra_matches_torch_on_a_rank_deficient_bank():
+    """gram / eigh / symmetric_pinv (numpy on CPUs) against torch's own: a bank with a dead (all-zero) feature
+    and a duplicated one has a covariance of rank D - 2, so the pseudo-inverse's cut-off is exercised."""
+    from ood_detectors.linalg import eigh, gram, symmetric_pinv
+    rows = torch.randn(200, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rows[:, 0], rows[:, 1] = 0, rows[:, 2]
+    covariance = gram(rows) / 200
+    torch.testing.assert_close(covariance, rows.T @ rows / 200)
+    values, vectors = eigh(covariance)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, covariance)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(covariance))
+    precision = symmetric_pinv(covariance)
+    torch.testing.assert_close(precision, torch.linalg.pinv(covariance, hermitian=True))
+    assert torch.linalg.matrix_rank(precision) == 10

@@ -1,0 +1,35 @@
+"""The float64 covariance algebra that ViM, Mahalanobis and SSD fit: a Gram matrix, its eigenvectors, a pseudo-inverse.
+
+On a CPU it runs in numpy, as the official code does: `x.T @ x` of one array is a symmetric rank-k product there
+(half a matmul's flops), and OpenBLAS's LAPACK keeps its speed on a busy machine where MKL's, under torch,
+slowed down up to 20x (see the README). On a GPU it stays in torch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """rows.T @ rows, (D, D), in rows' dtype and device."""
+    if rows.device.type == "cpu":
+        array = rows.numpy()
+        return torch.from_numpy(array.T @ array)
+    return rows.T @ rows
+
+
+def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix."""
+    if matrix.device.type == "cpu":
+        values, vectors = np.linalg.eigh(matrix.numpy())
+        return torch.from_numpy(values), torch.from_numpy(vectors)
+    return torch.linalg.eigh(matrix)
+
+
+def symmetric_pinv(matrix: torch.Tensor) -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse of a symmetric matrix, with torch.linalg.pinv(hermitian=True)'s cut-off:
+    eigenvalues of magnitude at most size * eps * the largest are treated as zero."""
+    values, vectors = eigh(matrix)
+    kept = values.abs() > matrix.shape[0] * torch.finfo(values.dtype).eps * values.abs().max()
+    vectors = vectors[:, kept]
+    return (vectors / values[kept]) @ vectors.T
