@@ -1,12 +1,15 @@
-"""Shared fixtures: one generated data root in the official layouts and one random SupCon checkpoint."""
+"""Shared fixtures: one generated data root in the official layouts and one random SupCon checkpoint; the fork
+server that runs main.py for the subprocess tests (tests/main_process.py) lives as long as the session."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.checkpoints import write_supcon_checkpoint
 from tests.datagen import write_cifar10, write_class_folders, write_flat_folder, write_svhn
+from tests.main_process import start_fork_server, start_main, stop_fork_server
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
 
@@ -25,12 +28,31 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_yaml(tmp_path_factory) -> Path:
-    """A resnet50-supcon config on 32x32 inputs with a random-initialised SupCon checkpoint, for speed."""
+def supcon_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A random-initialised resnet50 saved as `resnet50-supcon.pt` in SupCon's layout, and the torchvision state
+    dict it holds. Read-only: a test that edits it saves a copy."""
+    path = tmp_path_factory.mktemp("pretrained") / "resnet50-supcon.pt"
+    return path, write_supcon_checkpoint(path, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_yaml(supcon_checkpoint, tmp_path_factory) -> Path:
+    """A resnet50-supcon config on 32x32 inputs with the random-initialised SupCon checkpoint, for speed."""
     folder = tmp_path_factory.mktemp("models")
-    checkpoint = folder / "resnet50-supcon-random.pt"
-    write_supcon_checkpoint(checkpoint, seed=0)
+    checkpoint, _ = supcon_checkpoint
     config = folder / "resnet50-supcon-tiny.yaml"
     config.write_text(f"architecture: resnet50\ncheckpoint: {checkpoint}\ncheckpoint_format: supcon\n"
                       f"transform: {{resize: 36, crop: 32}}\n")
     return config
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Starts the fork server of tests/main_process.py before collection: its imports overlap collection's."""
+    if not session.config.option.collectonly:
+        start_fork_server()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    used = any(getattr(getattr(item, "module", None), "start_main", None) is start_main
+               for item in getattr(session, "items", []))
+    stop_fork_server(unused=not used)

@@ -2,13 +2,12 @@
 
 Complements the subprocess cases already in test_reliability.py (missing data root, unwritable output folder,
 YAML syntax error, missing checkpoint, undecodable image) and test_pipeline.py (unknown config key). Each case
-builds its bad input under its own folder; the runs go side by side (most of each is importing torch).
+builds its bad input under its own folder; the runs go side by side, each forked from an interpreter that has
+imported main's modules once (tests/main_process.py).
 """
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import torchvision
 import yaml
 
 from tests.datagen import write_class_folders, write_flat_folder
+from tests.main_process import start_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,8 +107,9 @@ def not_a_checkpoint(inputs: Inputs) -> tuple[list[str], list[str]]:
 
 def checkpoint_with_wrong_keys(inputs: Inputs) -> tuple[list[str], list[str]]:
     weights = inputs.work / "wrong-keys.pt"
-    resnet50_keys = [key for key in torchvision.models.resnet50().state_dict()
-                     if not key.endswith("num_batches_tracked")]
+    with torch.device("meta"):  # the names only: no random initialisation
+        resnet50_keys = [key for key in torchvision.models.resnet50().state_dict()
+                         if not key.endswith("num_batches_tracked")]
     torch.save({"model_state_dict": {"encoder.conv1.weight": torch.zeros(64, 3, 3, 3),  # 7x7 in a ResNet-50
                                      "encoder.layer5.0.conv1.weight": torch.zeros(1)}}, weights)
     return ["--model", str(inputs.model_with_checkpoint(weights))], [
@@ -223,8 +224,8 @@ CASES = {
 }
 
 
-def command(inputs: Inputs, changes: list[str]) -> list[str]:
-    """main.py on the shared data root with the tiny model, `changes` replacing or adding flags."""
+def arguments(inputs: Inputs, changes: list[str]) -> list[str]:
+    """main.py's arguments: the shared data root and the tiny model, `changes` replacing or adding flags."""
     base = {"--model": [str(inputs.model_yaml)], "--train-data": ["imagenet1k"], "--id-data": ["imagenet1k"],
             "--ood-data": ["inaturalist"], "--detectors": ["energy"], "--data-root": [str(inputs.data_root)],
             "--output-dir": [str(inputs.work / "out")], "--cache-dir": [str(inputs.work / "cache")],
@@ -242,8 +243,7 @@ def command(inputs: Inputs, changes: list[str]) -> list[str]:
             base[flag].append(item)
         else:
             extra.append(item)
-    return [sys.executable, str(REPO / "main.py"), *[item for flag, values in base.items() for item in (flag, *values)],
-            "--no-plots", *extra]
+    return [*[item for flag, values in base.items() for item in (flag, *values)], "--no-plots", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -257,14 +257,12 @@ def runs(request, data_root, tiny_model_yaml, tmp_path_factory) -> dict[str, tup
         inputs = Inputs(work, data_root, tiny_model_yaml)
         changes, fragments = CASES[name].build(inputs)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(work / "torch-home")}  # an empty hub cache
-        process = subprocess.Popen(command(inputs, changes), cwd=work, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        started[name] = (inputs, fragments, process)
+        started[name] = (inputs, fragments, start_main(arguments(inputs, changes), cwd=work, env=env))
     yield started
     for _, _, process in started.values():
         if process.poll() is None:
             process.kill()
-            process.communicate()
+            process.wait()
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=case.marks) for name, case in CASES.items()])

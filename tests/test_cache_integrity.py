@@ -13,7 +13,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +29,8 @@ from errors import UserError
 from pipeline.cache import FeatureEntry, exclusive_lock, is_temporary, write_atomically
 from pipeline.plots import score_plot_writers
 from pipeline.report import RESULTS_MANIFEST, write_results
-from tests.test_reliability import ONE_THREAD, REPO, CountingBackbone, colour_dataset, extract, main_command
+from tests.main_process import start_main
+from tests.test_reliability import ONE_THREAD, REPO, CountingBackbone, colour_dataset, extract, main_arguments
 
 PIPELINE_FILES = {"results.csv", "results_openood.csv", "results.md", "config.yaml"}
 
@@ -292,7 +292,7 @@ def test_other_write_errors_are_not_reported_as_a_full_disk(tmp_path):
 
 def test_main_reports_a_full_disk_as_one_error_line(data_root, tiny_model_yaml, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Path, "write_bytes", disk_full())
-    argv = main_command(data_root, tiny_model_yaml, tmp_path, "--num-workers", "0")[2:]
+    argv = main_arguments(data_root, tiny_model_yaml, tmp_path, "--num-workers", "0")
     assert main.main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: cannot write rows_000000000_000000048.npy in {tmp_path / 'cache'}")
@@ -392,16 +392,18 @@ sys.exit(main.main(sys.argv[1:]))
 '''
 
 
+@pytest.mark.slow  # three runs of main.py as processes, two of them killed
 def test_main_killed_while_writing_then_rerun_leaves_no_leftovers_and_whole_results(data_root, tiny_model_yaml,
                                                                                    tmp_path):
     script = tmp_path / "killed_main.py"
     script.write_text(KILLED_MAIN.format(repo=str(REPO)))
-    command = main_command(data_root, tiny_model_yaml, tmp_path, "--num-workers", "0")
+    arguments = main_arguments(data_root, tiny_model_yaml, tmp_path, "--num-workers", "0")
 
     def run(kill_at: str) -> subprocess.CompletedProcess:
-        argv = [sys.executable, str(script), *command[2:]] if kill_at else command
-        return subprocess.run(argv, cwd=REPO, env={**ONE_THREAD, "KILL_AT": kill_at}, capture_output=True,
-                              text=True, timeout=180)
+        process = start_main(arguments, env={**ONE_THREAD, "KILL_AT": kill_at},
+                             script=script if kill_at else REPO / "main.py")
+        stdout, stderr = process.communicate(timeout=180)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
     assert run("rows").returncode == 137
     (half_written,) = [path for path in (tmp_path / "cache").rglob("*") if is_temporary(path.name)]

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 import main
 
 DETECTORS = ["nnguide", "knn", "energy", "msp", "maxlogit", "kl", "vim", "mahalanobis", "ssd"]
 
 
+@pytest.mark.slow  # trains the demo's network, then runs the pipeline three times
 def test_demo_runs_offline_and_caches_its_trained_model(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)  # the demo writes logs/demo and saved_model_outputs under the working folder
     with caplog.at_level("INFO"):
@@ -31,7 +34,7 @@ def test_demo_runs_offline_and_caches_its_trained_model(tmp_path, monkeypatch, c
 
     caplog.clear()
     with caplog.at_level("INFO"):
-        assert main.main(["--set", "detectors.nnguide.k=1,5,50", "--output-dir", "sweep"]) == 0
+        assert main.main(["--set", "detectors.nnguide.k=1,5,50", "--output-dir", "sweep", "--no-plots"]) == 0
     assert "extracting" not in caplog.text  # a sweep re-uses every cached feature
     with (tmp_path / "sweep/sweep.csv").open() as file:
         sweep = list(csv.DictReader(file))

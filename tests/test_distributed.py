@@ -1,5 +1,7 @@
 """torchrun with 2 CPU processes (gloo), on one node or as two nodes, writes the same cache entries and
-results.csv as one process."""
+results.csv as one process.
+
+The torchrun launches are real `python -m torch.distributed.run main.py` processes, fresh interpreters each."""
 from __future__ import annotations
 
 import os
@@ -9,6 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.main_process import MainProcess, start_main
+
+pytestmark = pytest.mark.slow  # each torchrun launch starts fresh interpreters (launcher and ranks)
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -20,7 +26,7 @@ def start(launcher: list[str], args: list[str], cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, cwd=cwd, env=ENVIRONMENT)
 
 
-def finish(process: subprocess.Popen) -> tuple[str, str]:
+def finish(process: subprocess.Popen | MainProcess) -> tuple[str, str]:
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     return stdout, stderr
@@ -43,7 +49,7 @@ def common_args(data_root, tiny_model_yaml) -> list[str]:
 @pytest.fixture(scope="module")
 def single_process_run(common_args, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("single")
-    finish(start([sys.executable], [*common_args, "--output-dir", "out", "--cache-dir", "cache"], work))
+    finish(start_main([*common_args, "--output-dir", "out", "--cache-dir", "cache"], cwd=work, env=ENVIRONMENT))
     return work
 
 

@@ -19,16 +19,18 @@ from PIL import Image
 from errors import UserError
 from models import (ARCHITECTURES, Backbone, ModelConfig, TransformConfig, apply_react, build_backbone, file_sha256,
                     react_threshold, resolve_checkpoint)
-from tests.checkpoints import write_supcon_checkpoint, write_torchvision_checkpoint
+from tests.checkpoints import write_torchvision_checkpoint
 
 SUPCON = ModelConfig(name="resnet50-supcon", architecture="resnet50", checkpoint="resnet50-supcon.pt",
                      checkpoint_format="supcon", checkpoint_url="https://example.org/resnet50-supcon.pt")
 
 
-@pytest.fixture(scope="module")
-def supcon_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    path = tmp_path_factory.mktemp("pretrained") / SUPCON.checkpoint
-    return path, write_supcon_checkpoint(path)
+@pytest.fixture
+def supcon_file(supcon_checkpoint: tuple[Path, dict[str, torch.Tensor]]) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The session's random SupCon checkpoint (conftest.py), alone in its folder under SUPCON's file name."""
+    path, state_dict = supcon_checkpoint
+    assert path.name == SUPCON.checkpoint and [file.name for file in path.parent.iterdir()] == [path.name]
+    return path, state_dict
 
 
 def resave_supcon(source: Path, target: Path, edit: Callable[[dict], object]) -> None:

@@ -5,7 +5,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torchvision
 from dataloaders.base import ArrayImageDataset
 from pipeline.extract import ExtractionSettings, FeatureExtractor
 from tests.datagen import write_class_folders, write_flat_folder
+from tests.main_process import MainProcess, start_main
 
 REPO = Path(__file__).resolve().parents[1]
 # main.py runs side by side: one thread each, or OpenMP's spinning threads oversubscribe the CPUs
@@ -127,6 +127,7 @@ def test_second_run_waits_for_the_entry_lock_then_reuses_the_rows(tmp_path, capl
     np.testing.assert_array_equal(results["first"], results["second"])
 
 
+@pytest.mark.slow  # a spawned worker is a fresh interpreter: it imports torch
 def test_spawned_workers_receive_only_the_rows_they_read(tmp_path, monkeypatch):
     """Python 3.14 on Linux (forkserver) and macOS (spawn) pickle the dataset into every worker: a 1% bank
     must not ship the whole train split. Spawned workers then give the single process's features."""
@@ -150,27 +151,26 @@ def test_spawned_workers_receive_only_the_rows_they_read(tmp_path, monkeypatch):
     np.testing.assert_array_equal(spawned, in_process)
 
 
-# ---- main.py as a subprocess ------------------------------------------------------------------------
+# ---- main.py as a subprocess (forked from an interpreter that has imported it: tests/main_process.py) --
 
-def main_command(data_root: Path, model_yaml: Path, work: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "main.py"), "--model", str(model_yaml), "--train-data", "imagenet1k",
+def main_arguments(data_root: Path, model_yaml: Path, work: Path, *extra: str) -> list[str]:
+    return ["--model", str(model_yaml), "--train-data", "imagenet1k",
             "--id-data", "imagenet1k", "--ood-data", "inaturalist", "--detectors", "energy", "knn",
             "--set", "detectors.knn.k=1", "--data-root", str(data_root), "--output-dir", str(work / "out"),
             "--cache-dir", str(work / "cache"), "--device", "cpu", "--bank-ratio", "1.0", "--no-plots", *extra]
 
 
-def run_main(*commands: list[str]) -> list[subprocess.CompletedProcess]:
-    """Run the commands side by side (most of each run is importing torch); results in order."""
-    processes = [subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for command in commands]
+def run_main(*runs: list[str]) -> list[subprocess.CompletedProcess]:
+    """Run main.py with each argument list, side by side; results in order."""
+    processes = [start_main(arguments, env=ONE_THREAD) for arguments in runs]
     results = []
-    for command, process in zip(commands, processes):
+    for process in processes:
         stdout, stderr = process.communicate(timeout=180)
-        results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
     return results
 
 
-def wait_for_rows_files(cache: Path, process: subprocess.Popen, timeout: float = 60) -> list[Path]:
+def wait_for_rows_files(cache: Path, process: MainProcess, timeout: float = 60) -> list[Path]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         files = rows_files(cache)
@@ -180,22 +180,22 @@ def wait_for_rows_files(cache: Path, process: subprocess.Popen, timeout: float =
     pytest.fail(f"no rows file appeared in {cache} (exit code {process.poll()})")
 
 
+@pytest.mark.slow  # three runs of main.py as processes: a clean one, a killed one, its resumption
 def test_killed_run_resumes_at_the_last_complete_file_with_identical_results(data_root, tiny_model_yaml,
                                                                              tmp_path):
     # 48 bank images in files of 4, batches of 2: 12 files, so the kill lands mid-way through the bank
     settings = ["--batch-size", "2", "--num-workers", "0", "--set", "chunk_size=4"]
-    clean = subprocess.Popen(main_command(data_root, tiny_model_yaml, tmp_path / "clean", *settings), cwd=REPO,
-                             env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    command = main_command(data_root, tiny_model_yaml, tmp_path / "killed", *settings)
-    process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clean = start_main(main_arguments(data_root, tiny_model_yaml, tmp_path / "clean", *settings), env=ONE_THREAD)
+    arguments = main_arguments(data_root, tiny_model_yaml, tmp_path / "killed", *settings)
+    process = start_main(arguments, env=ONE_THREAD)
     wait_for_rows_files(tmp_path / "killed/cache", process)
     process.kill()
     process.wait(timeout=10)
     done = len(rows_files(tmp_path / "killed/cache"))
     assert 0 < done < 12
-    assert clean.wait(timeout=180) == 0, clean.stderr.read()
+    (resumed,) = run_main(arguments)  # while the clean run goes on
+    assert clean.wait(timeout=180) == 0, clean.communicate()[1]
 
-    (resumed,) = run_main(command)
     assert resumed.returncode == 0, resumed.stderr
     assert f"extracting {48 - 4 * done} of 48 images of imagenet1k-train-seed0" in resumed.stderr
     assert (tmp_path / "killed/out/results.csv").read_bytes() == (tmp_path / "clean/out/results.csv").read_bytes()
@@ -221,10 +221,9 @@ def is_running(pid: int) -> bool:
 ], ids=["ctrl-c", "sigterm-group", "sigterm-main"])
 def test_ctrl_c_exits_promptly_with_one_line_and_no_workers_left(signum, whole_group, data_root, tiny_model_yaml,
                                                                  tmp_path):
-    command = main_command(data_root, tiny_model_yaml, tmp_path, "--batch-size", "1",
-                           "--num-workers", "2", "--set", "chunk_size=2")
-    process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    arguments = main_arguments(data_root, tiny_model_yaml, tmp_path, "--batch-size", "1",
+                               "--num-workers", "2", "--set", "chunk_size=2")
+    process = start_main(arguments, env=ONE_THREAD, new_session=True)
     wait_for_rows_files(tmp_path / "cache", process)
     workers = child_pids(process.pid)
     assert len(workers) >= 2
@@ -243,10 +242,9 @@ def test_ctrl_c_exits_promptly_with_one_line_and_no_workers_left(signum, whole_g
 
 
 def test_a_second_ctrl_c_while_stopping_exits_at_once_without_a_traceback(data_root, tiny_model_yaml, tmp_path):
-    command = main_command(data_root, tiny_model_yaml, tmp_path, "--batch-size", "1",
-                           "--num-workers", "2", "--set", "chunk_size=2")
-    process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    arguments = main_arguments(data_root, tiny_model_yaml, tmp_path, "--batch-size", "1",
+                               "--num-workers", "2", "--set", "chunk_size=2")
+    process = start_main(arguments, env=ONE_THREAD, new_session=True)
     wait_for_rows_files(tmp_path / "cache", process)
     os.killpg(process.pid, signal.SIGINT)
     time.sleep(0.02)  # the first is being handled: the loader's workers are being stopped
@@ -271,10 +269,11 @@ def broken_image_root(tmp_path_factory) -> tuple[Path, Path]:
     return root, val[1]
 
 
+@pytest.mark.slow  # three runs of main.py as processes
 def test_broken_image_stops_the_run_with_its_path_unless_skipped(broken_image_root, tiny_model_yaml, tmp_path):
     root, truncated = broken_image_root
-    stopped, skipped = run_main(main_command(root, tiny_model_yaml, tmp_path / "stop", "--num-workers", "2"),
-                                main_command(root, tiny_model_yaml, tmp_path / "skip", "--skip-broken-images"))
+    stopped, skipped = run_main(main_arguments(root, tiny_model_yaml, tmp_path / "stop", "--num-workers", "2"),
+                                main_arguments(root, tiny_model_yaml, tmp_path / "skip", "--skip-broken-images"))
     assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
     error = stopped.stderr.strip().splitlines()[-1]
     assert error.startswith(f"error: cannot decode image {truncated}: ")  # raised in a loader worker
@@ -286,7 +285,7 @@ def test_broken_image_stops_the_run_with_its_path_unless_skipped(broken_image_ro
     config = (tmp_path / "skip/out/config.yaml").read_text()
     assert "broken_images:\n    imagenet1k-test:\n    - n01/img1.JPEG\n    - n02/img1.JPEG\n" in config
     # the cache remembers them: without the flag still an error, with nothing extracted again
-    (again,) = run_main(main_command(root, tiny_model_yaml, tmp_path / "skip"))
+    (again,) = run_main(main_arguments(root, tiny_model_yaml, tmp_path / "skip"))
     assert again.returncode == 2 and "extracting" not in again.stderr
     assert again.stderr.strip().splitlines()[-1].startswith(f"error: cannot decode image {truncated}: ")
 
@@ -305,16 +304,16 @@ def test_bad_input_is_one_error_line_with_exit_code_2(data_root, tiny_model_yaml
         "a missing checkpoint": (["--model", "resnet50-supcon", "--pretrained-dir", str(tmp_path / "empty")],
                                  "resnet50-supcon.pt"),
     }
-    commands = []
+    runs = []
     for extra, _ in cases.values():
-        command = main_command(data_root, tiny_model_yaml, tmp_path / "run")
+        arguments = main_arguments(data_root, tiny_model_yaml, tmp_path / "run")
         for flag, value in zip(extra[::2], extra[1::2]):
-            if flag in command:
-                command[command.index(flag) + 1] = value
+            if flag in arguments:
+                arguments[arguments.index(flag) + 1] = value
             else:
-                command += [flag, value]
-        commands.append(command)
-    for (what, (_, message)), result in zip(cases.items(), run_main(*commands)):
+                arguments += [flag, value]
+        runs.append(arguments)
+    for (what, (_, message)), result in zip(cases.items(), run_main(*runs)):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (what, result.stderr)
         assert message in lines[0], (what, lines[0])
