@@ -174,4 +174,4 @@ def test_blocked_search_on_a_cpu_needs_one_similarity_block_beyond_the_bank(back
     probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(REPO), backend], capture_output=True, text=True,
                            check=True, timeout=120)
     extra_mb = float(probe.stdout)
-    assert 128 <= extra_mb < 1.5 * 128, extra_mb
+    assert 0.95 * 128 <= extra_mb < 1.5 * 128, extra_mb  # one 128 MB block, to within page accounting
