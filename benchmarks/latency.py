@@ -136,13 +136,10 @@ def fitted_detector(name: str, bank: dict[str, torch.Tensor], feature_dim: int,
     detector_config = load_detector_config(name)
     if backend is not None and detector_config["detector"] in SEARCHING_DETECTORS:
         detector_config = {**detector_config, "backend": backend}
-    detector = build_detector(name, detector_config)
-    try:
-        detector.check_feature_dim(feature_dim)
-        detector.check_bank_size(len(bank["feas"]))
+    try:  # fit checks the feature width and bank size first
+        return build_detector(name, detector_config).fit(bank)
     except ValueError as error:
         raise UserError(f"detector '{name}': {error} ({feature_dim}-d features, bank of {len(bank['feas'])})") from None
-    return detector.fit(bank)
 
 
 def measure_model(config: ModelConfig, detector_names: list[str], settings: LatencySettings) -> list[LatencyRow]:

@@ -13,7 +13,7 @@ import torch
 def gram(rows: torch.Tensor) -> torch.Tensor:
     """rows.T @ rows, (D, D), in rows' dtype and device."""
     if rows.device.type == "cpu":
-        array = rows.numpy()
+        array = rows.detach().numpy()
         return torch.from_numpy(array.T @ array)
     return rows.T @ rows
 
@@ -21,7 +21,7 @@ def gram(rows: torch.Tensor) -> torch.Tensor:
 def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix."""
     if matrix.device.type == "cpu":
-        values, vectors = np.linalg.eigh(matrix.numpy())
+        values, vectors = np.linalg.eigh(matrix.detach().numpy())
         return torch.from_numpy(values), torch.from_numpy(vectors)
     return torch.linalg.eigh(matrix)
 
