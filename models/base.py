@@ -198,10 +198,26 @@ def build_backbone(config: ModelConfig, pretrained_dir: Path) -> Backbone:
     """The configured architecture with its checkpoint loaded strictly, in eval mode."""
     path = resolve_checkpoint(config, pretrained_dir)
     state_dict = CHECKPOINT_FORMATS.get(config.checkpoint_format)(_read_checkpoint(path), path)
-    model, head = ARCHITECTURES.get(config.architecture)(config.num_classes, config.transform.crop)
+    model, head = _build_uninitialised(ARCHITECTURES.get(config.architecture), config)
     _check_state_dict(model, state_dict, f"checkpoint {path} does not fit architecture '{config.architecture}'")
-    model.load_state_dict(state_dict, strict=True)
+    expected = model.state_dict()
+    # assign=True keeps the checkpoint's tensors, so cast them as a copying load would (a float16 file -> float32)
+    model.load_state_dict({key: tensor.to(expected[key].dtype) if key in expected else tensor
+                           for key, tensor in state_dict.items()}, strict=True, assign=True)
+    unloaded = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if unloaded:
+        raise RuntimeError(f"architecture '{config.architecture}' has tensors no checkpoint fills: {unloaded[:3]}")
     return Backbone(model, head).eval()
+
+
+def _build_uninitialised(builder: ArchitectureBuilder, config: ModelConfig) -> tuple[nn.Module, str | tuple[str, ...]]:
+    """The architecture on the meta device, with no random initialisation to overwrite (seconds for the large
+    ones); on the CPU for builders that compute with tensors while building (torchvision's RegNet widths)."""
+    try:
+        with torch.device("meta"):
+            return builder(config.num_classes, config.transform.crop)
+    except NotImplementedError:
+        return builder(config.num_classes, config.transform.crop)
 
 
 def _read_checkpoint(path: Path) -> object:

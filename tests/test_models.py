@@ -106,6 +106,40 @@ def test_torchvision_checkpoint_loads_strictly(tmp_path):
     torch.testing.assert_close(logits, reference.eval()(images))
 
 
+def test_float16_checkpoint_loads_as_float32_as_a_copying_load_would(tmp_path):
+    """The backbone is built on the meta device and takes the file's tensors (assign=True): they must still be
+    cast to the model's float32, exactly as torch's copying load_state_dict casts them."""
+    state_dict = write_torchvision_checkpoint(tmp_path / "full.pth", "mobilenet_v2")
+    half = {key: tensor.half() if tensor.is_floating_point() else tensor for key, tensor in state_dict.items()}
+    torch.save(half, tmp_path / "half.pth")
+    config = ModelConfig(name="mobilenet_v2", architecture="mobilenet_v2", checkpoint="half.pth",
+                         checkpoint_format="torchvision", transform=TransformConfig(resize=64, crop=64))
+    reference = torchvision.models.mobilenet_v2()
+    reference.load_state_dict(half)
+    images = torch.randn(2, 3, 64, 64)
+
+    backbone = build_backbone(config, tmp_path)
+
+    assert {tensor.dtype for tensor in backbone.state_dict().values() if tensor.is_floating_point()} == {torch.float32}
+    assert not torch.equal(reference.features[0][0].weight, state_dict["features.0.0.weight"])  # rounded: fp16
+    torch.testing.assert_close(backbone(images)[1], reference.eval()(images), rtol=0, atol=0)
+
+
+def test_architecture_with_a_tensor_no_checkpoint_holds_is_a_programming_error(tmp_path, monkeypatch):
+    """A buffer outside the state dict (persistent=False) would stay on the meta device, without values."""
+    def with_unsaved_buffer(num_classes: int, image_size: int) -> tuple[torch.nn.Module, str]:
+        model = torchvision.models.mobilenet_v2(num_classes=num_classes)
+        model.register_buffer("scale", torch.ones(3), persistent=False)
+        return model, "classifier"
+
+    monkeypatch.setitem(ARCHITECTURES._builders, "mobilenet_v2_unsaved_buffer", with_unsaved_buffer)
+    write_torchvision_checkpoint(tmp_path / "weights.pth", "mobilenet_v2")
+    config = ModelConfig(name="m", architecture="mobilenet_v2_unsaved_buffer", checkpoint="weights.pth",
+                         checkpoint_format="torchvision", transform=TransformConfig(resize=64, crop=64))
+    with pytest.raises(RuntimeError, match="tensors no checkpoint fills: \\['scale'\\]"):
+        build_backbone(config, tmp_path)
+
+
 def test_missing_checkpoint_names_where_it_looked_and_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError) as error:

@@ -2,8 +2,6 @@
 with brute force and with each other."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +11,8 @@ import torch
 from ood_detectors import create_detector
 from ood_detectors.search import (MATMULS, InnerProductSearch, build_faiss_index, faiss_available,
                                   fastest_cpu_matmul)
+from tests.main_process import start_main
 
-REPO = Path(__file__).resolve().parents[1]
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
 
 
@@ -150,13 +148,12 @@ def test_bad_search_options_fail_when_the_detector_is_created():
 
 MEMORY_PROBE = """
 import re, sys, torch
-sys.path.insert(0, sys.argv[1])
 from ood_detectors.search import InnerProductSearch
 def memory_mb(field):
     with open("/proc/self/status") as status:
         return int(re.search(field + r":\\s+(\\d+) kB", status.read()).group(1)) / 1024
-bank, queries = torch.randn(800_000, 64), torch.randn(1000, 64)
-index = InnerProductSearch(bank, backend=sys.argv[2], chunk_bytes=128 << 20)
+bank, queries = torch.randn(200_000, 64), torch.randn(1000, 64)
+index = InnerProductSearch(bank, backend=sys.argv[1], chunk_bytes=32 << 20)
 index.search(queries[:8], 10)
 with open("/proc/self/clear_refs", "w") as clear_refs:
     clear_refs.write("5")  # resets the peak resident set size (VmHWM) to the current one
@@ -168,10 +165,14 @@ print(memory_mb("VmHWM") - before)
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory through Linux's /proc")
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
-def test_blocked_search_on_a_cpu_needs_one_similarity_block_beyond_the_bank(backend):
+def test_blocked_search_on_a_cpu_needs_one_similarity_block_beyond_the_bank(backend, tmp_path):
     """Peak memory of a search = the bank (already there) + one chunk_bytes block: not a copy of the bank
-    (195 MB here), not two blocks alive at once, not the full 1000 x 800,000 similarity matrix (3.2 GB)."""
-    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(REPO), backend], capture_output=True, text=True,
-                           check=True, timeout=120)
-    extra_mb = float(probe.stdout)
-    assert 0.95 * 128 <= extra_mb < 1.5 * 128, extra_mb  # one 128 MB block, to within page accounting
+    (49 MB here), not two blocks alive at once, not the full 1000 x 200,000 similarity matrix (800 MB).
+    The probe is a process of its own (its peak is its own), forked from the tests' preloaded interpreter."""
+    probe = tmp_path / "memory_probe.py"
+    probe.write_text(MEMORY_PROBE)
+    run = start_main([backend], cwd=tmp_path, script=probe)
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    extra_mb = float(stdout)
+    assert 0.95 * 32 <= extra_mb < 1.5 * 32, extra_mb  # one 32 MB block, to within page accounting
