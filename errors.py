@@ -1,15 +1,10 @@
-"""The one exception type for mistakes in user input, and the 'did you mean' hint its messages use."""
+"""The one exception type for mistakes in user input; its messages' 'did you mean' hint is the library's."""
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
+from ood_detectors.base import did_you_mean
+
+__all__ = ["UserError", "did_you_mean"]
 
 
 class UserError(Exception):
     """A bad path, name, config value or input file. main.py prints the message alone (no traceback)."""
-
-
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""

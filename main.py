@@ -1,60 +1,87 @@
 """Command line: parse the flags, resolve the experiment config, run the pipeline, print the table.
 
-With no --config and no --model it runs the offline demo (configs/experiments/demo.yaml), on data that
-scikit-learn ships, with any other flags applied on top.
+`python main.py` with no arguments runs the offline demo (configs/experiments/demo.yaml) on data that
+scikit-learn ships. Anything else names an experiment: a --config YAML, or a --model and its data.
 
     python main.py --model resnet50-supcon --train-data imagenet1k --id-data imagenet1k \
-        --ood-data inaturalist sun places textures openimage-o --detectors energy nnguide knn \
-        --data-root ~/datasets --output-dir logs/run1
+        --ood-data inaturalist sun places textures openimage-o --data-root ~/datasets
 
 The official repository's flag names (--model_name/-m, --ood_detectors, -bs, ...) are accepted as aliases.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 from errors import UserError
-from pipeline.config import resolve_experiment
+from pipeline.config import DEFAULT_DETECTORS, ExperimentConfig, available, resolve_experiment
 from pipeline.distributed import shutdown
 from pipeline.experiment import run_experiment
 from pipeline.sweep import run_sweep, split_sweep
 
 
 DEMO_EXPERIMENT = Path(__file__).resolve().parent / "configs" / "experiments" / "demo.yaml"
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(ExperimentConfig)}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="NNGuide and baselines: OOD detection on cached features.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _names(kind: str) -> str:
+    return ", ".join(available(kind))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags; each one left out takes its value from --config, else ExperimentConfig's default (shown)."""
+    epilog = (
+        "With no arguments, `python main.py` runs the offline demo (configs/experiments/demo.yaml: digits, "
+        "a small CNN trained at start-up, every detector; under a minute on a CPU). Otherwise give --config or "
+        "--model: flags override the config file, --set overrides any key. A --set value with commas "
+        "(--set detectors.nnguide.k=1,10,100) runs a sweep, one run per value on the cached features, with "
+        "sweep.csv and sweep.md.\n\n"
+        f"models (configs/models): {_names('models')}\n\n"
+        f"datasets (configs/datasets): {_names('datasets')}\n\n"
+        f"detectors (configs/detectors): {_names('detectors')}\n\n"
+        "A YAML path works wherever a name does (--model my-model.yaml, --ood-data my-set.yaml).")
+    parser = argparse.ArgumentParser(description="NNGuide and baselines: OOD detection on the cached features of "
+                                                 "a pretrained classifier; prints AUROC / FPR95 tables.",
+                                     epilog=epilog, formatter_class=_HelpFormatter)
     add = parser.add_argument
     add("--config", type=Path, help="experiment YAML (configs/experiments/*.yaml); flags below override it")
-    add("--model", "--model_name", "-m", dest="model", help="configs/models/<name>.yaml")
-    add("--train-data", "--train_data_name", "-td", dest="train_data", help="dataset the bank is drawn from")
-    add("--id-data", "--id_data_name", "-id", dest="id_data", help="in-distribution test dataset")
-    add("--ood-data", "--ood_data_name", "-ood", dest="ood_data", nargs="+", help="OOD test datasets")
-    add("--detectors", "--ood_detectors", dest="detectors", nargs="+", help="configs/detectors/<name>.yaml")
-    add("--data-root", "--data_root_path", dest="data_root", help="folder with the datasets (default ~/datasets)")
-    add("--output-dir", dest="output_dir", help="where results.csv, results.md and config.yaml go")
-    add("--cache-dir", dest="cache_dir", help="feature cache (default saved_model_outputs)")
-    add("--pretrained-dir", dest="pretrained_dir", help="checkpoints (default pretrained_models)")
-    add("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    add("--model", "--model_name", "-m", dest="model", help="backbone: a name listed below, or a model YAML")
+    add("--train-data", "--train_data_name", "-td", dest="train_data",
+        help="dataset whose train split the bank is drawn from")
+    add("--id-data", "--id_data_name", "-id", dest="id_data", help="in-distribution test set (its test split)")
+    add("--ood-data", "--ood_data_name", "-ood", dest="ood_data", nargs="+", help="OOD test sets, in table order")
+    add("--detectors", "--ood_detectors", dest="detectors", nargs="+",
+        help=f"detectors to compare (default: {' '.join(DEFAULT_DETECTORS)}, as run.sh)")
+    add("--data-root", "--data_root_path", dest="data_root",
+        help=f"folder holding the datasets (default: {DEFAULTS['data_root']})")
+    add("--output-dir", dest="output_dir", help="where results.csv, results.md, config.yaml and the plots go; "
+        "another run's results there are replaced whole (default: logs/<model>/<ID set>)")
+    add("--cache-dir", dest="cache_dir", help=f"feature cache (default: {DEFAULTS['cache_dir']})")
+    add("--pretrained-dir", dest="pretrained_dir", help=f"checkpoints (default: {DEFAULTS['pretrained_dir']})")
+    add("--device", help="cuda, cuda:1 or cpu (default: cuda when available, else cpu)")
     add("--gpu_idx", "-g", dest="gpu_idx", type=int, help="official alias: --gpu_idx 1 means --device cuda:1")
-    add("--batch-size", "--batch_size", "-bs", dest="batch_size", type=int)
-    add("--num-workers", "--num_workers", "-nw", dest="num_workers", type=int)
-    add("--seed", type=int, help="draws the bank")
-    add("--bank-ratio", dest="bank_ratio", type=float, help="fraction of the train split in the bank (0.01)")
-    add("--amp", choices=["off", "bf16"], help="bf16 autocast for extraction (changes the last digits)")
-    add("--channels-last", dest="channels_last", action="store_true", default=None)
-    add("--download", action="store_true", default=None, help="let torchvision download CIFAR/SVHN")
+    add("--batch-size", "--batch_size", "-bs", dest="batch_size", type=int,
+        help=f"images per forward pass (default: {DEFAULTS['batch_size']})")
+    add("--num-workers", "--num_workers", "-nw", dest="num_workers", type=int,
+        help=f"data-loading worker processes (default: {DEFAULTS['num_workers']})")
+    add("--seed", type=int, help=f"draws the bank from the train split (default: {DEFAULTS['seed']})")
+    add("--bank-ratio", dest="bank_ratio", type=float,
+        help=f"fraction of the train split in the bank (default: {DEFAULTS['bank_ratio']}, the paper's 1%%)")
+    add("--amp", choices=["off", "bf16"], help="bf16 autocast for extraction; changes the last digits (default: off)")
+    add("--channels-last", dest="channels_last", action="store_true", default=None,
+        help="channels_last memory format for extraction (faster on some GPUs)")
+    add("--download", action="store_true", default=None, help="let torchvision download CIFAR/SVHN when missing")
     add("--plots", action=argparse.BooleanOptionalAction, default=None,
         help="write score histograms and ROC curves next to results.csv (default: on)")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override any config value, e.g. detectors.nnguide.k=100 or bank_ratio=0.05")
+        help="override any config value, e.g. detectors.nnguide.k=100 or bank_ratio=0.05; "
+             "comma-separated values run a sweep")
     add("--recompute", action="store_true", default=None,
         help="delete and re-extract the cached features this run uses")
     add("--skip-broken-images", dest="skip_broken_images", action="store_true", default=None,
@@ -65,13 +92,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="hash the bytes of every image the run uses and recompute cached features whose images changed, "
              "even where size and modification time did not (reads every image)")
     add("--debug", action="store_true", help="show the full traceback of user errors")
-    return parser.parse_args(argv)
+    return parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps the epilog paragraph by paragraph and never at a hyphen (names like openood-ninco stay whole), and
+    names a flag's aliases before its value once ("--model, --model_name, -m MODEL")."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent,
+                                         subsequent_indent=indent, break_on_hyphens=False)
+                           for paragraph in text.split("\n\n"))
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        value = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {value}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed flags; `argv` empty means the demo, otherwise --config or --model is required."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not argv:
+        args.config = DEMO_EXPERIMENT
+    elif args.config is None and args.model is None:
+        parser.exit(2, "error: no experiment given: add --model NAME with --train-data, --id-data and --ood-data, "
+                       "or --config FILE (`python main.py` alone runs the demo; --help lists the names)\n")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.config is None and args.model is None:
-        args.config = DEMO_EXPERIMENT  # no experiment named: the offline demo, with any flags applied on top
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # it announces which build it loaded
     flags = {key: value for key, value in vars(args).items()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -155,18 +155,26 @@ def available_detectors() -> list[str]:
 def create_detector(name: str, **hyper_parameters: Any) -> OODDetector:
     """A new, unfitted detector; unknown names and hyper-parameters are ValueErrors listing the valid ones."""
     if name not in _DETECTORS:
-        close = difflib.get_close_matches(name, _DETECTORS, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"unknown detector '{name}'{hint}; valid: {', '.join(available_detectors())}")
+        raise ValueError(f"unknown detector '{name}'{did_you_mean(name, _DETECTORS)}; "
+                         f"valid: {', '.join(available_detectors())}")
     cls = _DETECTORS[name]
     valid = [field.name for field in dataclasses.fields(cls)]
     for key in hyper_parameters:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"detector '{name}' has no hyper-parameter '{key}'{hint}; "
+            raise ValueError(f"detector '{name}' has no hyper-parameter '{key}'{did_you_mean(key, valid)}; "
                              f"valid: {', '.join(valid) or 'none'}")
     return cls(**hyper_parameters)
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close. Case is ignored first
+    ('K' -> 'k'), then in the fuzzy match, where one letter's case would otherwise count as a typo."""
+    choices = list(choices)
+    same_but_case = [choice for choice in choices if choice.lower() == name.lower()]
+    by_lowercase = {choice.lower(): choice for choice in choices}
+    close = same_but_case or [by_lowercase[match] for match in
+                              difflib.get_close_matches(name.lower(), by_lowercase, n=1, cutoff=0.5)]
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def check_positive_int(value: Any, what: str) -> None:

@@ -22,11 +22,9 @@ from typing import Any
 from errors import UserError
 from pipeline.cache import write_atomically
 from pipeline.report import (CSV_COLUMNS, MISSING, OPENOOD_COLUMNS, OPENOOD_FILE, format_markdown, format_terminal,
-                             paper_table)
+                             paper_table, paper_table_legend)
 
 METRIC_COLUMNS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "id_acc")
-LEGEND = ("FPR95 (lower is better) and AUROC, in percent. Avg-4 (iNat, SUN, Places, Textures) is the paper's "
-          "Average; Avg-all averages every OOD column.")
 
 OPENOOD_METRICS = ("fpr95_ood_positive", "auroc", "aupr_in", "aupr_out")  # OpenOOD's column order
 OPENOOD_NEAR = ("openood-ssb-hard", "openood-ninco")
@@ -129,11 +127,11 @@ def _title(rows: list[dict[str, Any]], key: TableKey) -> str:
 def write_tables(rows: list[dict[str, Any]], output_dir: Path, openood: bool = False) -> str:
     """Writes <model>__<id_data>.md/.csv per table and tables.md (with `openood`: <model>__<id_data>__openood
     .md/.csv and tables_openood.md); returns all tables for the terminal."""
-    tables, legend, suffix = ((openood_tables(rows), OPENOOD_LEGEND, "__openood") if openood
-                              else (paper_tables(rows), LEGEND, ""))
+    tables, suffix = (openood_tables(rows), "__openood") if openood else (paper_tables(rows), "")
     sections, terminal = [], []
     for key, table in tables.items():
         title = _title(rows, key) + (" (OpenOOD v1.5 ImageNet-1K)" if openood else "")
+        legend = OPENOOD_LEGEND if openood else paper_table_legend(table)
         markdown = f"# {title}\n\n{legend}\n\n{format_markdown(table)}"
         stem = f"{key[0]}__{key[1]}{suffix}"
         write_atomically(output_dir / f"{stem}.md", lambda path, text=markdown: path.write_text(text))
@@ -142,7 +140,9 @@ def write_tables(rows: list[dict[str, Any]], output_dir: Path, openood: bool = F
         terminal.append(f"{title}\n{format_terminal(table)}")
     combined = "\n".join(sections)
     write_atomically(output_dir / tables_file(openood), lambda path: path.write_text(combined))
-    return "\n\n".join(terminal) + f"\n\n{legend}"
+    every_header = [[cell for table in tables.values() for cell in table[0]]]  # Avg-4 explained if any table has it
+    footer = OPENOOD_LEGEND if openood else paper_table_legend(every_header)
+    return "\n\n".join(terminal) + f"\n\n{footer}"
 
 
 def tables_file(openood: bool) -> str:

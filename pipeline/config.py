@@ -33,7 +33,7 @@ class ExperimentConfig:
     ood_data: list[str]                           # datasets whose "test" split is an OOD test set, in table order
     detectors: dict[str, dict[str, Any]]          # table name -> {"detector": registered name, hyper-parameters}
     data_root: str = "~/datasets"                 # folder holding every dataset in its official layout
-    output_dir: str = "logs/latest"               # results.csv, results.md, config.yaml and plots go here
+    output_dir: str = ""                          # results.csv, results.md, config.yaml, plots; "": default_output_dir
     cache_dir: str = "saved_model_outputs"        # extracted features, reused across runs
     pretrained_dir: str = "pretrained_models"     # checkpoints looked up here, then in the torch hub cache
     device: str = "auto"                          # "auto" = CUDA when available, else CPU; or "cuda:1", "cpu"
@@ -64,9 +64,25 @@ class ExperimentConfig:
             if not ok:
                 raise UserError(f"config key '{key}' must be {expected}, got {getattr(self, key)!r}")
         check_device_name(self.device)
+        if not self.output_dir:  # frozen: set once, here, so every way of building a config gets the same folder
+            object.__setattr__(self, "output_dir", default_output_dir(self.model, self.id_data))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# the detectors a run compares when none are named: the paper's table rows (run.sh's default list too)
+DEFAULT_DETECTORS = ("nnguide", "knn", "energy", "msp", "maxlogit", "kl", "vim", "mahalanobis", "ssd")
+
+
+def display_name(name: str) -> str:
+    """A model's or dataset's short name for tables, plots and folders: its registry name, or a YAML path's stem."""
+    return Path(name).stem if name.endswith((".yaml", ".yml")) else name
+
+
+def default_output_dir(model: str, id_data: str) -> str:
+    """logs/<model>/<ID set>: run.sh's layout, so a run's folder is its own and pipeline.aggregate reads it."""
+    return str(Path("logs") / display_name(model) / display_name(id_data))
 
 
 # ---- YAML -> dataclass -----------------------------------------------------------------------------
@@ -203,19 +219,25 @@ def load_detector_config(name: str) -> dict[str, Any]:
 
 # ---- the experiment: defaults <- --config YAML <- CLI flags <- --set -------------------------------
 
-def resolve_experiment(experiment_file: Path | None, flags: Mapping[str, Any],
-                       overrides: list[str]) -> ExperimentConfig:
-    """Merge an experiment YAML, the CLI flags that were given, and `--set key.path=value` overrides."""
+def resolve_experiment(experiment_file: Path | None, flags: Mapping[str, Any], overrides: list[str],
+                       default_subfolder: str = "") -> ExperimentConfig:
+    """Merge an experiment YAML, the CLI flags that were given, and `--set key.path=value` overrides.
+
+    Without an output_dir anywhere, results go to default_output_dir(model, ID set)/`default_subfolder`."""
     merged: dict[str, Any] = {}
     source = "command line"
     if experiment_file is not None:
         merged.update(load_yaml(experiment_file))
         source = f"{experiment_file} + command line"
     merged.update({key: value for key, value in flags.items() if value is not None})
+    merged.setdefault("detectors", list(DEFAULT_DETECTORS))
     if isinstance(merged.get("detectors"), list):
         merged["detectors"] = dict(_detector_entry(item) for item in merged["detectors"])
     for override in overrides:
         _apply_override(merged, override)
+    if default_subfolder and not merged.get("output_dir") and all(
+            isinstance(merged.get(key), str) for key in ("model", "id_data")):
+        merged["output_dir"] = str(Path(default_output_dir(merged["model"], merged["id_data"])) / default_subfolder)
     config = from_mapping(ExperimentConfig, merged, source)
     # fail now, not after hours of extraction: every name must exist and every hyper-parameter be valid
     for table_name, detector_config in config.detectors.items():

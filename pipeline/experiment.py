@@ -14,10 +14,12 @@ from dataloaders import ImageDataset, bank_indices, build_dataset
 from errors import UserError
 from models import Backbone, ModelConfig, apply_react, build_backbone, file_sha256, react_threshold, resolve_checkpoint
 from ood_detectors.metrics import ood_metrics
-from pipeline.config import ExperimentConfig, build_detector, load_dataset_config, load_model_config
+from pipeline.config import (ExperimentConfig, build_detector, display_name, load_dataset_config,
+                             load_model_config)
 from pipeline.distributed import Topology, barrier, init_from_environment
 from pipeline.extract import ExtractionSettings, FeatureExtractor
 from pipeline.plots import score_plot_writers
+from pipeline.provenance import environment
 from pipeline.report import write_results
 from pipeline.train import trained_checkpoint
 
@@ -42,11 +44,6 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device '{name}' was asked for but this machine has {torch.cuda.device_count()} "
                         f"CUDA device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
-
-
-def display_name(dataset: str) -> str:
-    """A dataset's short name for tables, plots and cache folders: its registry name, or a YAML path's stem."""
-    return Path(dataset).stem if dataset.endswith((".yaml", ".yml")) else dataset
 
 
 def model_outputs(raw: RawFeatures, classifier: torch.nn.Module, clip: float | None,
@@ -248,7 +245,7 @@ def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
     rows = experiment.run()
     if not topology.is_main:
         return rows, ""
-    provenance = {"torch": str(torch.__version__), "device": str(experiment.device),
+    provenance = {**environment(experiment.device),
                   # non-image files in flat folders, and image-list entries missing with --skip-broken-images
                   "skipped_files": {name: len(files) for name, files in experiment.skipped_files.items()},
                   "broken_images": experiment.broken_images}

@@ -32,6 +32,8 @@ OPENOOD_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "au
                    "aupr_in", "aupr_out", "id_acc"]
 # the output folder's record of its result files: {"complete": bool, "files": {name: sha256}, "written": ISO UTC}
 RESULTS_MANIFEST = "results-manifest.json"
+# the keys of config.yaml that make a run another run: its results are not comparable rows of the same table
+RUN_IDENTITY = ("model", "train_data", "id_data", "ood_data", "detectors")
 _STAGING = ".results-staging"     # a run's files before they are renamed in; a killed run's is removed by the next
 _RESULTS_LOCK = ".results.lock"   # exclusive_lock: one run at a time stages and replaces a folder's results
 
@@ -62,6 +64,13 @@ def paper_table(rows: list[dict[str, Any]]) -> list[list[str]]:
             line += _metric_cells([cells.get((detector, name)) for name in names])
         table.append(line)
     return table
+
+
+def paper_table_legend(table: list[list[str]]) -> str:
+    """What a `paper_table`'s columns mean; Avg-4 explained only where the table has it."""
+    average_4 = ("Avg-4 (iNaturalist, SUN, Places, Textures) is the paper's Average; " if "Avg-4 FPR95" in table[0]
+                 else "")
+    return f"FPR95 (lower is better) and AUROC, in percent. {average_4}Avg-all averages every OOD column."
 
 
 def format_markdown(table: list[list[str]]) -> str:
@@ -96,9 +105,7 @@ def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config:
     table = paper_table(rows)
     first = rows[0]
     title = (f"# {first['model']}: ID {first['id_data']}, bank from {first['train_data']} "
-             f"(ID accuracy {first['id_acc']:.2f}%)\n\nFPR95 (lower is better) and AUROC, in percent. "
-             f"Avg-4 (iNaturalist, SUN, Places, Textures) is the paper's Average; Avg-all averages every "
-             f"OOD column.\n\n")
+             f"(ID accuracy {first['id_acc']:.2f}%)\n\n{paper_table_legend(table)}\n\n")
     documents = {"results.csv": _csv_text(rows, CSV_COLUMNS), OPENOOD_FILE: _csv_text(rows, OPENOOD_COLUMNS),
                  "results.md": title + format_markdown(table),
                  "config.yaml": yaml.safe_dump({**resolved_config, "provenance": provenance}, sort_keys=False)}
@@ -106,8 +113,27 @@ def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config:
     clashing = set(writers) & set(extra_files or {})
     if clashing:
         raise ValueError(f"extra_files would replace the tables {sorted(clashing)}")
+    previous = _run_identity_on_disk(Path(output_dir))
     replace_result_files(output_dir, {**writers, **(extra_files or {})})
+    current = yaml.safe_load(yaml.safe_dump({key: resolved_config.get(key) for key in RUN_IDENTITY}))
+    if previous is not None and previous != current:
+        log.warning("%s held another run's results (model %s, ID %s, OOD %s, detectors %s); replaced them whole",
+                    output_dir, previous.get("model", "?"), previous.get("id_data", "?"),
+                    previous.get("ood_data", "?"), list(previous.get("detectors") or ["?"]))
+    elif previous is not None:
+        log.info("replaced the previous results of this run in %s", output_dir)
     return format_terminal(table)
+
+
+def _run_identity_on_disk(output_dir: Path) -> dict[str, Any] | None:
+    """RUN_IDENTITY's values from the config.yaml of the results the folder holds; None without any."""
+    if "config.yaml" not in _listed_files(output_dir):
+        return None
+    try:
+        config = yaml.safe_load((output_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):  # removed or edited by hand: the results are replaced all the same
+        return {}
+    return {key: config.get(key) for key in RUN_IDENTITY} if isinstance(config, dict) else {}
 
 
 def replace_result_files(output_dir: Path, writers: Mapping[str, Callable[[Path], Any]]) -> list[Path]:

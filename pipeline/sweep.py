@@ -26,12 +26,14 @@ def split_sweep(overrides: list[str]) -> tuple[str, list[str], list[str]] | None
 
 
 def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: list[str]) -> tuple[str, Path]:
-    """Run every value of the swept key into <output_dir>/<key>=<value>/; write sweep.csv and sweep.md.
+    """Run every value of the swept key into <output_dir>/<key>=<value>/; write sweep.csv and sweep.md. The
+    default output_dir is logs/<model>/<ID set>/sweep-<key>, apart from that pair's own results.
 
     Returns the terminal table and the path of sweep.csv."""
     key, values, others = split_sweep(overrides)
     # resolve every value first, so a bad one fails before anything runs
-    configs = [resolve_experiment(experiment_file, flags, [*others, f"{key}={value}"]) for value in values]
+    configs = [resolve_experiment(experiment_file, flags, [*others, f"{key}={value}"], default_subfolder=f"sweep-{key}")
+               for value in values]
     swept_detector = key.split(".")[1] if key.startswith("detectors.") and key.count(".") >= 2 else None
     output_root = Path(configs[0].output_dir)
     table: list[list[str]] = []

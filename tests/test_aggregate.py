@@ -81,7 +81,7 @@ def test_main_writes_one_table_per_model_and_id_set(results_root, tmp_path, caps
     output_dir = tmp_path / "tables"
     assert main([str(results_root), "--output-dir", str(output_dir)]) == 0
     printed = capsys.readouterr().out
-    assert "resnet50-react: ID imagenet1k, bank from imagenet1k" in printed and "Avg-4 (iNat" in printed
+    assert "resnet50-react: ID imagenet1k, bank from imagenet1k" in printed and "Avg-4 (iNaturalist" in printed
 
     with (output_dir / "resnet50-react__imagenet1k.csv").open() as handle:
         table = list(csv.reader(handle))

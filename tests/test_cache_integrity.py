@@ -315,6 +315,24 @@ def test_results_replace_the_previous_runs_as_one_set_and_leave_other_files_alon
     assert (tmp_path / "notes.txt").read_text() == "mine" and set(runs_in(tmp_path / "k=1").values()) == {"run-A"}
 
 
+def test_replacing_another_runs_results_is_said_and_a_rerun_of_the_same_run_is_not_a_warning(tmp_path, caplog):
+    write_run(tmp_path, "run-A", ["inaturalist", "textures"])
+    with caplog.at_level(logging.INFO, logger="pipeline.report"):
+        write_run(tmp_path, "run-B", ["inaturalist"])
+    (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert warning.getMessage().startswith(f"{tmp_path} held another run's results (model run-A, ")
+    assert warning.getMessage().endswith("; replaced them whole")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.report"):
+        write_run(tmp_path, "run-B", ["inaturalist"])
+    assert [record.getMessage() for record in caplog.records] == [
+        f"replaced the previous results of this run in {tmp_path}"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.report"):
+        write_run(tmp_path / "fresh", "run-C", ["inaturalist"])
+    assert caplog.records == []  # an empty folder: nothing replaced, nothing to say
+
+
 class Killed(BaseException):
     """Stands for SIGKILL in the middle of writing: nothing after it runs."""
 

@@ -34,7 +34,8 @@ def test_demo_runs_offline_and_caches_its_trained_model(tmp_path, monkeypatch, c
 
     caplog.clear()
     with caplog.at_level("INFO"):
-        assert main.main(["--set", "detectors.nnguide.k=1,5,50", "--output-dir", "sweep", "--no-plots"]) == 0
+        assert main.main(["--config", str(main.DEMO_EXPERIMENT), "--set", "detectors.nnguide.k=1,5,50",
+                          "--output-dir", "sweep", "--no-plots"]) == 0
     assert "extracting" not in caplog.text  # a sweep re-uses every cached feature
     with (tmp_path / "sweep/sweep.csv").open() as file:
         sweep = list(csv.DictReader(file))

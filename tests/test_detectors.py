@@ -167,6 +167,10 @@ def test_unknown_detector_and_hyper_parameter_list_the_valid_ones():
         create_detector("nnguid")
     with pytest.raises(ValueError, match=r"no hyper-parameter 'kk' \(did you mean 'k'\?\)"):
         create_detector("nnguide", kk=5)
+    with pytest.raises(ValueError, match=r"no hyper-parameter 'K' \(did you mean 'k'\?\)"):
+        create_detector("nnguide", K=10)  # one letter's case is not a typo: difflib alone finds nothing
+    with pytest.raises(ValueError, match=r"unknown detector 'NNGuid' \(did you mean 'nnguide'\?\)"):
+        create_detector("NNGuid")
 
 
 @pytest.mark.parametrize("k", [0, -3, 2.5, True])

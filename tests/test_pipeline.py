@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from PIL import Image
 
 import main
@@ -60,8 +62,9 @@ def test_results_csv_has_one_row_per_ood_set_and_detector(first_run):
         for metric in ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "id_acc"):
             assert 0.0 <= float(row[metric]) <= 100.0
     assert (work / "out/results.md").read_text().count("\n| nnguide |") == 1
-    config = (work / "out/config.yaml").read_text()
-    assert "bank_ratio: 0.5" in config and "skipped_files" in config
+    config = yaml.safe_load((work / "out/config.yaml").read_text())
+    assert config["bank_ratio"] == 0.5 and "skipped_files" in config["provenance"]
+    assert config["provenance"]["versions"]["torch"] == torch.__version__ and "git" in config["provenance"]
 
 
 def test_bank_is_the_official_seeded_sample_and_features_match_the_network(first_run, data_root, tiny_model_yaml):

@@ -1,0 +1,120 @@
+"""main.py's command line as a new user meets it: the demo only when bare, defaults that match run.sh, a run's own
+output folder, a --help that lists the names, and the provenance config.yaml records."""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from pipeline.config import DEFAULT_DETECTORS, available, resolve_experiment
+from pipeline.provenance import environment, git_state
+from pipeline.report import write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_describes_every_flag_once_and_lists_the_registered_names():
+    parser = main.build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text and "default ~" not in text
+    undescribed = [action.option_strings for action in parser._actions
+                   if not action.help or action.help == argparse.SUPPRESS]
+    assert undescribed == []
+    assert re.search(r"With no arguments, `python main.py`\s+runs the offline demo", text)
+    assert re.search(r"A --set value with commas\s+\(--set detectors.nnguide.k=1,10,100\) runs a sweep", text)
+    flat = " ".join(text.split())
+    for kind in ("models", "datasets", "detectors"):
+        assert f"{kind} (configs/{kind}): {', '.join(available(kind))}" in flat
+    assert "--model, --model_name, -m MODEL" in text  # aliases named once, before the value
+
+
+@pytest.mark.parametrize("argv", [["--output-dir", "somewhere"], ["--data-root", "d", "--ood-data", "svhn"],
+                                  ["--debug"]])
+def test_flags_without_a_model_or_config_are_an_error_not_the_demo(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main.main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: no experiment given: add --model NAME")
+    assert "`python main.py` alone runs the demo" in error
+    assert list(tmp_path.iterdir()) == []  # nothing ran: no logs/demo, no cache
+
+
+def test_bare_command_line_is_the_demo():
+    assert main.parse_args([]).config == main.DEMO_EXPERIMENT
+    assert main.parse_args(["--model", "resnet50-supcon"]).config is None
+
+
+def test_default_detectors_are_run_sh_s_and_fill_a_run_that_names_none():
+    run_sh = (REPO / "run.sh").read_text()
+    (default,) = re.findall(r'^DETECTORS="\$\{DETECTORS:-([^}]*)\}"$', run_sh, flags=re.MULTILINE)
+    assert tuple(default.split()) == DEFAULT_DETECTORS
+    config = resolve_experiment(None, {"model": "resnet50-supcon", "train_data": "imagenet1k",
+                                       "id_data": "imagenet1k", "ood_data": ["inaturalist"]}, [])
+    assert tuple(config.detectors) == DEFAULT_DETECTORS
+
+
+def test_a_run_without_output_dir_writes_to_its_own_folder(tmp_path):
+    flags = {"model": "resnet50-supcon", "train_data": "imagenet1k", "id_data": "imagenet1k-v2-a",
+             "ood_data": ["inaturalist"], "detectors": ["knn"]}
+    assert resolve_experiment(None, flags, []).output_dir == "logs/resnet50-supcon/imagenet1k-v2-a"
+    model_yaml = tmp_path / "my-model.yaml"
+    model_yaml.write_text((REPO / "configs/models/resnet50-supcon.yaml").read_text())
+    assert resolve_experiment(None, {**flags, "model": str(model_yaml)}, []).output_dir == \
+        "logs/my-model/imagenet1k-v2-a"
+    sweep = resolve_experiment(None, flags, ["detectors.knn.k=5"], default_subfolder="sweep-detectors.knn.k")
+    assert sweep.output_dir == "logs/resnet50-supcon/imagenet1k-v2-a/sweep-detectors.knn.k"
+    given = resolve_experiment(None, {**flags, "output_dir": "mine"}, [], default_subfolder="sweep-k")
+    assert given.output_dir == "mine"
+
+
+def rows(ood_sets: list[str]) -> list[dict]:
+    return [{"model": "m", "train_data": "imagenet1k", "id_data": "imagenet1k", "ood_data": name, "detector": "knn",
+             "auroc": 90.0, "fpr95": 30.0, "aupr_in": 80.0, "aupr_out": 70.0, "dtacc": 85.0, "id_acc": 75.0}
+            for name in ood_sets]
+
+
+def test_results_md_explains_avg_4_only_where_the_table_has_it(tmp_path):
+    write_results(tmp_path / "two", rows(["inaturalist", "openimage-o"]), {}, {})
+    write_results(tmp_path / "paper", rows(["inaturalist", "sun", "places", "textures"]), {}, {})
+    two, paper = ((tmp_path / name / "results.md").read_text() for name in ("two", "paper"))
+    assert "Avg-4" not in two and "Avg-all averages every OOD column." in two
+    assert "Avg-4 (iNaturalist, SUN, Places, Textures) is the paper's Average" in paper and "| Avg-4 FPR95" in paper
+
+
+def test_provenance_names_the_versions_faiss_and_the_commit():
+    record = environment(torch.device("cpu"))
+    assert set(record["versions"]) == {"python", "torch", "torchvision", "numpy", "scikit-learn", "scipy",
+                                       "matplotlib"}
+    assert record["versions"]["torch"] == torch.__version__ and all(record["versions"].values())
+    assert record["device"] == "cpu" and "gpu" not in record and "cuda" not in record
+    faiss = pytest.importorskip("faiss")
+    assert record["faiss"]["version"] == faiss.__version__ and record["faiss"]["gpus"] >= 0
+
+
+def git(folder: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(folder), *args], check=True, capture_output=True, text=True).stdout
+
+
+def test_git_state_is_the_commit_and_whether_files_differ_from_it(tmp_path):
+    assert git_state(tmp_path) is None  # not a checkout
+    git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text("logs/\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    head = git(tmp_path, "rev-parse", "HEAD").strip()
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs/results.csv").write_text("ignored outputs leave the checkout clean")
+    assert git_state(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path) == {"commit": head, "dirty": True}
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "new.yaml").write_text("an untracked config can change a run\n")
+    assert git_state(tmp_path) == {"commit": head, "dirty": True}
