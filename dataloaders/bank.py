@@ -1,4 +1,5 @@
-"""Which train samples form the NNGuide bank: a seeded random fraction, as the official code draws it."""
+"""Seeded samples of a split: the NNGuide bank (a random fraction, as the official code draws it) and the fixed
+subsets of a debug run."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,3 +18,23 @@ def bank_indices(num_train: int, ratio: float, seed: int) -> np.ndarray:
     if count == 0:
         raise UserError(f"bank ratio {ratio} of {num_train} train samples selects no sample")
     return np.random.RandomState(seed).permutation(num_train)[:count].astype(np.int64)
+
+
+SUBSET_SEED = 0  # subsets do not follow the bank's --seed: a bank-seed sweep then scores the same test images
+
+
+def subset_indices(labels: np.ndarray, count: int) -> np.ndarray:
+    """`count` sorted row indices of a split of len(labels) samples, stratified by label: each class keeps its share
+    of `count` (largest remainders, ties to the smaller label), drawn by RandomState(SUBSET_SEED) permutations of
+    the class's rows. Unlabelled splits (-1) are one class. A count of len(labels) or more keeps every row."""
+    labels = np.asarray(labels).reshape(-1)
+    if count >= len(labels):
+        return np.arange(len(labels), dtype=np.int64)
+    classes, sizes = np.unique(labels, return_counts=True)
+    shares = count * sizes / len(labels)
+    kept = np.floor(shares).astype(np.int64)
+    by_remainder = np.argsort(-(shares - kept), kind="stable")  # stable: equal remainders go to smaller labels
+    kept[by_remainder[:count - kept.sum()]] += 1
+    random = np.random.RandomState(SUBSET_SEED)
+    chosen = [random.permutation(np.flatnonzero(labels == label))[:number] for label, number in zip(classes, kept)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)

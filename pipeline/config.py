@@ -50,6 +50,8 @@ class ExperimentConfig:
     skip_broken_images: bool = False              # skip undecodable images (listed in provenance), not stop
     gpu_decode: bool = False                      # decode JPEGs on the GPU (nvJPEG): faster loading, last digits change
     verify_image_content: bool = False            # hash every image read; cached rows of changed images recomputed
+    # dataset (display) name -> images kept of each split read (seeded, stratified; a debug run, not the benchmark)
+    subsets: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [(self.batch_size > 0, "batch_size", "a positive integer"),
@@ -63,6 +65,13 @@ class ExperimentConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise UserError(f"config key '{key}' must be {expected}, got {getattr(self, key)!r}")
+        run_datasets = list(dict.fromkeys(map(display_name, [self.train_data, self.id_data, *self.ood_data])))
+        for name, count in self.subsets.items():
+            if name not in run_datasets:
+                raise UserError(f"config key 'subsets': '{name}' is not a dataset of this run"
+                                f"{did_you_mean(name, run_datasets)}; its datasets: {', '.join(run_datasets)}")
+            if count <= 0:
+                raise UserError(f"config key 'subsets.{name}' must be a positive integer, got {count!r}")
         check_device_name(self.device)
         if not self.output_dir:  # frozen: set once, here, so every way of building a config gets the same folder
             object.__setattr__(self, "output_dir", default_output_dir(self.model, self.id_data))
@@ -286,7 +295,11 @@ def _apply_override(merged: dict[str, Any], override: str) -> None:
         raise UserError(f"--set '{override}': unknown key '{keys[0]}'{did_you_mean(keys[0], valid_top)}; "
                         f"valid keys: {', '.join(valid_top)}")
     node = merged
+    mapping_fields = [name for name, hint in typing.get_type_hints(ExperimentConfig).items()
+                      if typing.get_origin(hint) is dict]
     for depth, key in enumerate(keys[:-1]):
+        if depth == 0 and key in mapping_fields and key not in node:
+            node[key] = {}  # e.g. --set subsets.svhn=500 on a config without subsets
         child = node.get(key)
         if not isinstance(child, dict):
             choices = [str(k) for k in node] if depth else valid_top

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloaders import ImageDataset, bank_indices, build_dataset
+from dataloaders import ImageDataset, bank_indices, build_dataset, subset_indices
 from errors import UserError
 from models import Backbone, ModelConfig, apply_react, build_backbone, file_sha256, react_threshold, resolve_checkpoint
 from ood_detectors.metrics import ood_metrics
@@ -103,6 +103,7 @@ class Experiment:
         self.extractor = FeatureExtractor(self.backbone, model_key, Path(config.cache_dir), settings, topology)
         self.skipped_files: dict[str, list[str]] = {}
         self.broken_images: dict[str, list[str]] = {}  # cache label -> ids of images skipped as undecodable
+        self.subset_sizes: dict[tuple[str, str], tuple[int, int]] = {}  # (dataset, split) -> (kept, of) images
         # filled by run(), for the plots: scores per detector (and OOD set), metrics as fractions
         self.id_scores: dict[str, np.ndarray] = {}
         self.ood_scores: dict[str, dict[str, np.ndarray]] = {}
@@ -122,7 +123,22 @@ class Experiment:
             raise UserError(f"the data root {self.data_root} does not exist (set --data-root): {error}") from None
         if dataset.skipped:
             self.skipped_files[f"{display_name(name)}/{split}"] = dataset.skipped
+        count = self.config.subsets.get(display_name(name))
+        if count is not None and count < len(dataset):
+            self.subset_sizes[(display_name(name), split)] = (count, len(dataset))
+            dataset = dataset.subset(subset_indices(dataset.labels, count))
         return dataset
+
+    def label(self, name: str, split: str) -> str:
+        """A dataset's name in tables, plots and the cache: display_name, plus "[kept]" when cut to a subset
+        (cifar10[2000]), so a debug run's rows never pass for the full set's."""
+        sizes = self.subset_sizes.get((display_name(name), split))
+        return display_name(name) + (f"[{sizes[0]}]" if sizes else "")
+
+    def subset_notes(self) -> list[str]:
+        """One line per subset read, e.g. 'cifar10 test: 2000 of 10000 images'."""
+        return [f"{name} {split}: {kept} of {total} images"
+                for (name, split), (kept, total) in self.subset_sizes.items()]
 
     def bank(self, train: ImageDataset, size: int) -> RawFeatures:
         """The first `size` = int(N * bank_ratio) images of RandomState(seed).permutation(N) of the train split.
@@ -130,7 +146,7 @@ class Experiment:
         The cache entry holds the whole permutation's order, so a larger bank extends a smaller one."""
         order = bank_indices(len(train), 1.0, self.config.seed)
         ordered = train.subset(order)
-        name = display_name(self.config.train_data)
+        name = self.label(self.config.train_data, "train")
         key = {"dataset": name, "split": "train", "images": train.fingerprint(),
                "order": f"RandomState({self.config.seed}).permutation"}
         return self._raw_features(ordered, key, f"{name}-train-seed{self.config.seed}", size)
@@ -155,12 +171,15 @@ class Experiment:
         config = self.config
         # every folder is listed before anything is extracted, so a missing OOD set fails in seconds
         train = self._dataset(config.train_data, "train")
-        names = {given: display_name(given) for given in dict.fromkeys([config.id_data, *config.ood_data])}
-        if len(set(names.values())) < len(names):
-            clashing = sorted(given for given in names if list(names.values()).count(names[given]) > 1)
+        given_names = list(dict.fromkeys([config.id_data, *config.ood_data]))
+        if len(set(map(display_name, given_names))) < len(given_names):
+            clashing = sorted(given for given in given_names
+                              if [display_name(other) for other in given_names].count(display_name(given)) > 1)
             raise UserError(f"datasets {', '.join(clashing)} would share one name in the table and the cache; "
                             f"rename one of the YAML files")
-        test_sets = {names[given]: self._dataset(given, "test") for given in names}
+        datasets = {given: self._dataset(given, "test") for given in given_names}
+        names = {given: self.label(given, "test") for given in given_names}
+        test_sets = {names[given]: dataset for given, dataset in datasets.items()}
         id_name, ood_names = names[config.id_data], [names[given] for given in config.ood_data]
         warn_about_ood_sets_equal_to_the_id_set(test_sets, id_name, ood_names)
         bank_size = len(bank_indices(len(train), config.bank_ratio, config.seed))
@@ -190,7 +209,8 @@ class Experiment:
             log.info("ReAct: clipping features at %.4f, the %.2f quantile of the bank", clip,
                      self.model_config.react_percentile)
         classifier = self.backbone.classifier.to(self.device)
-        bank = model_outputs(bank_raw, classifier, clip, self.device, f"{display_name(config.train_data)} bank")
+        train_name = self.label(config.train_data, "train")
+        bank = model_outputs(bank_raw, classifier, clip, self.device, f"{train_name} bank")
         id_outputs = model_outputs(id_raw, classifier, clip, self.device, id_name)
         ood_outputs = {name: model_outputs(raw, classifier, clip, self.device, name) for name, raw in ood_raws.items()}
         id_accuracy = 100 * (id_outputs["logits"].argmax(dim=1) == id_outputs["labels"]).float().mean().item()
@@ -205,7 +225,7 @@ class Experiment:
                 metrics = ood_metrics(id_scores, ood_scores)
                 self.ood_scores.setdefault(ood_name, {})[table_name] = ood_scores.cpu().numpy()
                 self.metrics.setdefault(ood_name, {})[table_name] = metrics
-                rows.append({"model": self.model_config.name, "train_data": display_name(config.train_data),
+                rows.append({"model": self.model_config.name, "train_data": train_name,
                              "id_data": id_name, "ood_data": ood_name, "detector": table_name,
                              **{name: 100 * metrics[name] for name in ("auroc", "fpr95", "aupr_in", "aupr_out",
                                                                         "dtacc", "fpr95_ood_positive")},
@@ -248,8 +268,12 @@ def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
     provenance = {**environment(experiment.device),
                   # non-image files in flat folders, and image-list entries missing with --skip-broken-images
                   "skipped_files": {name: len(files) for name, files in experiment.skipped_files.items()},
-                  "broken_images": experiment.broken_images}
-    plots = (score_plot_writers(display_name(config.id_data), experiment.id_scores, experiment.ood_scores,
-                                metrics=experiment.metrics) if config.plots else {})
-    table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance, extra_files=plots)
+                  "broken_images": experiment.broken_images,
+                  "subsets": experiment.subset_notes()}
+    plots = (score_plot_writers(experiment.label(config.id_data, "test"), experiment.id_scores,
+                                experiment.ood_scores, metrics=experiment.metrics) if config.plots else {})
+    notes = ([f"Subsets, not the full sets (a debug run; seeded, stratified by class): "
+              f"{'; '.join(experiment.subset_notes())}."] if experiment.subset_sizes else [])
+    table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance, extra_files=plots,
+                          notes=notes)
     return rows, table

@@ -98,14 +98,16 @@ def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config: dict[str, Any],
-                  provenance: dict[str, Any], extra_files: Mapping[str, Callable[[Path], Any]] | None = None) -> str:
+                  provenance: dict[str, Any], extra_files: Mapping[str, Callable[[Path], Any]] | None = None,
+                  notes: list[str] | None = None) -> str:
     """Replace the folder's previous results with results.csv, results_openood.csv, results.md, config.yaml
     and `extra_files` ({file name: write(path)}, e.g. `score_plot_writers`), as one set; returns the terminal
-    table."""
+    table. `notes` (e.g. that the sets are subsets) go above the table, in results.md and the terminal."""
     table = paper_table(rows)
     first = rows[0]
     title = (f"# {first['model']}: ID {first['id_data']}, bank from {first['train_data']} "
-             f"(ID accuracy {first['id_acc']:.2f}%)\n\n{paper_table_legend(table)}\n\n")
+             f"(ID accuracy {first['id_acc']:.2f}%)\n\n" + "".join(f"**{note}**\n\n" for note in notes or [])
+             + f"{paper_table_legend(table)}\n\n")
     documents = {"results.csv": _csv_text(rows, CSV_COLUMNS), OPENOOD_FILE: _csv_text(rows, OPENOOD_COLUMNS),
                  "results.md": title + format_markdown(table),
                  "config.yaml": yaml.safe_dump({**resolved_config, "provenance": provenance}, sort_keys=False)}
@@ -122,7 +124,7 @@ def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config:
                     previous.get("ood_data", "?"), list(previous.get("detectors") or ["?"]))
     elif previous is not None:
         log.info("replaced the previous results of this run in %s", output_dir)
-    return format_terminal(table)
+    return "".join(f"{note}\n" for note in notes or []) + format_terminal(table)
 
 
 def _run_identity_on_disk(output_dir: Path) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import main
+from errors import UserError
 from pipeline.config import DEFAULT_DETECTORS, available, resolve_experiment
 from pipeline.provenance import environment, git_state
 from pipeline.report import write_results
@@ -118,3 +119,16 @@ def test_git_state_is_the_commit_and_whether_files_differ_from_it(tmp_path):
     (tmp_path / "code.py").write_text("x = 1\n")
     (tmp_path / "new.yaml").write_text("an untracked config can change a run\n")
     assert git_state(tmp_path) == {"commit": head, "dirty": True}
+
+
+def test_subsets_name_datasets_of_the_run_and_positive_counts():
+    flags = {"model": "resnet50-supcon", "train_data": "cifar10", "id_data": "cifar10", "ood_data": ["svhn"],
+             "detectors": ["knn"]}
+    assert resolve_experiment(None, flags, ["subsets.svhn=500"]).subsets == {"svhn": 500}
+    with pytest.raises(UserError, match=r"config key 'subsets': 'svhm' is not a dataset of this run "
+                                        r"\(did you mean 'svhn'\?\); its datasets: cifar10, svhn"):
+        resolve_experiment(None, flags, ["subsets.svhm=500"])
+    with pytest.raises(UserError, match=r"config key 'subsets.svhn' must be a positive integer, got 0"):
+        resolve_experiment(None, flags, ["subsets.svhn=0"])
+    with pytest.raises(UserError, match=r"key 'subsets'.svhn must be int, got 0.5"):
+        resolve_experiment(None, flags, ["subsets.svhn=0.5"])

@@ -17,7 +17,8 @@ from PIL import Image, ImageCms
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import PILToTensor
 
-from dataloaders import DATASET_FORMATS, DatasetConfig, ImageDataset, bank_indices, build_dataset
+from dataloaders import DATASET_FORMATS, DatasetConfig, ImageDataset, bank_indices, build_dataset, subset_indices
+from dataloaders.bank import SUBSET_SEED
 from dataloaders.base import BrokenImageError
 from dataloaders.folders import is_jpeg_or_png_by_imghdr_rule
 from errors import UserError
@@ -254,6 +255,28 @@ def test_bank_indices_equal_official_shuffle(seed, num_train, ratio):
     indices = bank_indices(num_train, ratio, seed)
     assert indices.dtype == np.int64 and np.array_equal(indices, expected)
     assert len(np.unique(indices)) == len(indices)
+
+
+@pytest.mark.parametrize("count", [1, 7, 100, 299])
+def test_subset_keeps_each_class_share_by_largest_remainders_seeded_and_sorted(count):
+    labels = np.repeat([3, 0, 1, 2], [150, 90, 50, 10])  # unequal classes, not in label order
+    chosen = subset_indices(labels, count)
+    assert chosen.dtype == np.int64 and len(chosen) == count and np.all(np.diff(chosen) > 0)
+    shares = count * np.array([90, 50, 10, 150]) / 300  # classes 0, 1, 2, 3
+    kept = np.bincount(labels[chosen], minlength=4)
+    assert np.all(np.abs(kept - shares) < 1) and kept.sum() == count  # floor or ceiling of each share
+    assert np.array_equal(subset_indices(labels, count), chosen)  # seeded: the same rows in every run
+    random = np.random.RandomState(SUBSET_SEED)  # one permutation per class, in label order
+    expected = [random.permutation(np.flatnonzero(labels == label))[:kept[label]] for label in range(4)]
+    assert np.array_equal(chosen, np.sort(np.concatenate(expected)))
+
+
+def test_subset_ties_go_to_smaller_labels_and_unlabelled_or_small_splits_work():
+    assert np.bincount(np.repeat([0, 1, 2], 10)[subset_indices(np.repeat([0, 1, 2], 10), 4)]).tolist() == [2, 1, 1]
+    unlabelled = subset_indices(np.full(50, -1), 5)
+    assert np.array_equal(unlabelled, np.sort(np.random.RandomState(SUBSET_SEED).permutation(50)[:5]))
+    assert np.array_equal(subset_indices(np.arange(6), 6), np.arange(6))
+    assert np.array_equal(subset_indices(np.arange(6), 600), np.arange(6))  # asking for more keeps all
 
 
 @pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5, float("nan"), 0.0001])

@@ -14,9 +14,9 @@ import yaml
 from PIL import Image
 
 import main
-from dataloaders import bank_indices
+from dataloaders import bank_indices, build_dataset, subset_indices
 from models import build_backbone
-from pipeline.config import load_model_config, resolve_experiment
+from pipeline.config import load_dataset_config, load_model_config, resolve_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 OOD_SETS = ["inaturalist", "textures", "cifar10", "svhn"]
@@ -225,3 +225,34 @@ def test_the_output_folder_holds_one_runs_tables_and_plots_listed_in_its_manifes
     assert set(manifest["files"]) >= {"results.csv", "results.md", "config.yaml", *plots}
     visible = {path.name for path in (work / "out").iterdir() if not path.name.startswith(".")}
     assert visible == {*manifest["files"], "results-manifest.json"}
+
+
+def cached_rows(entry: Path) -> np.ndarray:
+    return np.concatenate([np.load(path) for path in sorted(entry.glob("rows_*.npy"))])
+
+
+def test_subsets_are_stratified_marked_in_every_output_and_are_the_full_sets_rows(first_run, data_root, caplog):
+    """A debug run on subsets: the names carry the size (imagenet1k[8]) in the tables and the cache, results.md
+    and the terminal say so, and the subset's features are the full set's features of the same images."""
+    work, argv = first_run
+    argv = [*with_detectors(argv, "nnguide"), "--set", "detectors.nnguide.k=2", "--set", "subsets.imagenet1k=8",
+            "--set", "subsets.textures=4", "--output-dir", str(work / "subset"), "--no-plots"]
+    with caplog.at_level("INFO"):
+        assert main.main(argv) == 0
+    rows = read_csv(work / "subset/results.csv")
+    assert {(row["train_data"], row["id_data"]) for row in rows} == {("imagenet1k[8]", "imagenet1k[8]")}
+    assert [row["ood_data"] for row in rows] == ["inaturalist", "textures[4]", "cifar10", "svhn"]
+    notes = ["imagenet1k train: 8 of 48 images", "imagenet1k test: 8 of 20 images", "textures test: 4 of 10 images"]
+    assert f"**Subsets, not the full sets (a debug run; seeded, stratified by class): {'; '.join(notes)}.**" in \
+        (work / "subset/results.md").read_text()
+    config = yaml.safe_load((work / "subset/config.yaml").read_text())
+    assert config["subsets"] == {"imagenet1k": 8, "textures": 4} and config["provenance"]["subsets"] == notes
+    assert "extracting 4 of 4 images of imagenet1k[8]-train-seed0" in caplog.text  # bank_ratio 0.5 of the 8
+
+    test_split = build_dataset(load_dataset_config("imagenet1k"), "test", data_root, transform=None)
+    chosen = subset_indices(test_split.labels, 8)
+    assert np.bincount(test_split.labels[chosen]).tolist() == [2, 2, 2, 2]  # 4 classes of 5: stratified
+    cache = work / "cache/resnet50-supcon-tiny"
+    (full_entry,), (subset_entry,) = cache.glob("imagenet1k-test-*"), cache.glob("imagenet1k[[]8]-test-*")
+    # batched convolutions differ in float rounding only
+    np.testing.assert_allclose(cached_rows(subset_entry), cached_rows(full_entry)[chosen], rtol=1e-4, atol=1e-3)
