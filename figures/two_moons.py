@@ -2,10 +2,13 @@
 confidence and NNGuide on that confidence.
 
 A small MLP is trained on scikit-learn's two moons; each detector is fitted on the training points' outputs
-and scored on a grid reaching well beyond the data, one contour panel per score. The confidence is the
-maximum softmax probability by default, as in the paper's own plotting script (`--base energy` shows the
-energy instead, whose growth far from the data this toy's guidance cannot cancel; see the README). Colours
-are clipped to each panel's 5th-95th percentiles, as there too.
+and scored on a grid reaching well beyond the data, one panel per score. The confidence is the maximum softmax
+probability by default, as in the paper's own plotting script (`--base energy` shows the energy instead, whose
+growth far from the data this toy's guidance cannot cancel; see the README). Each panel shades the region its
+detector accepts at the threshold that accepts 95% of the training points (their 5th-percentile score), outlines
+it, and colours it by a scale shared by all panels: the share of training points scoring lower. Points farther
+than FAR_DISTANCE from every training point lie outside the dashed line; each title gives the share of them
+accepted.
 Usage: python figures/two_moons.py [--output assets/two_moons.png] [--grid 200] [--seed 0] [--k 10] [--base msp]
 """
 from __future__ import annotations
@@ -14,18 +17,20 @@ import argparse
 import sys
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from sklearn.datasets import make_moons
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ood_detectors import create_detector  # noqa: E402
 
 X_RANGE, Y_RANGE = (-3.0, 4.0), (-3.0, 3.0)
+FAR_DISTANCE = 1.5          # grid points farther than this from every training point count as far from the data
+ID_REJECTED_PERCENT = 5     # the threshold is the training points' 5th-percentile score: it accepts 95% of ID
+REJECTED_COLOUR = "#d4d4d4"
 CONFIDENCE_NAMES = {"msp": "MSP", "energy": "energy"}
 
 
@@ -108,25 +113,58 @@ def scores_on_grid(grid: int = 200, seed: int = 0, k: int = 10, base: str = "msp
     return result
 
 
-def render(output: Path, grid: int = 200, seed: int = 0, k: int = 10, base: str = "msp") -> Path:
-    """Draw the three score maps side by side into one PNG at `output`; returns its path."""
-    scores = scores_on_grid(grid, seed, k, base)
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.4), constrained_layout=True)
+def acceptance_threshold(train_scores: np.ndarray) -> float:
+    """The score that 95% of the training points exceed: the threshold that accepts 95% of ID."""
+    return float(np.percentile(train_scores, ID_REJECTED_PERCENT))
+
+
+def far_accepted_fraction(scores: dict[str, np.ndarray], name: str) -> float:
+    """Share of the grid points farther than FAR_DISTANCE from the data that detector `name` accepts."""
+    far = scores["distance"] > FAR_DISTANCE
+    return float((scores[name][far] > acceptance_threshold(scores[f"{name}_train"])).mean())
+
+
+def draw(scores: dict[str, np.ndarray], base: str = "msp") -> Figure:
+    """The three panels of `scores_on_grid`'s output: each detector's accepted region (score above its ID
+    threshold) coloured by the share of training points scoring lower, a scale shared by all panels since each
+    score has its own units; the rejected region grey."""
+    figure = Figure(figsize=(15, 4.5), dpi=100)
+    figure.subplots_adjust(left=0.01, right=0.9, bottom=0.1, top=0.93, wspace=0.04)
+    axes = figure.subplots(1, 3)
+    accepted_levels = np.linspace(ID_REJECTED_PERCENT / 100, 1.0, 20)
     for axis, (name, title, _) in zip(axes, panels(base)):
-        # Each score has its own units: each panel maps its 5th..95th percentiles onto [0, 1].
-        low, high = np.percentile(scores[name], [5, 95])
-        normalised = np.clip((scores[name] - low) / max(float(high - low), 1e-12), 0, 1)
-        filled = axis.contourf(scores["xs"], scores["ys"], normalised, levels=20, cmap="viridis")
+        grid_scores, train_scores = scores[name], np.sort(scores[f"{name}_train"])
+        threshold = acceptance_threshold(train_scores)
+        share_below = np.searchsorted(train_scores, grid_scores, side="left") / train_scores.size
+        filled = axis.contourf(scores["xs"], scores["ys"], share_below, levels=accepted_levels, cmap="viridis")
+        rejected_levels = [min(float(grid_scores.min()), threshold) - 1.0, threshold]
+        axis.contourf(scores["xs"], scores["ys"], grid_scores, levels=rejected_levels, colors=[REJECTED_COLOUR])
+        axis.contour(scores["xs"], scores["ys"], grid_scores, levels=[threshold], colors="black", linewidths=1.6)
+        axis.contour(scores["xs"], scores["ys"], scores["distance"], levels=[FAR_DISTANCE], colors="#555555",
+                     linewidths=1.0, linestyles="--")
         axis.scatter(*scores["points"].T, c=scores["labels"], cmap="coolwarm", s=6,
                      edgecolors="white", linewidths=0.3)
-        axis.set_title(title)
+        axis.set_title(f"{title}: accepts {100 * far_accepted_fraction(scores, name):.1f}% of far points")
         axis.set_aspect("equal")
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.colorbar(filled, ax=axes, shrink=0.85, label="score (per-panel percentiles; higher = more ID)")
+    colour_axis = figure.add_axes((0.915, 0.14, 0.012, 0.75))
+    figure.colorbar(filled, cax=colour_axis, ticks=[0.05, 0.25, 0.5, 0.75, 1.0],
+                    label="share of training points scoring lower (all panels)")
+    figure.legend(handles=[Patch(color=REJECTED_COLOUR, label="rejected: below the ID threshold"),
+                           Line2D([], [], color="black", linewidth=1.6,
+                                  label=f"ID threshold (accepts {100 - ID_REJECTED_PERCENT}% of training points)"),
+                           Line2D([], [], color="#555555", linewidth=1.0, linestyle="--",
+                                  label=f"distance {FAR_DISTANCE} from the data: far points lie outside")],
+                  loc="lower center", ncols=3, frameon=False, fontsize=10)
+    return figure
+
+
+def render(output: Path, grid: int = 200, seed: int = 0, k: int = 10, base: str = "msp") -> Path:
+    """Draw the three score maps side by side into one PNG at `output`; returns its path."""
+    figure = draw(scores_on_grid(grid, seed, k, base), base)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=100)
-    plt.close(figure)
     return output
 
 

@@ -1,7 +1,10 @@
 """Figures per OOD set: ID vs OOD score histograms (one panel per detector) and ROC curves (ID positive).
 
-Figures are built with `matplotlib.figure.Figure` (no pyplot, no global state) and written atomically, on their
-own (`write_score_plots`) or with a run's tables as one set (`score_plot_writers` into `write_results`).
+The ROC's FPR axis is logarithmic down to 1/(number of OOD samples), the finest FPR the data can show, with a
+linear stretch from there to 0 so curves starting at FPR 0 stay visible (matplotlib's "symlog"): at AUROCs above
+98% the low-FPR region is all that tells detectors apart. Figures are built with `matplotlib.figure.Figure` (no
+pyplot, no global state) and written atomically, on their own (`write_score_plots`) or with a run's tables as
+one set (`score_plot_writers` into `write_results`).
 """
 from __future__ import annotations
 
@@ -21,6 +24,14 @@ from pipeline.cache import write_atomically
 
 PANELS_PER_ROW = 3
 DPI = 100
+MIN_BINS, MAX_BINS = 5, 100
+# ROC curves: ten colours (tab10, its grey made black, as the reference lines are grey); the first curve solid,
+# the others cycling through three broken styles, so a curve drawn over one it coincides with leaves that one
+# showing through its gaps, and no (colour, line style) pair repeats before 31 curves.
+CURVE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#000000",
+                 "#bcbd22", "#17becf")
+CURVE_BROKEN_STYLES = ("--", "-.", ":")
+CURVE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 _UNSAFE_FILE_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -39,12 +50,15 @@ def panel_title(detector: str, id_scores: np.ndarray, ood_scores: np.ndarray) ->
 
 
 def _shared_bin_edges(id_scores: np.ndarray, ood_scores: np.ndarray) -> np.ndarray:
-    """Bins over both sets, spanning each set's 0.1%..99.9% quantiles so a few outliers cannot squash the plot."""
+    """Equal bins over both sets, spanning each set's 0.1%..99.9% quantiles so a few outliers cannot squash the
+    plot; their number is numpy's "auto" estimate (Sturges for small sets, Freedman-Diaconis for large ones) on
+    both sets' scores within that span, kept within MIN_BINS..MAX_BINS."""
     low = min(np.quantile(id_scores, 0.001), np.quantile(ood_scores, 0.001))
     high = max(np.quantile(id_scores, 0.999), np.quantile(ood_scores, 0.999))
     if not high > low:                                   # constant scores
         low, high = low - 0.5, high + 0.5
-    num_bins = int(np.clip(np.sqrt(min(id_scores.size, ood_scores.size)), 5, 80))
+    estimated = np.histogram_bin_edges(np.concatenate([id_scores, ood_scores]), bins="auto", range=(low, high))
+    num_bins = int(np.clip(estimated.size - 1, MIN_BINS, MAX_BINS))
     return np.linspace(low, high, num_bins + 1)
 
 
@@ -83,22 +97,82 @@ def _histogram_figure(id_name: str, ood_name: str, id_scores: dict[str, np.ndarr
     return figure
 
 
+def _curve_style(index: int) -> dict[str, str]:
+    """Colour, line style and marker of the index-th ROC curve."""
+    return {"color": CURVE_COLOURS[index % len(CURVE_COLOURS)],
+            "linestyle": "-" if index == 0 else CURVE_BROKEN_STYLES[(index - 1) % len(CURVE_BROKEN_STYLES)],
+            "marker": CURVE_MARKERS[index % len(CURVE_MARKERS)]}
+
+
+def _split_diagonal_steps(fpr: np.ndarray, tpr: np.ndarray, to_axis: Callable[[np.ndarray], np.ndarray],
+                          from_axis: Callable[[np.ndarray], np.ndarray], points: int = 16
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """ROC points with each diagonal step (ID and OOD scores tied, interpolated linearly in ROC space) split into
+    `points` points evenly spaced along the axis, so that on a log axis it is not drawn as a straight line."""
+    diagonal = (np.diff(fpr) > 0) & (np.diff(tpr) > 0)
+    counts = np.where(diagonal, points, 1)
+    step = np.repeat(np.arange(fpr.size - 1), counts)                  # the step each new point lies on
+    fraction = (np.arange(step.size) - np.repeat(np.cumsum(counts) - counts, counts) + 1) / counts[step]
+    start, stop = to_axis(fpr[step]), to_axis(fpr[step + 1])
+    x = np.where(diagonal[step], from_axis(start + fraction * (stop - start)), fpr[step + 1])
+    slope = (tpr[step + 1] - tpr[step]) / np.where(diagonal[step], fpr[step + 1] - fpr[step], 1.0)
+    y = np.where(diagonal[step], tpr[step] + (x - fpr[step]) * slope, tpr[step + 1])
+    return np.concatenate([fpr[:1], x]), np.concatenate([tpr[:1], y])
+
+
+def _tpr_at_fpr95(fpr: np.ndarray, tpr: np.ndarray, fpr95: float, detector: str) -> float:
+    """TPR of the ROC point `ood_metrics` took its fpr95 from: among the points at that FPR, the TPR nearest 0.95.
+
+    `fpr`, `tpr` are the full curve (`drop_intermediate=False`, as `ood_metrics` computes it)."""
+    at_fpr95 = tpr[fpr == fpr95]
+    if at_fpr95.size == 0:
+        raise ValueError(f"{detector}: fpr95 {fpr95} is no point of its ROC curve; metrics of other scores?")
+    return float(at_fpr95[np.argmin(np.abs(at_fpr95 - 0.95))])
+
+
 def _roc_figure(id_name: str, ood_name: str, id_scores: dict[str, np.ndarray],
-                ood_scores: dict[str, np.ndarray], aurocs: dict[str, float]) -> Figure:
-    figure = Figure(figsize=(6.0, 5.5), dpi=DPI)
-    figure.subplots_adjust(left=0.11, right=0.97, bottom=0.09, top=0.93)
+                ood_scores: dict[str, np.ndarray], metrics: dict[str, dict[str, float]]) -> Figure:
+    """ROC curves of every detector on a log FPR axis, each with its FPR95 point marked; `metrics[detector]` are
+    the `ood_metrics` dicts, whose auroc and fpr95 the legend shows and whose fpr95 the markers sit at."""
+    id_values = {detector: np.asarray(scores, dtype=np.float64).ravel() for detector, scores in id_scores.items()}
+    ood_values = {detector: np.asarray(ood_scores[detector], dtype=np.float64).ravel() for detector in id_scores}
+    num_ood = max(values.size for values in ood_values.values())
+    figure = Figure(figsize=(6.4, 6.6), dpi=DPI)
+    legend_rows = math.ceil(len(id_scores) / 2)
+    figure.subplots_adjust(left=0.11, right=0.97, bottom=(0.85 + 0.17 * legend_rows) / 6.6, top=0.93)
     ax = figure.subplots()
-    for detector, id_values in id_scores.items():
-        id_values = np.asarray(id_values, dtype=np.float64).ravel()
-        ood_values = np.asarray(ood_scores[detector], dtype=np.float64).ravel()
-        is_id = np.concatenate([np.ones(id_values.size, dtype=int), np.zeros(ood_values.size, dtype=int)])
-        fpr, tpr, _ = roc_curve(is_id, np.concatenate([id_values, ood_values]))
-        ax.plot(fpr, tpr, linewidth=1.3, label=f"{detector} ({100 * aurocs[detector]:.2f})")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
-    ax.axhline(0.95, linestyle=":", color="black", linewidth=0.8)
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="FPR (OOD accepted as ID)", ylabel="TPR (ID accepted)",
-           title=f"ROC: ID {id_name} vs OOD {ood_name} (dotted: TPR 0.95)")
-    ax.legend(title="AUROC (%)", fontsize=8, loc="lower right")
+    # Below 1/num_ood, the smallest non-zero FPR there is, the axis is linear down to 0 (half a decade wide).
+    ax.set_xscale("symlog", linthresh=1.0 / num_ood, linscale=0.5)
+    to_axis = ax.xaxis.get_transform().transform_non_affine
+    from_axis = ax.xaxis.get_transform().inverted().transform_non_affine
+    # Each curve (and FPR95 marker) smaller than the one before, so one drawn over an identical one leaves it
+    # showing at its sides.
+    line_widths = np.linspace(2.8, 1.2, len(id_scores)) if len(id_scores) > 1 else [1.5]
+    for index, detector in enumerate(id_scores):
+        is_id = np.concatenate([np.ones(id_values[detector].size, dtype=int),
+                                np.zeros(ood_values[detector].size, dtype=int)])
+        scores = np.concatenate([id_values[detector], ood_values[detector]])
+        style = _curve_style(index)
+        fpr, tpr, _ = roc_curve(is_id, scores)
+        ax.plot(*_split_diagonal_steps(fpr, tpr, to_axis, from_axis), color=style["color"],
+                linestyle=style["linestyle"], linewidth=line_widths[index], gid=f"{detector} roc",
+                label=_format_title(detector, metrics[detector]), marker=style["marker"], markevery=[])
+        full_fpr, full_tpr, _ = roc_curve(is_id, scores, drop_intermediate=False)
+        fpr95 = metrics[detector]["fpr95"]
+        ax.plot([fpr95], [_tpr_at_fpr95(full_fpr, full_tpr, fpr95, detector)], linestyle="none",
+                marker=style["marker"], markersize=2 + 2.5 * line_widths[index], color=style["color"],
+                markeredgecolor="white", markeredgewidth=0.8, zorder=3, gid=f"{detector} fpr95")
+    chance = np.concatenate([[0.0], np.geomspace(1.0 / num_ood, 1.0, 200)])
+    ax.plot(chance, chance, linestyle="--", color="0.6", linewidth=0.8)
+    ax.axhline(0.95, linestyle=":", color="0.4", linewidth=0.8)
+    ax.text(0.0, 0.95, " TPR 0.95", fontsize=7, color="0.3", va="bottom")
+    ax.set_xticks([0.0, *10.0 ** np.arange(-math.floor(math.log10(num_ood) + 1e-9), 1)])   # decades >= 1/num_ood
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel=f"FPR (OOD accepted as ID), log scale; linear below 1/{num_ood}",
+           ylabel="TPR (ID accepted)", title=f"ROC: ID {id_name} vs OOD {ood_name}")
+    ax.grid(True, which="major", linewidth=0.4, color="0.85")
+    figure.legend(*ax.get_legend_handles_labels(), loc="lower center", ncols=2, fontsize=8, frameon=False,
+                  title="AUROC and FPR95 (%); marker: the FPR95 point (TPR nearest 0.95)", title_fontsize=8,
+                  bbox_to_anchor=(0.5, 0.005))
     return figure
 
 
@@ -133,11 +207,10 @@ def score_plot_writers(id_name: str, id_scores: dict[str, np.ndarray], ood_score
                        {detector: ood_metrics(id_scores[detector], ood_scores[ood_name][detector])
                         for detector in id_scores})
         titles = {detector: _format_title(detector, set_metrics[detector]) for detector in id_scores}
-        aurocs = {detector: set_metrics[detector]["auroc"] for detector in id_scores}
         writers[f"scores_{file_name}.png"] = _png_writer(functools.partial(
             _histogram_figure, id_name, ood_name, id_scores, ood_scores[ood_name], titles))
         writers[f"roc_{file_name}.png"] = _png_writer(functools.partial(
-            _roc_figure, id_name, ood_name, id_scores, ood_scores[ood_name], aurocs))
+            _roc_figure, id_name, ood_name, id_scores, ood_scores[ood_name], set_metrics))
     return writers
 
 

@@ -1,12 +1,16 @@
-"""Score plots: files per OOD set in order, valid PNGs, safe file names, degenerate scores, real metrics in titles."""
+"""Score plots: files per OOD set in order, valid PNGs, safe file names, degenerate scores, real metrics in titles;
+the ROC figure's log FPR axis, curve styles and FPR95 markers, and histogram bins chosen from the data."""
 from __future__ import annotations
 
+import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
+from sklearn.metrics import roc_curve
 
 from ood_detectors.metrics import ood_metrics
-from pipeline.plots import panel_title, safe_file_name, write_score_plots
+from pipeline.plots import (MAX_BINS, MIN_BINS, _histogram_figure, _roc_figure, panel_title, safe_file_name,
+                            write_score_plots)
 
 DETECTORS = ["msp", "energy", "nnguide"]
 
@@ -83,3 +87,165 @@ def test_precomputed_metrics_give_the_same_files(tmp_path):
     given = write_score_plots(tmp_path / "given", "imagenet", id_scores, ood_scores, metrics=metrics)
     for left, right in zip(computed, given):
         assert np.array_equal(matplotlib.image.imread(left), matplotlib.image.imread(right))
+
+
+# ---- ROC figure: log FPR axis, every curve visible, FPR95 marked where ood_metrics puts it ----------------
+
+PIPELINE_DETECTORS = ["nnguide", "knn", "energy", "msp", "maxlogit", "kl", "vim", "mahalanobis", "ssd"]
+
+
+def roc_inputs(num_id: int = 400, num_ood: int = 250, seed: int = 0):
+    """The pipeline's nine detectors at AUROCs of about 98% to 100%: energy and maxlogit give identical scores
+    (their curves coincide), ssd separates perfectly (FPR95 = 0, which a plain log axis cannot show)."""
+    rng = np.random.default_rng(seed)
+    id_scores, ood_scores = {}, {}
+    for index, detector in enumerate(PIPELINE_DETECTORS):
+        id_scores[detector] = rng.normal(3.0 + 0.3 * index, 1.0, num_id)
+        ood_scores[detector] = rng.normal(0.0, 1.0, num_ood)
+    id_scores["maxlogit"], ood_scores["maxlogit"] = id_scores["energy"].copy(), ood_scores["energy"].copy()
+    id_scores["ssd"], ood_scores["ssd"] = rng.uniform(10, 11, num_id), rng.uniform(0, 1, num_ood)
+    metrics = {detector: ood_metrics(id_scores[detector], ood_scores[detector]) for detector in PIPELINE_DETECTORS}
+    return id_scores, ood_scores, metrics
+
+
+def lines_by_gid(figure) -> dict:
+    return {line.get_gid(): line for line in figure.axes[0].get_lines() if line.get_gid()}
+
+
+def test_roc_fpr_axis_is_logarithmic_down_to_one_over_the_ood_count_and_shows_fpr_zero():
+    id_scores, ood_scores, metrics = roc_inputs(num_ood=250)
+    figure = _roc_figure("imagenet", "openimage-o", id_scores, ood_scores, metrics)
+    ax = figure.axes[0]
+    assert ax.get_xscale() == "symlog"                  # logarithmic above linthresh, linear from there to 0
+    assert ax.xaxis.get_transform().linthresh == pytest.approx(1 / 250)
+    assert ax.get_xlim() == (0.0, 1.0)
+    # Three decades of log axis above 1/250 take six times the width of the linear stretch below it.
+    to_axis = ax.xaxis.get_transform().transform
+    assert to_axis(np.array([1.0]))[0] - to_axis(np.array([1 / 250]))[0] > 4 * to_axis(np.array([1 / 250]))[0]
+    # The perfect detector's FPR95 is 0: its marker is at x = 0, inside the axis.
+    assert metrics["ssd"]["fpr95"] == 0.0
+    assert lines_by_gid(figure)["ssd fpr95"].get_xdata()[0] == 0.0
+
+
+def test_every_roc_curve_has_a_visible_distinct_colour_and_line_style():
+    id_scores, ood_scores, metrics = roc_inputs()
+    lines = lines_by_gid(_roc_figure("imagenet", "openimage-o", id_scores, ood_scores, metrics))
+    curves = [lines[f"{detector} roc"] for detector in PIPELINE_DETECTORS]
+    for curve in curves:
+        assert curve.get_visible() and curve.get_linewidth() >= 1.0 and (curve.get_alpha() or 1.0) == 1.0
+    colours = [matplotlib.colors.to_hex(curve.get_color()) for curve in curves]
+    styles = [curve.get_linestyle() for curve in curves]
+    assert len(set(colours)) == len(curves)                      # distinct colours ...
+    assert len(set(styles)) >= 3                                  # ... and line styles cycling too
+    assert len(set(zip(colours, styles))) == len(curves)
+    # energy and maxlogit coincide: the one drawn later is broken and thinner, so the earlier shows through.
+    energy, maxlogit = lines["energy roc"], lines["maxlogit roc"]
+    assert np.array_equal(energy.get_xydata(), maxlogit.get_xydata())
+    assert maxlogit.get_linestyle() in ("--", "-.", ":") and maxlogit.get_linewidth() < energy.get_linewidth()
+
+
+def test_pairs_of_colour_and_line_style_stay_distinct_beyond_ten_detectors():
+    rng = np.random.default_rng(1)
+    names = [f"detector{index}" for index in range(25)]
+    id_scores = {name: rng.normal(2.0, 1.0, 30) for name in names}
+    ood_scores = {name: rng.normal(0.0, 1.0, 20) for name in names}
+    metrics = {name: ood_metrics(id_scores[name], ood_scores[name]) for name in names}
+    lines = lines_by_gid(_roc_figure("imagenet", "many", id_scores, ood_scores, metrics))
+    pairs = {(matplotlib.colors.to_hex(lines[f"{name} roc"].get_color()), lines[f"{name} roc"].get_linestyle())
+             for name in names}
+    assert len(pairs) == len(names)
+
+
+def first_tpr_reaching(fpr: np.ndarray, tpr: np.ndarray, level: float = 0.95) -> int:
+    return int(np.argmax(tpr >= level))
+
+
+def on_staircase(x: float, y: float, curve_x: np.ndarray, curve_y: np.ndarray) -> bool:
+    """Whether (x, y) lies on one of the curve's horizontal or vertical segments."""
+    for x0, y0, x1, y1 in zip(curve_x[:-1], curve_y[:-1], curve_x[1:], curve_y[1:]):
+        if (x0 == x1 == x and min(y0, y1) <= y <= max(y0, y1)) or (y0 == y1 == y and x0 <= x <= x1):
+            return True
+    return False
+
+
+def test_fpr95_marker_sits_on_the_curve_at_the_fpr_ood_metrics_reports():
+    # 17 ID points: TPR 16/17 = 0.941 is nearer 0.95 than 17/17, so ood_metrics' FPR95 (nearest TPR) differs
+    # from the FPR where the TPR first reaches 0.95; the marker must follow ood_metrics.
+    id_scores = {"knn": np.array([9.0, 8.5, 8.0, 7.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.5, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5,
+                                  -1.0])}
+    ood_scores = {"knn": np.array([1.8, 1.0, 0.5, 0.0, -0.5, -2.0, -3.0, -4.0])}
+    metrics = {"knn": ood_metrics(id_scores["knn"], ood_scores["knn"])}
+    is_id = np.r_[np.ones(17), np.zeros(8)]
+    fpr, tpr, _ = roc_curve(is_id, np.r_[id_scores["knn"], ood_scores["knn"]], drop_intermediate=False)
+    assert fpr[first_tpr_reaching(fpr, tpr)] != metrics["knn"]["fpr95"]         # the two rules differ here
+    lines = lines_by_gid(_roc_figure("imagenet", "inaturalist", id_scores, ood_scores, metrics))
+    (marker_x,), (marker_y,) = lines["knn fpr95"].get_xdata(), lines["knn fpr95"].get_ydata()
+    assert marker_x == metrics["knn"]["fpr95"] == pytest.approx(1 / 8)
+    assert marker_y == pytest.approx(16 / 17)
+    assert on_staircase(marker_x, marker_y, lines["knn roc"].get_xdata(), lines["knn roc"].get_ydata())
+
+
+def test_fpr95_markers_of_random_scores_match_ood_metrics():
+    id_scores, ood_scores, metrics = roc_inputs(num_id=333, num_ood=97, seed=3)
+    lines = lines_by_gid(_roc_figure("imagenet", "openimage-o", id_scores, ood_scores, metrics))
+    for detector in PIPELINE_DETECTORS:
+        marker = lines[f"{detector} fpr95"]
+        assert marker.get_xdata()[0] == metrics[detector]["fpr95"]
+        assert marker.get_marker() == lines[f"{detector} roc"].get_marker() != "None"
+        assert on_staircase(marker.get_xdata()[0], marker.get_ydata()[0], lines[f"{detector} roc"].get_xdata(),
+                            lines[f"{detector} roc"].get_ydata())
+
+
+def test_roc_legend_carries_auroc_and_fpr95_of_each_detector():
+    id_scores, ood_scores, metrics = roc_inputs()
+    figure = _roc_figure("imagenet", "openimage-o", id_scores, ood_scores, metrics)
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == [
+        f"{detector}  AUROC {100 * metrics[detector]['auroc']:.2f}  FPR95 {100 * metrics[detector]['fpr95']:.2f}"
+        for detector in PIPELINE_DETECTORS]
+
+
+def test_roc_refuses_an_fpr95_that_is_not_on_the_curve():
+    id_scores, ood_scores, metrics = roc_inputs()
+    metrics["knn"] = {**metrics["knn"], "fpr95": 0.123456}
+    with pytest.raises(ValueError, match="knn: fpr95 0.123456 is no point of its ROC curve"):
+        _roc_figure("imagenet", "openimage-o", id_scores, ood_scores, metrics)
+
+
+def test_a_tie_between_id_and_ood_scores_is_drawn_as_the_straight_roc_segment_it_is():
+    # All 10 ID and 10 OOD scores tied: the ROC is the diagonal, which the log axis must not draw as one chord.
+    id_scores, ood_scores = {"msp": np.ones(10)}, {"msp": np.ones(10)}
+    metrics = {"msp": ood_metrics(id_scores["msp"], ood_scores["msp"])}
+    line = lines_by_gid(_roc_figure("cifar10", "tied", id_scores, ood_scores, metrics))["msp roc"]
+    assert line.get_xdata().size > 10
+    assert np.allclose(line.get_xdata(), line.get_ydata())
+
+
+# ---- histogram bins -------------------------------------------------------------------------------------
+
+def histogram_bins(id_scores: np.ndarray, ood_scores: np.ndarray) -> int:
+    figure = _histogram_figure("cifar10", "ood", {"knn": id_scores}, {"knn": ood_scores}, {"knn": "knn"})
+    id_stairs, ood_stairs = figure.axes[0].patches
+    assert np.array_equal(id_stairs.get_data().edges, ood_stairs.get_data().edges)     # shared bins
+    return id_stairs.get_data().edges.size - 1
+
+
+def test_histogram_bins_grow_with_small_sets():
+    rng = np.random.default_rng(0)
+    small = histogram_bins(rng.normal(1.0, 1.0, 20), rng.normal(-1.0, 1.0, 12))
+    larger = histogram_bins(rng.normal(1.0, 1.0, 400), rng.normal(-1.0, 1.0, 240))
+    assert 5 < small < larger
+
+
+def test_histogram_bins_stay_bounded_for_large_sets_and_ignore_outliers():
+    rng = np.random.default_rng(0)
+    id_scores, ood_scores = rng.normal(1.0, 1.0, 200_000), rng.normal(-1.0, 1.0, 100_000)
+    id_scores[:10] = 1e6                                   # 0.005% outliers, outside the 99.9% quantile
+    figure = _histogram_figure("imagenet", "ood", {"knn": id_scores}, {"knn": ood_scores}, {"knn": "knn"})
+    edges = figure.axes[0].patches[0].get_data().edges
+    assert edges.size - 1 == MAX_BINS
+    assert edges[-1] < 10
+
+
+def test_constant_scores_get_the_minimum_number_of_bins():
+    assert histogram_bins(np.full(50, 2.0), np.full(7, 2.0)) == MIN_BINS
