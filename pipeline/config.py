@@ -41,6 +41,7 @@ class ExperimentConfig:
     num_workers: int = 8                          # DataLoader worker processes
     seed: int = 0                                 # draws the bank: RandomState(seed).permutation of the train split
     bank_ratio: float = 0.01                      # fraction of the train split in the bank; 1.0 = all of it
+    bank_order: str = "random"                    # "random": a seeded permutation (the paper); "list": split order
     amp: str = "off"                              # "bf16" autocast for extraction (changes the last digits)
     channels_last: bool = False                   # channels_last memory format for extraction
     download: bool = False                        # let torchvision download CIFAR / SVHN when missing
@@ -59,6 +60,7 @@ class ExperimentConfig:
                   (0 < self.bank_ratio <= 1, "bank_ratio", "in (0, 1]"),
                   (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32), what numpy's RandomState takes"),
                   (self.amp in ("off", "bf16"), "amp", "'off' or 'bf16'"),
+                  (self.bank_order in ("random", "list"), "bank_order", "'random' or 'list'"),
                   (self.chunk_size > 0, "chunk_size", "a positive integer"),
                   (len(self.ood_data) > 0, "ood_data", "at least one dataset"),
                   (len(self.detectors) > 0, "detectors", "at least one detector")]

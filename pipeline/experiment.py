@@ -141,15 +141,19 @@ class Experiment:
                 for (name, split), (kept, total) in self.subset_sizes.items()]
 
     def bank(self, train: ImageDataset, size: int) -> RawFeatures:
-        """The first `size` = int(N * bank_ratio) images of RandomState(seed).permutation(N) of the train split.
+        """The first `size` = int(N * bank_ratio) images of the train split in the bank's order: a
+        RandomState(seed) permutation (the paper's code), or with bank_order "list" the split's own order (OpenOOD's
+        NNGuide, which takes the first batches of its unshuffled train list).
 
-        The cache entry holds the whole permutation's order, so a larger bank extends a smaller one."""
-        order = bank_indices(len(train), 1.0, self.config.seed)
-        ordered = train.subset(order)
+        The cache entry holds the whole order's features as far as extracted, so a larger bank extends a smaller one."""
         name = self.label(self.config.train_data, "train")
+        if self.config.bank_order == "list":
+            key = {"dataset": name, "split": "train", "images": train.fingerprint(), "order": "dataset"}
+            return self._raw_features(train, key, f"{name}-train-in-order", size)
+        order = bank_indices(len(train), 1.0, self.config.seed)
         key = {"dataset": name, "split": "train", "images": train.fingerprint(),
                "order": f"RandomState({self.config.seed}).permutation"}
-        return self._raw_features(ordered, key, f"{name}-train-seed{self.config.seed}", size)
+        return self._raw_features(train.subset(order), key, f"{name}-train-seed{self.config.seed}", size)
 
     def test_set(self, name: str, dataset: ImageDataset) -> RawFeatures:
         """`name` is the set's display name: the cache entry's folder is named after it, under the cache dir."""

@@ -256,3 +256,24 @@ def test_subsets_are_stratified_marked_in_every_output_and_are_the_full_sets_row
     (full_entry,), (subset_entry,) = cache.glob("imagenet1k-test-*"), cache.glob("imagenet1k[[]8]-test-*")
     # batched convolutions differ in float rounding only
     np.testing.assert_allclose(cached_rows(subset_entry), cached_rows(full_entry)[chosen], rtol=1e-4, atol=1e-3)
+
+
+def test_bank_in_list_order_is_the_first_images_of_the_train_split(first_run, caplog):
+    """bank_order: list (OpenOOD's NNGuide bank: the first images of its unshuffled train list): the bank is the
+    split's first int(N * bank_ratio) images, whose features equal those the seeded bank cached for them."""
+    work, argv = first_run
+    argv = [*with_detectors(argv, "nnguide"), "--set", "detectors.nnguide.k=2", "--set", "bank_order=list",
+            "--bank-ratio", "0.25", "--output-dir", str(work / "list-order"), "--no-plots"]
+    with caplog.at_level("INFO"):
+        assert main.main(argv) == 0
+    assert "extracting 12 of 12 images of imagenet1k-train-in-order" in caplog.text
+    cache = work / "cache/resnet50-supcon-tiny"
+    (in_order,), (seeded,) = cache.glob("imagenet1k-train-in-order-*"), cache.glob("imagenet1k-train-seed0-*")
+    listed, permuted = cached_rows(in_order), cached_rows(seeded)
+    assert listed.shape == (12, 2048)
+    permutation = bank_indices(48, 1.0, 0)[:len(permuted)]
+    for image in range(12):  # the first 12 train images, where the seeded bank holds them too
+        if image in permutation:
+            row = int(np.flatnonzero(permutation == image)[0])
+            np.testing.assert_allclose(listed[image], permuted[row], rtol=1e-4, atol=1e-3)
+    assert sum(image in permutation for image in range(12)) >= 3  # the comparison is not empty
