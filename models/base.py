@@ -21,6 +21,7 @@ from torchvision import transforms
 from torchvision.transforms.v2 import functional as tv_functional
 
 from errors import UserError
+from models.openood_resnet18 import ResNet18_32x32
 from registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -141,6 +142,12 @@ def _vit_b_16_pre_ln(num_classes: int, image_size: int) -> tuple[nn.Module, tupl
 def _mobilenet_v2(num_classes: int, image_size: int) -> tuple[nn.Module, str]:
     # the head is Dropout -> Linear; the dropout is a no-op in eval mode
     return torchvision.models.mobilenet_v2(num_classes=num_classes), "classifier"
+
+
+@ARCHITECTURES.register("resnet18_32x32")
+def _resnet18_32x32(num_classes: int, image_size: int) -> tuple[nn.Module, str]:
+    """OpenOOD v1.5's CIFAR ResNet-18 in its own parameter names; feature: the pooled 512-d input of fc."""
+    return ResNet18_32x32(num_classes), "fc"
 
 
 class Backbone(nn.Module):

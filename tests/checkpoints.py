@@ -34,6 +34,53 @@ def write_torchvision_checkpoint(path: Path, architecture: str, seed: int = 0, n
     return state_dict
 
 
+def write_openood_resnet18_32x32_checkpoint(path: Path, num_classes: int = 10, seed: int = 0,
+                                            data_parallel: bool = False) -> dict[str, Tensor]:
+    """OpenOOD v1.5's CIFAR `best.ckpt`: the `net.state_dict()` of its ResNet18_32x32; returns that state dict.
+
+    Written from OpenOOD's layout (conv1, bn1, layer<1-4>.<0-1>.{conv1,bn1,conv2,bn2}, shortcut.0 / shortcut.1
+    where a block changes shape, fc), not from models/, so a test of our module checks its names. Every float
+    tensor is random, BatchNorm statistics included; convolutions are He-scaled so activations stay in range.
+    `data_parallel` saves the names with the 'module.' prefix of nn.DataParallel."""
+    generator = torch.Generator().manual_seed(seed)
+    state_dict: dict[str, Tensor] = {}
+
+    def uniform(low: float, high: float, size: int) -> Tensor:
+        return low + (high - low) * torch.rand(size, generator=generator)
+
+    def conv(name: str, out_channels: int, in_channels: int, kernel: int) -> None:
+        fan_in = in_channels * kernel * kernel
+        state_dict[f"{name}.weight"] = (torch.randn(out_channels, in_channels, kernel, kernel, generator=generator)
+                                        * (2 / fan_in) ** 0.5)
+
+    def batch_norm(name: str, channels: int) -> None:
+        state_dict.update({f"{name}.weight": uniform(0.5, 1.5, channels),
+                           f"{name}.bias": uniform(-0.2, 0.2, channels),
+                           f"{name}.running_mean": uniform(-0.1, 0.1, channels),
+                           f"{name}.running_var": uniform(0.5, 1.5, channels),
+                           f"{name}.num_batches_tracked": torch.tensor(0)})
+
+    conv("conv1", 64, 3, 3)
+    batch_norm("bn1", 64)
+    in_channels = 64
+    for layer, (channels, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)], start=1):
+        for block, block_stride in enumerate([stride, 1]):
+            name = f"layer{layer}.{block}"
+            conv(f"{name}.conv1", channels, in_channels, 3)
+            batch_norm(f"{name}.bn1", channels)
+            conv(f"{name}.conv2", channels, channels, 3)
+            batch_norm(f"{name}.bn2", channels)
+            if block_stride != 1 or in_channels != channels:
+                conv(f"{name}.shortcut.0", channels, in_channels, 1)
+                batch_norm(f"{name}.shortcut.1", channels)
+            in_channels = channels
+    state_dict["fc.weight"] = torch.randn(num_classes, 512, generator=generator) / 512 ** 0.5
+    state_dict["fc.bias"] = uniform(-0.1, 0.1, num_classes)
+    prefix = "module." if data_parallel else ""
+    torch.save({prefix + key: tensor for key, tensor in state_dict.items()}, path)
+    return state_dict
+
+
 def _randomised_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Random BatchNorm statistics too, so a test notices buffers that were not loaded."""
     for module in model.modules():
