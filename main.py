@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "another run's results there are replaced whole (default: logs/<model>/<ID set>)")
     add("--cache-dir", dest="cache_dir", help=f"feature cache (default: {DEFAULTS['cache_dir']})")
     add("--pretrained-dir", dest="pretrained_dir", help=f"checkpoints (default: {DEFAULTS['pretrained_dir']})")
+    add("--checkpoint", help="another checkpoint file of the model than its YAML names, e.g. one of OpenOOD's "
+        "three runs (a path, or a name under --pretrained-dir)")
     add("--device", help="cuda, cuda:1 or cpu (default: cuda when available, else cpu)")
     add("--gpu_idx", "-g", dest="gpu_idx", type=int, help="official alias: --gpu_idx 1 means --device cuda:1")
     add("--batch-size", "--batch_size", "-bs", dest="batch_size", type=int,

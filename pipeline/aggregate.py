@@ -7,51 +7,80 @@ Rows are detectors, columns FPR95 and AUROC per OOD set, then two averages: Avg-
 "Average" (iNaturalist, SUN, Places, Textures; OpenImage-O has its own column), and Avg-all over every
 OOD column of the table. A detector missing an OOD set shows "-" there and in the averages that need it.
 
-With --openood, one table per (model, ID set) that has results on OpenOOD v1.5's ImageNet-1K sets, shaped
-like OpenOOD's evaluator output: per detector, one row per OOD set and the near-OOD and far-OOD averages,
-columns FPR95 (OpenOOD's convention, OOD positive), AUROC, AUPR-in, AUPR-out and ID accuracy.
+With --openood, one table per (model, ID set) that has results on one of OpenOOD v1.5's benchmarks (ImageNet-1K,
+CIFAR-10, CIFAR-100), shaped like OpenOOD's evaluator output: per detector, one row per OOD set and the near-OOD
+and far-OOD averages, columns FPR95 (OpenOOD's convention, OOD positive), AUROC, AUPR-in, AUPR-out and ID accuracy.
+
+Runs of one model with different checkpoints (--checkpoint, e.g. OpenOOD's three training runs) are replicates:
+their tables show each cell's mean ± population std over the checkpoints, averages taken per checkpoint first,
+as OpenOOD's scripts/eval_ood.py reports them.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 from errors import UserError
 from pipeline.cache import write_atomically
-from pipeline.report import (CSV_COLUMNS, MISSING, OPENOOD_COLUMNS, OPENOOD_FILE, format_markdown, format_terminal,
-                             paper_table, paper_table_legend)
+from pipeline.report import (CSV_COLUMNS, OPENOOD_COLUMNS, OPENOOD_FILE, NumericTable, format_markdown,
+                             format_table, format_terminal, mean_cells, paper_table_legend, paper_table_numbers)
 
 METRIC_COLUMNS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "id_acc")
 
 OPENOOD_METRICS = ("fpr95_ood_positive", "auroc", "aupr_in", "aupr_out")  # OpenOOD's column order
-OPENOOD_NEAR = ("openood-ssb-hard", "openood-ninco")
-OPENOOD_FAR = ("openood-inaturalist", "openood-textures", "openood-openimage-o")
-OPENOOD_LEGEND = ("In percent. FPR95 is OpenOOD's (OOD positive: the ID images rejected at the first threshold "
-                  "detecting 95% of the OOD images); results.csv keeps the paper's. Near-OOD averages SSB-hard and "
-                  "NINCO; Far-OOD averages iNaturalist, Textures and OpenImage-O.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenOODBenchmark:
+    """One OpenOOD v1.5 benchmark's OOD sets (dataset config names), as its evaluator groups them."""
+
+    name: str
+    near: tuple[str, ...]
+    far: tuple[str, ...]
+
+
+OPENOOD_BENCHMARKS = (
+    OpenOODBenchmark("ImageNet-1K", near=("openood-ssb-hard", "openood-ninco"),
+                     far=("openood-inaturalist", "openood-textures", "openood-openimage-o")),
+    OpenOODBenchmark("CIFAR-10", near=("openood-cifar10-cifar100", "openood-cifar10-tin"),
+                     far=("openood-cifar10-mnist", "openood-cifar10-svhn", "openood-cifar10-texture",
+                          "openood-cifar10-places365")),
+    OpenOODBenchmark("CIFAR-100", near=("openood-cifar100-cifar10", "openood-cifar100-tin"),
+                     far=("openood-cifar100-mnist", "openood-cifar100-svhn", "openood-cifar100-texture",
+                          "openood-cifar100-places365")),
+)
+
+
+def openood_legend(benchmark: OpenOODBenchmark) -> str:
+    return (f"In percent. FPR95 is OpenOOD's (OOD positive: the ID images rejected at the first threshold detecting "
+            f"95% of the OOD images); results.csv keeps the paper's. Near-OOD averages {', '.join(benchmark.near)}; "
+            f"Far-OOD averages {', '.join(benchmark.far)}.")
+
 
 TableKey = tuple[str, str]  # (model, id_data)
 
 
 def collect(root: Path, openood: bool = False) -> list[dict[str, Any]]:
     """Rows of every results.csv (results_openood.csv with `openood`) below root, metrics as floats and
-    `source` = the file; duplicates are an error."""
+    `source` = the file; duplicates (the same model, checkpoint, data and detector twice) are an error."""
     file_name, columns, metrics = ((OPENOOD_FILE, OPENOOD_COLUMNS, (*OPENOOD_METRICS, "id_acc")) if openood
                                    else ("results.csv", CSV_COLUMNS, METRIC_COLUMNS))
     paths = sorted(root.rglob(file_name))
     if not paths:
         raise UserError(f"no {file_name} found under {root}")
     rows: list[dict[str, Any]] = []
-    seen: dict[tuple[str, str, str, str], Path] = {}
+    seen: dict[tuple[str, ...], Path] = {}
     for path in paths:
         for row in _read_results(path, columns, metrics):
-            key = (row["model"], row["id_data"], row["ood_data"], row["detector"])
+            key = (row["model"], row["checkpoint"], row["id_data"], row["ood_data"], row["detector"])
             if key in seen:
-                raise UserError(f"duplicate result for model={key[0]} id_data={key[1]} ood_data={key[2]} "
-                                f"detector={key[3]}: in {seen[key]} and in {path}")
+                checkpoint = f" checkpoint={key[1]}" if key[1] else ""
+                raise UserError(f"duplicate result for model={key[0]}{checkpoint} id_data={key[2]} ood_data={key[3]} "
+                                f"detector={key[4]}: in {seen[key]} and in {path}")
             seen[key] = path
             rows.append(row)
     return rows
@@ -60,7 +89,8 @@ def collect(root: Path, openood: bool = False) -> list[dict[str, Any]]:
 def _read_results(path: Path, columns: list[str], metric_columns: tuple[str, ...]) -> list[dict[str, Any]]:
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [name for name in columns if name not in (reader.fieldnames or [])]
+        # results.csv files written before the checkpoint column hold one run of the model's own checkpoint
+        missing = [name for name in columns if name not in (reader.fieldnames or []) and name != "checkpoint"]
         if missing:
             raise UserError(f"{path}: missing columns {missing}")
         rows = []
@@ -69,7 +99,7 @@ def _read_results(path: Path, columns: list[str], metric_columns: tuple[str, ...
                 metrics = {name: float(record[name]) for name in metric_columns}
             except (TypeError, ValueError) as error:  # TypeError: a short line leaves None
                 raise UserError(f"{path}, line {line_number}: a metric is missing or not a number ({error})") from error
-            rows.append({**record, **metrics, "source": str(path)})
+            rows.append({**record, **metrics, "checkpoint": record.get("checkpoint") or "", "source": str(path)})
     return rows
 
 
@@ -81,57 +111,91 @@ def _groups(rows: list[dict[str, Any]]) -> dict[TableKey, list[dict[str, Any]]]:
     return groups
 
 
+def _replicates(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A table's rows split by checkpoint, in first-seen order: one list per replicate run."""
+    by_checkpoint: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_checkpoint.setdefault(row["checkpoint"], []).append(row)
+    return list(by_checkpoint.values())
+
+
+def _first_seen(rows: list[dict[str, Any]], key: str) -> list[str]:
+    return list(dict.fromkeys(row[key] for row in rows))
+
+
 def paper_tables(rows: list[dict[str, Any]]) -> dict[TableKey, list[list[str]]]:
-    """{(model, id_data): table}, in first-seen order."""
-    return {key: paper_table(group) for key, group in _groups(rows).items()}
+    """{(model, id_data): table}, in first-seen order; replicates give mean ± std cells."""
+    return {key: format_table([paper_table_numbers(replicate, _first_seen(group, "ood_data"),
+                                                   _first_seen(group, "detector"))
+                               for replicate in _replicates(group)])
+            for key, group in _groups(rows).items()}
+
+
+def openood_benchmark(rows: list[dict[str, Any]]) -> OpenOODBenchmark | None:
+    """The OpenOOD v1.5 benchmark whose OOD sets the rows hold results on; None if none."""
+    ood_sets = {row["ood_data"] for row in rows}
+    return next((benchmark for benchmark in OPENOOD_BENCHMARKS if ood_sets & {*benchmark.near, *benchmark.far}),
+                None)
+
+
+def _openood_numbers(rows: list[dict[str, Any]], benchmark: OpenOODBenchmark, ood_sets: list[str],
+                     detectors: list[str]) -> NumericTable:
+    """One replicate's OpenOOD-shaped lines: per detector, one per near-OOD set, their average, one per far-OOD
+    set, their average, then any other OOD set; numbers FPR95 (OOD positive), AUROC, AUPR-in, AUPR-out, ID acc."""
+    cells = {(row["detector"], row["ood_data"]): row for row in rows}
+    others = [name for name in ood_sets if name not in benchmark.near + benchmark.far]
+    sections = [*[(name, (name,)) for name in benchmark.near], ("Near-OOD", benchmark.near),
+                *[(name, (name,)) for name in benchmark.far], ("Far-OOD", benchmark.far),
+                *[(name, (name,)) for name in others]]
+    lines = []
+    for detector in detectors:
+        id_acc = next((row["id_acc"] for row in rows if row["detector"] == detector), None)
+        for label, names in sections:
+            numbers = mean_cells([cells.get((detector, name)) for name in names], OPENOOD_METRICS)
+            lines.append(([detector, label], [*numbers, id_acc]))
+    return ["Detector", "OOD set", "FPR95", "AUROC", "AUPR-in", "AUPR-out", "ID Acc"], lines
 
 
 def openood_table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """OpenOOD's evaluator shape for one (model, id_data): header + per detector (first-seen order) one line
-    per near-OOD set, their average, one per far-OOD set, their average, then any other OOD set.
-
-    Cells are FPR95 (OOD positive), AUROC, AUPR-in, AUPR-out and ID accuracy, two decimals; a missing result,
-    and an average needing it, shows "-"."""
-    cells = {(row["detector"], row["ood_data"]): row for row in rows}
-    others = [name for name in dict.fromkeys(row["ood_data"] for row in rows)
-              if name not in OPENOOD_NEAR + OPENOOD_FAR]
-    lines: list[tuple[str, tuple[str, ...]]] = [
-        *[(name, (name,)) for name in OPENOOD_NEAR], ("Near-OOD", OPENOOD_NEAR),
-        *[(name, (name,)) for name in OPENOOD_FAR], ("Far-OOD", OPENOOD_FAR), *[(name, (name,)) for name in others]]
-    table = [["Detector", "OOD set", "FPR95", "AUROC", "AUPR-in", "AUPR-out", "ID Acc"]]
-    for detector in dict.fromkeys(row["detector"] for row in rows):
-        id_acc = next(row["id_acc"] for row in rows if row["detector"] == detector)
-        for label, names in lines:
-            results = [cells.get((detector, name)) for name in names]
-            metrics = ([f"{sum(row[metric] for row in results) / len(results):.2f}" for metric in OPENOOD_METRICS]
-                       if all(results) else [MISSING] * len(OPENOOD_METRICS))
-            table.append([detector, label, *metrics, f"{id_acc:.2f}"])
-    return table
+    """OpenOOD's evaluator shape for one (model, id_data), two decimals, mean ± std over checkpoints; a missing
+    result, and an average needing it, shows "-"."""
+    benchmark = openood_benchmark(rows)
+    if benchmark is None:
+        raise ValueError("the rows hold no result on an OpenOOD v1.5 set")
+    ood_sets, detectors = _first_seen(rows, "ood_data"), _first_seen(rows, "detector")
+    return format_table([_openood_numbers(replicate, benchmark, ood_sets, detectors)
+                         for replicate in _replicates(rows)])
 
 
 def openood_tables(rows: list[dict[str, Any]]) -> dict[TableKey, list[list[str]]]:
     """{(model, id_data): OpenOOD-shaped table} for the groups with a result on any OpenOOD v1.5 set."""
-    tables = {key: openood_table(group) for key, group in _groups(rows).items()
-              if any(row["ood_data"] in OPENOOD_NEAR + OPENOOD_FAR for row in group)}
+    tables = {key: openood_table(group) for key, group in _groups(rows).items() if openood_benchmark(group)}
     if not tables:
         sources = ", ".join(sorted({row["source"] for row in rows}))
-        raise UserError(f"no results on OpenOOD v1.5's sets ({', '.join(OPENOOD_NEAR + OPENOOD_FAR)}) in {sources}")
+        every_set = [name for benchmark in OPENOOD_BENCHMARKS for name in (*benchmark.near, *benchmark.far)]
+        raise UserError(f"no results on OpenOOD v1.5's sets ({', '.join(every_set)}) in {sources}")
     return tables
 
 
 def _title(rows: list[dict[str, Any]], key: TableKey) -> str:
-    banks = ", ".join(dict.fromkeys(row["train_data"] for row in rows if (row["model"], row["id_data"]) == key))
-    return f"{key[0]}: ID {key[1]}, bank from {banks}"
+    group = [row for row in rows if (row["model"], row["id_data"]) == key]
+    banks = ", ".join(_first_seen(group, "train_data"))
+    checkpoints = len(_replicates(group))
+    replicates = f" (mean ± std over {checkpoints} checkpoints)" if checkpoints > 1 else ""
+    return f"{key[0]}: ID {key[1]}, bank from {banks}{replicates}"
 
 
 def write_tables(rows: list[dict[str, Any]], output_dir: Path, openood: bool = False) -> str:
     """Writes <model>__<id_data>.md/.csv per table and tables.md (with `openood`: <model>__<id_data>__openood
     .md/.csv and tables_openood.md); returns all tables for the terminal."""
     tables, suffix = (openood_tables(rows), "__openood") if openood else (paper_tables(rows), "")
-    sections, terminal = [], []
+    sections, terminal, legends = [], [], []
     for key, table in tables.items():
-        title = _title(rows, key) + (" (OpenOOD v1.5 ImageNet-1K)" if openood else "")
-        legend = OPENOOD_LEGEND if openood else paper_table_legend(table)
+        group = [row for row in rows if (row["model"], row["id_data"]) == key]
+        benchmark = openood_benchmark(group) if openood else None
+        title = _title(rows, key) + (f" (OpenOOD v1.5 {benchmark.name})" if benchmark else "")
+        legend = openood_legend(benchmark) if benchmark else paper_table_legend(table)
+        legends.append(legend)
         markdown = f"# {title}\n\n{legend}\n\n{format_markdown(table)}"
         stem = f"{key[0]}__{key[1]}{suffix}"
         write_atomically(output_dir / f"{stem}.md", lambda path, text=markdown: path.write_text(text))
@@ -140,9 +204,9 @@ def write_tables(rows: list[dict[str, Any]], output_dir: Path, openood: bool = F
         terminal.append(f"{title}\n{format_terminal(table)}")
     combined = "\n".join(sections)
     write_atomically(output_dir / tables_file(openood), lambda path: path.write_text(combined))
-    every_header = [[cell for table in tables.values() for cell in table[0]]]  # Avg-4 explained if any table has it
-    footer = OPENOOD_LEGEND if openood else paper_table_legend(every_header)
-    return "\n\n".join(terminal) + f"\n\n{footer}"
+    if not openood:  # one footer: Avg-4 explained if any table has it
+        legends = [paper_table_legend([[cell for table in tables.values() for cell in table[0]]])]
+    return "\n\n".join(terminal) + "\n\n" + "\n".join(dict.fromkeys(legends))
 
 
 def tables_file(openood: bool) -> str:
@@ -160,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", type=Path, help="folder searched for results.csv (e.g. logs/paper)")
     parser.add_argument("--output-dir", type=Path, help="where the tables go (default: ROOT)")
     parser.add_argument("--openood", action="store_true",
-                        help=f"OpenOOD v1.5 ImageNet-1K tables from every {OPENOOD_FILE} below ROOT")
+                        help=f"OpenOOD v1.5 tables (ImageNet-1K, CIFAR-10, CIFAR-100) from every {OPENOOD_FILE} "
+                             f"below ROOT")
     args = parser.parse_args(argv)
     try:
         rows = collect(args.root, args.openood)

@@ -36,6 +36,7 @@ class ExperimentConfig:
     output_dir: str = ""                          # results.csv, results.md, config.yaml, plots; "": default_output_dir
     cache_dir: str = "saved_model_outputs"        # extracted features, reused across runs
     pretrained_dir: str = "pretrained_models"     # checkpoints looked up here, then in the torch hub cache
+    checkpoint: str = ""                          # another checkpoint of the model (e.g. OpenOOD's s1); "": its YAML's
     device: str = "auto"                          # "auto" = CUDA when available, else CPU; or "cuda:1", "cpu"
     batch_size: int = 64                          # images per forward pass
     num_workers: int = 8                          # DataLoader worker processes

@@ -83,6 +83,8 @@ class Experiment:
         self.device = resolve_device(config.device)
         self.data_root = Path(config.data_root).expanduser()
         self.model_config: ModelConfig = load_model_config(config.model)
+        if config.checkpoint:
+            self.model_config = dataclasses.replace(self.model_config, checkpoint=config.checkpoint, train=None)
         if self.model_config.train is not None:
             if not topology.is_main:
                 barrier(topology)  # rank 0 trains; the others then find its cached weights
@@ -233,7 +235,7 @@ class Experiment:
                              "id_data": id_name, "ood_data": ood_name, "detector": table_name,
                              **{name: 100 * metrics[name] for name in ("auroc", "fpr95", "aupr_in", "aupr_out",
                                                                         "dtacc", "fpr95_ood_positive")},
-                             "id_acc": id_accuracy})
+                             "id_acc": id_accuracy, "checkpoint": self.model_config.checkpoint})
         return rows
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from pipeline.cache import exclusive_lock, full_disk_is_a_user_error, remove_unfinished_files, write_atomically
@@ -25,11 +26,11 @@ log = logging.getLogger(__name__)
 PAPER_AVERAGE_SETS = ("inaturalist", "sun", "places", "textures")  # the paper's "Average"; OpenImage-O apart
 MISSING = "-"
 CSV_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95", "aupr_in",
-               "aupr_out", "dtacc", "id_acc"]
+               "aupr_out", "dtacc", "id_acc", "checkpoint"]
 # results_openood.csv, beside results.csv: the same runs with FPR95 in OpenOOD's convention (OOD positive)
 OPENOOD_FILE = "results_openood.csv"
 OPENOOD_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95_ood_positive",
-                   "aupr_in", "aupr_out", "id_acc"]
+                   "aupr_in", "aupr_out", "id_acc", "checkpoint"]
 # the output folder's record of its result files: {"complete": bool, "files": {name: sha256}, "written": ISO UTC}
 RESULTS_MANIFEST = "results-manifest.json"
 # the keys of config.yaml that make a run another run: its results are not comparable rows of the same table
@@ -38,32 +39,66 @@ _STAGING = ".results-staging"     # a run's files before they are renamed in; a 
 _RESULTS_LOCK = ".results.lock"   # exclusive_lock: one run at a time stages and replaces a folder's results
 
 
-def _metric_cells(results: list[dict[str, Any] | None]) -> list[str]:
-    """FPR95 and AUROC averaged over `results`, two decimals; "-" when any is missing."""
+Cell = float | None  # a metric in percent; None where a result is missing
+# A table before formatting: its header, and per line the label cells and the numbers
+NumericTable = tuple[list[str], list[tuple[list[str], list[Cell]]]]
+
+
+def mean_cells(results: list[dict[str, Any] | None], metrics: tuple[str, ...]) -> list[Cell]:
+    """Each metric averaged over `results`; None when any result is missing."""
     if not all(results):
-        return [MISSING, MISSING]
-    return [f"{sum(row[metric] for row in results) / len(results):.2f}" for metric in ("fpr95", "auroc")]
+        return [None] * len(metrics)
+    return [sum(row[metric] for row in results) / len(results) for metric in metrics]
 
 
-def paper_table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Header + one line per detector (first-seen order): FPR95 and AUROC per OOD set, then the averages.
+def paper_table_numbers(rows: list[dict[str, Any]], ood_sets: list[str] | None = None,
+                        detectors: list[str] | None = None) -> NumericTable:
+    """One line per detector: FPR95 and AUROC per OOD set, then the averages; sets and detectors in first-seen
+    order unless given (replicates of a run share the union's columns).
 
     Avg-4 is the paper's Average (iNaturalist, SUN, Places, Textures), shown when all four are present;
-    Avg-all averages every OOD set. A missing result, and any average needing it, shows "-"."""
-    ood_sets = list(dict.fromkeys(row["ood_data"] for row in rows))
-    detectors = list(dict.fromkeys(row["detector"] for row in rows))
+    Avg-all averages every OOD set. A missing result, and any average needing it, is None."""
+    ood_sets = ood_sets or list(dict.fromkeys(row["ood_data"] for row in rows))
+    detectors = detectors or list(dict.fromkeys(row["detector"] for row in rows))
     cells = {(row["detector"], row["ood_data"]): row for row in rows}
     averages = {"Avg-all": ood_sets}
     if all(name in ood_sets for name in PAPER_AVERAGE_SETS):
         averages = {"Avg-4": list(PAPER_AVERAGE_SETS), **averages}
-    table = [["Detector"] + [f"{name} {metric}" for name in [*ood_sets, *averages]
-                             for metric in ("FPR95", "AUROC")]]
+    header = ["Detector"] + [f"{name} {metric}" for name in [*ood_sets, *averages] for metric in ("FPR95", "AUROC")]
+    lines = []
     for detector in detectors:
-        line = [detector]
+        numbers: list[Cell] = []
         for names in [[name] for name in ood_sets] + list(averages.values()):
-            line += _metric_cells([cells.get((detector, name)) for name in names])
-        table.append(line)
+            numbers += mean_cells([cells.get((detector, name)) for name in names], ("fpr95", "auroc"))
+        lines.append(([detector], numbers))
+    return header, lines
+
+
+def format_table(replicates: list[NumericTable]) -> list[list[str]]:
+    """Header + lines of strings: each cell two decimals, or with several replicates (runs of one model's
+    checkpoints) their mean ± population std, as OpenOOD reports its three checkpoints; "-" where any is missing."""
+    header, lines = replicates[0]
+    if any(other[0] != header or [labels for labels, _ in other[1]] != [labels for labels, _ in lines]
+           for other in replicates[1:]):
+        raise ValueError("replicate tables must share their header and line labels")
+    table = [header]
+    for index, (labels, _) in enumerate(lines):
+        cells = []
+        for column in range(len(lines[index][1])):
+            values = [replicate[1][index][1][column] for replicate in replicates]
+            if any(value is None for value in values):
+                cells.append(MISSING)
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.2f}")
+            else:
+                cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f}")
+        table.append([*labels, *cells])
     return table
+
+
+def paper_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Header + one line per detector: `paper_table_numbers` of one run, two decimals, "-" where missing."""
+    return format_table([paper_table_numbers(rows)])
 
 
 def paper_table_legend(table: list[list[str]]) -> str:

@@ -132,3 +132,55 @@ def write_png16(path: Path, values: np.ndarray) -> Path:
     Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
                            + chunk(b"IEND", b""))
     return Path(path)
+
+
+def write_openood_classic_layout(root: Path, per_list: int = 2, size: tuple[int, int] = (8, 8),
+                                 seed: int = 0) -> dict[str, tuple[list[str], list[int], np.ndarray]]:
+    """A miniature of OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks under `root/openood/`, laid out as its
+    scripts/download/download.py does: benchmark_imglist/{cifar10,cifar100}/<list>.txt (train and test of the ID
+    set, test_<set>.txt of each OOD set), `per_list` lines `<path> <label>` each, naming random-colour images of
+    `size` (width, height) under images_classic/<set>/, written in the format their extension names.
+
+    Paths have the shapes seen in OpenOOD's lists (cifar10/test/airplane/0001.png, numbered per class from 1;
+    tin/val/images/val_<n>.JPEG; texture/<class>/<class>_<nnnn>.jpg; CIFAR-100 like CIFAR-10); the mnist, svhn
+    and places365 shapes are stand-ins. ID lists give the class index (airplane 0, cat 3; apple 0, whale 95), OOD
+    lists -1, as OpenOOD's do. The two benchmarks list different images of a shared set (OpenOOD filters
+    TinyImageNet per benchmark), so a config that reads the other benchmark's list reads other images.
+
+    Returns list file relative to `root` -> (image paths relative to images_classic, labels, pixels
+    (N, H, W, 3) uint8 as the written files decode: exactly the generated ones for PNGs)."""
+    def image_path(image_set: str, split: str, j: int) -> tuple[str, int]:
+        """The j-th image of a set (j from 0) and its class index; classes alternate so each list has two."""
+        number = j // 2 + 1
+        if image_set in ("cifar10", "cifar100"):
+            name, label = {"cifar10": [("airplane", 0), ("cat", 3)],
+                           "cifar100": [("apple", 0), ("whale", 95)]}[image_set][j % 2]
+            return f"{image_set}/{split}/{name}/{number:04d}.png", label
+        texture, place = ("banded", "woven")[j % 2], ("abbey", "airfield")[j % 2]
+        return {"tin": f"tin/val/images/val_{7 * j + 3}.JPEG",  # OpenOOD's filtered subset skips numbers
+                "mnist": f"mnist/test/{j:05d}.png", "svhn": f"svhn/test/{j:05d}.png",
+                "texture": f"texture/{texture}/{texture}_{number:04d}.jpg",
+                "places365": f"places365/{place}/{number:08d}.jpg"}[image_set], -1
+
+    rng = np.random.default_rng(seed)
+    images = Path(root) / "openood" / "images_classic"
+    written = {}
+    for index, (benchmark, other) in enumerate([("cifar10", "cifar100"), ("cifar100", "cifar10")]):
+        lists = [(f"train_{benchmark}", benchmark, "train"), (f"test_{benchmark}", benchmark, "test")]
+        lists += [(f"test_{image_set}", image_set, "test")
+                  for image_set in (other, "tin", "mnist", "svhn", "texture", "places365")]
+        for list_name, image_set, split in lists:
+            shown = [image_path(image_set, split, j) for j in range(index * per_list, (index + 1) * per_list)]
+            paths = [path for path, _ in shown]
+            labels = [label if image_set == benchmark else -1 for _, label in shown]
+            pixels = []
+            for path, colours in zip(paths, random_pixels(rng, per_list, size[1], size[0])):
+                (images / path).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(colours).save(images / path)
+                with Image.open(images / path) as image:
+                    pixels.append(np.asarray(image.convert("RGB")))
+            list_file = f"openood/benchmark_imglist/{benchmark}/{list_name}.txt"
+            (Path(root) / list_file).parent.mkdir(parents=True, exist_ok=True)
+            (Path(root) / list_file).write_text("".join(f"{path} {label}\n" for path, label in zip(paths, labels)))
+            written[list_file] = (paths, labels, np.stack(pixels))
+    return written

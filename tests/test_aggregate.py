@@ -29,7 +29,7 @@ REACT_V2A = [("nnguide", "inaturalist", 5.0, 99.0), ("nnguide", "textures", 7.0,
 
 
 def write_results(folder: Path, id_data: str, results: list[tuple[str, str, float, float]],
-                  model: str = "resnet50-react") -> Path:
+                  model: str = "resnet50-react", checkpoint: str = "resnet50-0676ba61.pth") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
@@ -37,7 +37,7 @@ def write_results(folder: Path, id_data: str, results: list[tuple[str, str, floa
         for detector, ood_data, fpr95, auroc in results:
             writer.writerow({"model": model, "train_data": "imagenet1k", "id_data": id_data, "ood_data": ood_data,
                              "detector": detector, "auroc": auroc, "fpr95": fpr95, "aupr_in": 90.0,
-                             "aupr_out": 80.0, "dtacc": 85.0, "id_acc": 76.13})
+                             "aupr_out": 80.0, "dtacc": 85.0, "id_acc": 76.13, "checkpoint": checkpoint})
     return folder / "results.csv"
 
 
@@ -177,3 +177,39 @@ def test_run_sh_aggregate_only_runs_nothing(tmp_path, results_root):
     completed, calls = run_script(tmp_path, "--aggregate-only", "--output-root", str(results_root))
     assert completed.returncode == 0, completed.stderr
     assert calls == [] and "resnet50-react: ID imagenet1k-v2-a" in completed.stdout
+
+
+def test_runs_of_several_checkpoints_give_mean_and_population_std_with_averages_taken_per_checkpoint(tmp_path):
+    """OpenOOD's convention (scripts/eval_ood.py): each checkpoint's table, averages included, then the
+    cell-wise mean and np.std (ddof 0) over the checkpoints."""
+    runs = {"s0": [("nnguide", "inaturalist", 10.0, 90.0), ("nnguide", "textures", 20.0, 80.0)],
+            "s1": [("nnguide", "inaturalist", 14.0, 94.0), ("nnguide", "textures", 40.0, 70.0)],
+            "s2": [("nnguide", "inaturalist", 12.0, 95.0)]}  # s2 has no Textures result
+    for checkpoint, results in runs.items():
+        write_results(tmp_path / checkpoint, "imagenet1k", results, checkpoint=f"{checkpoint}/best.ckpt")
+    header, line = paper_tables(collect(tmp_path))[("resnet50-react", "imagenet1k")]
+    assert header == ["Detector", "inaturalist FPR95", "inaturalist AUROC", "textures FPR95", "textures AUROC",
+                      "Avg-all FPR95", "Avg-all AUROC"]
+    # iNaturalist FPR95 10, 14, 12: mean 12, std sqrt(8/3) = 1.63; AUROC 90, 94, 95: mean 93, std sqrt(14/3) = 2.16.
+    # Textures and Avg-all need s2's missing Textures result: "-".
+    assert line == ["nnguide", "12.00 ± 1.63", "93.00 ± 2.16", "-", "-", "-", "-"]
+    (tmp_path / "s2/results.csv").unlink()
+    _, line = paper_tables(collect(tmp_path))[("resnet50-react", "imagenet1k")]
+    # Avg-all per checkpoint: FPR95 15 and 27 -> 21 ± 6; AUROC 85 and 82 -> 83.5 ± 1.5 (not the mean of the stds)
+    assert line == ["nnguide", "12.00 ± 2.00", "92.00 ± 2.00", "30.00 ± 10.00", "75.00 ± 5.00", "21.00 ± 6.00",
+                    "83.50 ± 1.50"]
+    assert main([str(tmp_path)]) == 0
+    assert "resnet50-react: ID imagenet1k, bank from imagenet1k (mean ± std over 2 checkpoints)" in \
+        (tmp_path / "tables.md").read_text()
+
+
+def test_results_csv_without_a_checkpoint_column_still_aggregates(tmp_path):
+    """Files written before the column existed hold one run of the model's own checkpoint."""
+    path = write_results(tmp_path / "old", "imagenet1k", REACT_V2A)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    assert "checkpoint" not in path.read_text()
+    rows = collect(tmp_path)
+    assert [row["checkpoint"] for row in rows] == ["", ""]
+    assert paper_tables(rows)[("resnet50-react", "imagenet1k")][1] == ["nnguide", "5.00", "99.00", "7.00", "98.00",
+                                                                        "6.00", "98.50"]

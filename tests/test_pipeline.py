@@ -54,11 +54,12 @@ def test_results_csv_has_one_row_per_ood_set_and_detector(first_run):
     work, _ = first_run
     rows = read_csv(work / "out/results.csv")
     assert list(rows[0]) == ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95",
-                             "aupr_in", "aupr_out", "dtacc", "id_acc"]
+                             "aupr_in", "aupr_out", "dtacc", "id_acc", "checkpoint"]
     assert [(row["ood_data"], row["detector"]) for row in rows] == \
         [(ood, det) for det in DETECTORS for ood in OOD_SETS]
     for row in rows:
         assert row["model"] == "resnet50-supcon-tiny" and row["train_data"] == "imagenet1k"
+        assert row["checkpoint"].endswith("resnet50-supcon.pt")  # the model YAML's; --checkpoint names another
         for metric in ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "id_acc"):
             assert 0.0 <= float(row[metric]) <= 100.0
     assert (work / "out/results.md").read_text().count("\n| nnguide |") == 1
@@ -231,6 +232,13 @@ def cached_rows(entry: Path) -> np.ndarray:
     return np.concatenate([np.load(path) for path in sorted(entry.glob("rows_*.npy"))])
 
 
+def pil_decoded_entry(cache: Path, pattern: str) -> Path:
+    """The one cache entry matching `pattern` whose images PIL decoded (the gpu_decode test adds another)."""
+    (entry,) = [entry for entry in cache.glob(pattern)
+                if not json.loads((entry / "key.json").read_text()).get("gpu_decode")]
+    return entry
+
+
 def test_subsets_are_stratified_marked_in_every_output_and_are_the_full_sets_rows(first_run, data_root, caplog):
     """A debug run on subsets: the names carry the size (imagenet1k[8]) in the tables and the cache, results.md
     and the terminal say so, and the subset's features are the full set's features of the same images."""
@@ -253,7 +261,8 @@ def test_subsets_are_stratified_marked_in_every_output_and_are_the_full_sets_row
     chosen = subset_indices(test_split.labels, 8)
     assert np.bincount(test_split.labels[chosen]).tolist() == [2, 2, 2, 2]  # 4 classes of 5: stratified
     cache = work / "cache/resnet50-supcon-tiny"
-    (full_entry,), (subset_entry,) = cache.glob("imagenet1k-test-*"), cache.glob("imagenet1k[[]8]-test-*")
+    full_entry, subset_entry = (pil_decoded_entry(cache, pattern) for pattern in ("imagenet1k-test-*",
+                                                                                   "imagenet1k[[]8]-test-*"))
     # batched convolutions differ in float rounding only
     np.testing.assert_allclose(cached_rows(subset_entry), cached_rows(full_entry)[chosen], rtol=1e-4, atol=1e-3)
 
@@ -268,7 +277,8 @@ def test_bank_in_list_order_is_the_first_images_of_the_train_split(first_run, ca
         assert main.main(argv) == 0
     assert "extracting 12 of 12 images of imagenet1k-train-in-order" in caplog.text
     cache = work / "cache/resnet50-supcon-tiny"
-    (in_order,), (seeded,) = cache.glob("imagenet1k-train-in-order-*"), cache.glob("imagenet1k-train-seed0-*")
+    in_order, seeded = (pil_decoded_entry(cache, pattern) for pattern in ("imagenet1k-train-in-order-*",
+                                                                          "imagenet1k-train-seed0-*"))
     listed, permuted = cached_rows(in_order), cached_rows(seeded)
     assert listed.shape == (12, 2048)
     permutation = bank_indices(48, 1.0, 0)[:len(permuted)]
