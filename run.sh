@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The paper's tables: one main.py run per (model, ID set) on the paper's OOD sets, then pipeline.aggregate.
 # With --openood, OpenOOD v1.5's ImageNet-1K benchmark instead: one run per model, OpenOOD-shaped tables.
+# With --openood-cifar, OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks with OpenOOD's ResNet-18 checkpoints.
 set -euo pipefail
 
 usage() {
@@ -14,6 +15,13 @@ then prints the paper's tables with `python -m pipeline.aggregate OUTPUT_ROOT`.
 With --openood: one run per model of configs/experiments/openood-v1.5-imagenet.yaml (OpenOOD v1.5's
 ImageNet-1K lists; ID sets are fixed by it) into OUTPUT_ROOT/<model>/openood-v1.5-imagenet/, then
 `python -m pipeline.aggregate OUTPUT_ROOT --openood`.
+With --openood-cifar: for each of OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks and each of OpenOOD's
+three ResNet-18 checkpoints (s0 s1 s2), the experiments openood-v1.5-cifar<N>.yaml (the paper's settings,
+every detector) and openood-v1.5-cifar<N>-nnguide.yaml (OpenOOD's own NNGuide) into
+OUTPUT_ROOT/openood-resnet18-cifar<N>/<s>/{paper-settings,openood-nnguide}/, then
+`python -m pipeline.aggregate OUTPUT_ROOT --openood`: mean ± std over the checkpoints. --models, --id-sets
+and --detectors do not apply; the checkpoints are looked up under pretrained_models/ as OpenOOD's zips
+unpack them (see configs/models/openood-resnet18-cifar10.yaml).
 
 Options (each also read from the environment variable in brackets):
   --models "a b"       backbones            [MODELS]
@@ -25,8 +33,10 @@ Options (each also read from the environment variable in brackets):
                        (default: nnguide knn energy msp maxlogit kl vim mahalanobis ssd;
                         nnguide-vim is added for vit-b16-swag-e2e-v1)
   --data-root DIR      datasets folder      [DATA_ROOT]   (default: ~/datasets)
-  --output-root DIR    results folder       [OUTPUT_ROOT] (default: logs/paper; logs/openood with --openood)
+  --output-root DIR    results folder       [OUTPUT_ROOT] (default: logs/paper; logs/openood with --openood,
+                                                          logs/openood-cifar with --openood-cifar)
   --openood            OpenOOD v1.5's ImageNet-1K benchmark instead of the paper's loop
+  --openood-cifar      OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks, three checkpoints each
   --aggregate-only     skip the runs, only print the tables
   --keep-going         run every pair even if one fails; list the failures and exit non-zero
   -h, --help           this help
@@ -58,8 +68,10 @@ PYTHON="${PYTHON:-python}"
 read -r -a launcher <<<"${LAUNCHER:-$PYTHON}"  # may be several words, e.g. torchrun and its options
 OOD_SETS=(inaturalist sun places textures openimage-o)
 OPENOOD_EXPERIMENT=configs/experiments/openood-v1.5-imagenet.yaml
+OPENOOD_CIFAR_CHECKPOINTS=(s0 s1 s2)  # OpenOOD's three training runs, folders beside each other in its zips
 aggregate_only=0
 openood=0
+openood_cifar=0
 keep_going=0
 extra_args=()
 
@@ -79,17 +91,21 @@ while (($# > 0)); do
         --aggregate-only) aggregate_only=1; shift ;;
         --keep-going) keep_going=1; shift ;;
         --openood) openood=1; shift ;;
+        --openood-cifar) openood_cifar=1; shift ;;
         -h | --help) usage; exit 0 ;;
         --) shift; extra_args=("$@"); break ;;
         *) usage >&2; die "unknown argument '$1'" ;;
     esac
 done
 
+((openood + openood_cifar < 2)) || die "--openood and --openood-cifar are two runs of run.sh"
 if [[ -z "$OUTPUT_ROOT" ]]; then
-    if ((openood == 1)); then OUTPUT_ROOT=logs/openood; else OUTPUT_ROOT=logs/paper; fi
+    if ((openood == 1)); then OUTPUT_ROOT=logs/openood
+    elif ((openood_cifar == 1)); then OUTPUT_ROOT=logs/openood-cifar
+    else OUTPUT_ROOT=logs/paper; fi
 fi
 aggregate_args=()
-((openood == 0)) || aggregate_args=(--openood)
+((openood + openood_cifar == 0)) || aggregate_args=(--openood)
 
 read -r -a models <<<"$MODELS"
 read -r -a id_sets <<<"$ID_SETS"
@@ -106,7 +122,34 @@ else
 fi
 
 failed=()
-if ((aggregate_only == 0)); then
+# run_main LABEL ARGS...: one main.py run; a failure stops run.sh, or with --keep-going is listed at the end
+run_main() {
+    local label="$1" status=0
+    shift
+    echo "==> $label"
+    "${launcher[@]}" main.py "$@" ${extra_args[@]+"${extra_args[@]}"} || status=$?
+    if ((status != 0)); then
+        echo "run.sh: main.py failed for ($label) with exit code $status" >&2
+        ((keep_going == 1)) || exit "$status"
+        failed+=("($label): exit code $status")
+    fi
+}
+
+if ((aggregate_only == 0 && openood_cifar == 1)); then
+    for benchmark in cifar10 cifar100; do
+        model=openood-resnet18-$benchmark
+        folder=${benchmark}_resnet18_32x32_base_e100_lr0.1_default
+        for checkpoint in "${OPENOOD_CIFAR_CHECKPOINTS[@]}"; do
+            for setting in paper-settings openood-nnguide; do
+                experiment=configs/experiments/openood-v1.5-$benchmark.yaml
+                [[ "$setting" == paper-settings ]] || experiment=configs/experiments/openood-v1.5-$benchmark-nnguide.yaml
+                run_main "$model, $checkpoint, $setting" --config "$experiment" \
+                    --checkpoint "$folder/$checkpoint/best.ckpt" --data-root "$DATA_ROOT" \
+                    --output-dir "$OUTPUT_ROOT/$model/$checkpoint/$setting"
+            done
+        done
+    done
+elif ((aggregate_only == 0)); then
     for model in "${models[@]}"; do
         model_detectors=("${detectors[@]}")
         model_ood_sets=("${OOD_SETS[@]}")
@@ -117,21 +160,13 @@ if ((aggregate_only == 0)); then
             model_ood_sets+=(imagenet-o)
         fi
         for run in "${runs[@]}"; do
-            echo "==> $model / $run"
             if ((openood == 1)); then
                 datasets=(--config "$OPENOOD_EXPERIMENT")
             else
                 datasets=(--train-data imagenet1k --id-data "$run" --ood-data "${model_ood_sets[@]}")
             fi
-            status=0
-            "${launcher[@]}" main.py --model "$model" "${datasets[@]}" --detectors "${model_detectors[@]}" \
-                --data-root "$DATA_ROOT" --output-dir "$OUTPUT_ROOT/$model/$run" \
-                ${extra_args[@]+"${extra_args[@]}"} || status=$?
-            if ((status != 0)); then
-                echo "run.sh: main.py failed for ($model, $run) with exit code $status" >&2
-                ((keep_going == 1)) || exit "$status"
-                failed+=("($model, $run): exit code $status")
-            fi
+            run_main "$model, $run" --model "$model" "${datasets[@]}" --detectors "${model_detectors[@]}" \
+                --data-root "$DATA_ROOT" --output-dir "$OUTPUT_ROOT/$model/$run"
         done
     done
 fi

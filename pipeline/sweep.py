@@ -16,7 +16,7 @@ from pipeline.report import format_markdown, format_terminal, paper_table
 def split_sweep(overrides: list[str]) -> tuple[str, list[str], list[str]] | None:
     """(key, values, the other overrides) when one override lists comma-separated values, else None."""
     sweeps = [override for override in overrides
-              if "," in override.partition("=")[2] and not override.partition("=")[2].lstrip().startswith("[")]
+              if "," in override.partition("=")[2] and not override.partition("=")[2].lstrip().startswith(("[", "{"))]
     if not sweeps:
         return None
     if len(sweeps) > 1:

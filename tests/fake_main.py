@@ -29,14 +29,18 @@ model = value("--model")
 if model == os.environ.get("FAKE_FAIL_MODEL"):
     sys.exit(3)
 output_dir = value("--output-dir")
+# run.sh --openood-cifar runs two experiments per checkpoint: their rows differ by detector and checkpoint
+detector = "nnguide-openood" if value("--config").endswith("-nnguide.yaml") else "nnguide"
+checkpoint = value("--checkpoint")
 os.makedirs(output_dir, exist_ok=True)
 with open(os.path.join(output_dir, "results.csv"), "w", newline="") as handle:
     writer = csv.writer(handle)
     writer.writerow(CSV_COLUMNS)
-    writer.writerow([model, "imagenet1k", value("--id-data", "openood-imagenet-test"), "inaturalist", "nnguide",
-                     "97.5", "12.5", "1", "1", "1", "80"])
+    writer.writerow([model, "imagenet1k", value("--id-data", "openood-imagenet-test"), "inaturalist", detector,
+                     "97.5", "12.5", "1", "1", "1", "80", checkpoint])
 with open(os.path.join(output_dir, "results_openood.csv"), "w", newline="") as handle:
     writer = csv.writer(handle)
     writer.writerow(OPENOOD_COLUMNS)
     for ood in OPENOOD_SETS:
-        writer.writerow([model, "imagenet1k", "openood-imagenet-test", ood, "nnguide", "90", "30", "80", "80", "86.1"])
+        writer.writerow([model, "imagenet1k", "openood-imagenet-test", ood, detector, "90", "30", "80", "80", "86.1",
+                         checkpoint])

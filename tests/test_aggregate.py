@@ -213,3 +213,11 @@ def test_results_csv_without_a_checkpoint_column_still_aggregates(tmp_path):
     assert [row["checkpoint"] for row in rows] == ["", ""]
     assert paper_tables(rows)[("resnet50-react", "imagenet1k")][1] == ["nnguide", "5.00", "99.00", "7.00", "98.00",
                                                                         "6.00", "98.50"]
+
+
+def test_aggregation_imports_neither_torch_nor_scikit_learn():
+    """`python -m pipeline.aggregate` and run.sh's table step start in a fraction of a second."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, pipeline.aggregate; "
+                             "print(sorted({'torch', 'sklearn', 'ood_detectors'} & set(sys.modules)))"],
+                            cwd=REPO, capture_output=True, text=True, check=True, timeout=60).stdout
+    assert loaded.strip() == "[]"
