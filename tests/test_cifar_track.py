@@ -4,7 +4,7 @@
 On generated files by default. With NNGUIDE_CIFAR_ROOT pointing at a folder that holds the real datasets as
 torchvision downloads them (cifar10/cifar-10-batches-py, cifar100/cifar-100-python, svhn/test_32x32.mat; e.g.
 after one `python main.py --config configs/experiments/cifar10-debug.yaml --download --data-root DIR`), the same
-tests run on them too (with the debug config's 1000-image subsets and random weights); otherwise those are
+tests run on them too (with the debug config's 500-image subsets and random weights); otherwise those are
 skipped, saying so.
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ GENERATED_VIM = "detectors.vim.principal_dim=8"  # banks of 20 and 100 images sp
 def test_cifar_debug_run_goes_from_torchvision_files_to_results_csv(id_set, data, pretrained, tmp_path):
     source, root = data
     model, ood_sets, generated_subsets = CASES[id_set]
-    subsets = generated_subsets if source == "generated" else [f"subsets.{name}=1000" for name in (id_set, "svhn")]
+    subsets = generated_subsets if source == "generated" else [f"subsets.{name}=500" for name in (id_set, "svhn")]
     overrides = ["subsets={}", *subsets, *([GENERATED_VIM] if source == "generated" else [])]
     argv = ["--config", str(REPO / "configs/experiments/cifar10-debug.yaml"), "--model", model,
             "--train-data", id_set, "--id-data", id_set, "--ood-data", *ood_sets, "--data-root", str(root),
