@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--plots", action=argparse.BooleanOptionalAction, default=None,
         help="write score histograms and ROC curves next to results.csv (default: on)")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override any config value, e.g. detectors.nnguide.k=100 or bank_ratio=0.05; "
-             "comma-separated values run a sweep")
+        help="override any config value, e.g. detectors.nnguide.k=100, bank_ratio=0.05 or subsets.svhn=500 (a "
+             "seeded, stratified subset of each split of that dataset, for debugging); comma-separated values run "
+             "a sweep")
     add("--recompute", action="store_true", default=None,
         help="delete and re-extract the cached features this run uses")
     add("--skip-broken-images", dest="skip_broken_images", action="store_true", default=None,
