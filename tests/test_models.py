@@ -73,7 +73,11 @@ def test_supcon_checkpoint_saved_from_data_parallel_loads_the_same_weights(tmp_p
     torch.testing.assert_close(loaded, supcon_file[1])
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES.names())
+FULL_SIZE = ("regnet_y_16gf", "vit_b_16", "vit_b_16_pre_ln")  # 84M / 86M parameters to initialise: about 1 s each
+
+
+@pytest.mark.parametrize("architecture", [pytest.param(name, marks=pytest.mark.slow) if name in FULL_SIZE else name
+                                          for name in ARCHITECTURES.names()])
 @torch.no_grad()
 def test_trunk_and_classifier_reproduce_the_torchvision_forward(architecture):
     model, head = ARCHITECTURES.get(architecture)(10, 32)

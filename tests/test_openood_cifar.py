@@ -24,6 +24,7 @@ CIFAR10_OOD = ["openood-cifar10-cifar100", "openood-cifar10-tin", "openood-cifar
                "openood-cifar10-texture", "openood-cifar10-places365"]
 
 
+@pytest.mark.slow  # twelve interpreters started by run.sh
 def test_run_sh_openood_cifar_runs_both_settings_for_each_benchmark_and_checkpoint(tmp_path):
     log = tmp_path / "calls.jsonl"
     environment = {key: value for key, value in os.environ.items() if key not in ("DATA_ROOT", "OUTPUT_ROOT")}
@@ -66,6 +67,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+@pytest.mark.slow  # four pipeline runs with ResNet-18 forwards
 def test_both_cifar10_experiments_and_two_checkpoints_give_openoods_near_far_table(miniature, tmp_path, capsys):
     data_root, pretrained = miniature
     # the miniature's 12-image train list: the paper's 1% and OpenOOD's 600 would be empty, ViM's 256 dimensions
