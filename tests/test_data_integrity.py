@@ -406,6 +406,7 @@ def test_image_over_twice_pillows_pixel_limit_is_a_broken_image(tmp_path, monkey
         assert pixels(dataset, 1).shape == (12, 12, 3)
 
 
+@pytest.mark.slow  # six pipeline runs
 def test_verify_image_content_recomputes_the_rows_of_an_image_replaced_behind_the_fingerprint(tmp_path,
                                                                                              tiny_model_yaml, caplog):
     """Same size, modification time set back: the default key cannot see it, --verify-image-content does."""
