@@ -168,8 +168,7 @@ def create_detector(name: str, **hyper_parameters: Any) -> OODDetector:
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close. Case is ignored first
-    ('K' -> 'k'), then in the fuzzy match, where one letter's case would otherwise count as a typo. The pipeline's
-    errors.did_you_mean follows the same rule without importing this package (torch, scikit-learn)."""
+    ('K' -> 'k'), then in the fuzzy match, where one letter's case would otherwise count as a typo."""
     choices = list(choices)
     same_but_case = [choice for choice in choices if choice.lower() == name.lower()]
     by_lowercase = {choice.lower(): choice for choice in choices}
