@@ -85,6 +85,7 @@ class Experiment:
         self.model_config: ModelConfig = load_model_config(config.model)
         if config.checkpoint:
             self.model_config = dataclasses.replace(self.model_config, checkpoint=config.checkpoint, train=None)
+        self.checkpoint_name = self.model_config.checkpoint  # as configured: results.csv's checkpoint column
         if self.model_config.train is not None:
             if not topology.is_main:
                 barrier(topology)  # rank 0 trains; the others then find its cached weights
@@ -93,6 +94,7 @@ class Experiment:
                 barrier(topology)
             self.model_config = dataclasses.replace(self.model_config, checkpoint=str(weights),
                                                     checkpoint_format="torchvision")
+            self.checkpoint_name = f"trained at start-up ({weights.name})"  # not the cache's absolute path
         checkpoint = resolve_checkpoint(self.model_config, Path(config.pretrained_dir))
         self.backbone: Backbone = build_backbone(self.model_config, Path(config.pretrained_dir))
         self.transform = self.model_config.transform.build()
@@ -235,7 +237,7 @@ class Experiment:
                              "id_data": id_name, "ood_data": ood_name, "detector": table_name,
                              **{name: 100 * metrics[name] for name in ("auroc", "fpr95", "aupr_in", "aupr_out",
                                                                         "dtacc", "fpr95_ood_positive")},
-                             "id_acc": id_accuracy, "checkpoint": self.model_config.checkpoint})
+                             "id_acc": id_accuracy, "checkpoint": self.checkpoint_name})
         return rows
 
 
