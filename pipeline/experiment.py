@@ -21,6 +21,7 @@ from pipeline.extract import ExtractionSettings, FeatureExtractor
 from pipeline.plots import score_plot_writers
 from pipeline.provenance import environment
 from pipeline.report import write_results
+from pipeline.scores import SCORES_FILE, scores_writer
 from pipeline.train import trained_checkpoint
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class RawFeatures:
 
     features: np.ndarray  # (N, D) float32
     labels: np.ndarray    # (N,) int64, -1 = unlabelled
+    image_ids: list[str]  # (N,) the dataset's ids of these rows
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,6 +114,7 @@ class Experiment:
         self.id_scores: dict[str, np.ndarray] = {}
         self.ood_scores: dict[str, dict[str, np.ndarray]] = {}
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
+        self.image_ids: dict[str, list[str]] = {}  # test set name -> ids of the images scored, in score order
 
     def _dataset(self, name: str, split: str) -> ImageDataset:
         dataset_config = load_dataset_config(name)
@@ -169,10 +172,10 @@ class Experiment:
         extracted = self.extractor.extract(dataset, key, label, num_rows)
         labels = dataset.labels[:num_rows]
         if not extracted.broken_rows:
-            return RawFeatures(extracted.features, labels)
+            return RawFeatures(extracted.features, labels, dataset.image_ids[:num_rows])
         self.broken_images[label] = [dataset.image_ids[row] for row in extracted.broken_rows]
         kept = np.setdiff1d(np.arange(num_rows), extracted.broken_rows)
-        return RawFeatures(extracted.features[kept], labels[kept])
+        return RawFeatures(extracted.features[kept], labels[kept], [dataset.image_ids[row] for row in kept])
 
     def run(self) -> list[dict]:
         """One result row per (OOD set, detector), metrics and ID accuracy in percent."""
@@ -210,6 +213,8 @@ class Experiment:
             return []
         id_raw = test_raws[id_name]
         ood_raws = {name: test_raws[name] for name in ood_names}
+        self.id_name = id_name
+        self.image_ids = {name: raw.image_ids for name, raw in test_raws.items()}
 
         clip = None
         if self.model_config.react_percentile is not None:
@@ -278,10 +283,12 @@ def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
                   "skipped_files": {name: len(files) for name, files in experiment.skipped_files.items()},
                   "broken_images": experiment.broken_images,
                   "subsets": experiment.subset_notes()}
-    plots = (score_plot_writers(experiment.label(config.id_data, "test"), experiment.id_scores,
-                                experiment.ood_scores, metrics=experiment.metrics) if config.plots else {})
+    plots = (score_plot_writers(experiment.id_name, experiment.id_scores, experiment.ood_scores,
+                                metrics=experiment.metrics) if config.plots else {})
+    scores = {SCORES_FILE: scores_writer(experiment.id_name, experiment.id_scores, experiment.ood_scores,
+                                         experiment.image_ids)}
     notes = ([f"Subsets, not the full sets (a debug run; seeded, stratified by class): "
               f"{'; '.join(experiment.subset_notes())}."] if experiment.subset_sizes else [])
-    table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance, extra_files=plots,
-                          notes=notes)
+    table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance,
+                          extra_files={**scores, **plots}, notes=notes)
     return rows, table

@@ -232,8 +232,8 @@ def pipeline_side(config: ModelConfig, pretrained: Path, folder: Path, cache: Pa
     raw = FeatureExtractor(backbone, {"model": config.name}, cache, settings).features(
         dataset, {"dataset": "photos"}, "photos")
     threshold = None if config.react_percentile is None else react_threshold(raw, config.react_percentile)
-    outputs = model_outputs(RawFeatures(raw, dataset.labels), backbone.classifier, threshold, torch.device("cpu"),
-                            "photos")
+    outputs = model_outputs(RawFeatures(raw, dataset.labels, dataset.image_ids), backbone.classifier, threshold,
+                            torch.device("cpu"), "photos")
     return inputs, raw, threshold, outputs
 
 

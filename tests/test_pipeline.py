@@ -15,8 +15,11 @@ from PIL import Image
 
 import main
 from dataloaders import bank_indices, build_dataset, subset_indices
+from errors import UserError
 from models import build_backbone
+from ood_detectors.metrics import ood_metrics
 from pipeline.config import load_dataset_config, load_model_config, resolve_experiment
+from pipeline.scores import read_scores
 
 REPO = Path(__file__).resolve().parents[1]
 OOD_SETS = ["inaturalist", "textures", "cifar10", "svhn"]
@@ -287,3 +290,28 @@ def test_bank_in_list_order_is_the_first_images_of_the_train_split(first_run, ca
             row = int(np.flatnonzero(permutation == image)[0])
             np.testing.assert_allclose(listed[image], permuted[row], rtol=1e-4, atol=1e-3)
     assert sum(image in permutation for image in range(12)) >= 3  # the comparison is not empty
+
+
+def test_scores_npz_holds_every_images_score_with_its_id_and_gives_the_tables_metrics(first_run, data_root):
+    """The per-image scores stored with a run: arrays only, aligned with the image ids, and the metrics in
+    results.csv are ood_metrics of exactly these scores."""
+    work, _ = first_run
+    stored = read_scores(work / "out")
+    assert stored.id_set == "imagenet1k" and stored.detectors == DETECTORS and stored.ood_sets == OOD_SETS
+    test_split = build_dataset(load_dataset_config("imagenet1k"), "test", data_root, transform=None)
+    assert stored.image_ids["imagenet1k"].tolist() == test_split.image_ids
+    assert stored.image_ids["svhn"].tolist() == [f"test_32x32.mat#{row}" for row in range(9)]
+    for row in read_csv(work / "out/results.csv"):
+        metrics = ood_metrics(stored.scores["imagenet1k"][row["detector"]],
+                              stored.scores[row["ood_data"]][row["detector"]])
+        assert float(row["auroc"]) == 100 * metrics["auroc"] and float(row["fpr95"]) == 100 * metrics["fpr95"]
+    with np.load(work / "out/scores.npz", allow_pickle=False) as arrays:  # no object arrays anywhere
+        assert all(arrays[key].dtype != object for key in arrays.files)
+
+
+def test_reading_scores_of_a_folder_without_them_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match=r"scores.npz does not exist: is .* a run's output folder"):
+        read_scores(tmp_path)
+    (tmp_path / "scores.npz").write_text("not numpy")
+    with pytest.raises(UserError, match=r"scores.npz is not a scores file of this repository"):
+        read_scores(tmp_path)
