@@ -1,10 +1,13 @@
 """Sweeps from the cache: `--set detectors.nnguide.k=1,5,10` (or `bank_ratio=0.01,0.05`) runs the experiment
-once per value, re-using every cached feature, and writes one table of the metrics against the value."""
+once per value, re-using every cached feature, and writes one table of the metrics against the value. A sweep over
+the bank's seed (`--set seed=0,1,2,3,4`) also summarises each number's spread over the draws (seed-summary.md)."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from errors import UserError
 from pipeline.cache import write_atomically
@@ -38,6 +41,7 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
     output_root = Path(configs[0].output_dir)
     table: list[list[str]] = []
     csv_lines = [f"{key},ood_data,detector,auroc,fpr95"]
+    rows_by_value: dict[str, list[dict[str, Any]]] = {}
     for number, (value, config) in enumerate(zip(values, configs)):
         detectors = ({swept_detector: config.detectors[swept_detector]} if swept_detector else config.detectors)
         config = dataclasses.replace(config, detectors=detectors, output_dir=str(output_root / f"{key}={value}"),
@@ -48,6 +52,41 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
         table += [[value, *line] for line in lines]
         csv_lines += [f"{value},{row['ood_data']},{row['detector']},{row['auroc']!r},{row['fpr95']!r}"
                       for row in rows]
+        rows_by_value[value] = rows
     write_atomically(output_root / "sweep.csv", lambda path: path.write_text("\n".join(csv_lines) + "\n"))
     write_atomically(output_root / "sweep.md", lambda path: path.write_text(format_markdown(table)))
-    return format_terminal(table), output_root / "sweep.csv"
+    terminal = format_terminal(table)
+    if key == "seed":  # a bank-seed sweep: how far each number moves with another draw of the bank
+        summary, numbers = seed_summary(rows_by_value)
+        write_atomically(output_root / "seed-summary.md", lambda path: path.write_text(
+            f"Over the bank seeds {', '.join(values)}: mean ± population std [min, max], in percent.\n\n"
+            + format_markdown(summary)))
+        write_atomically(output_root / "seed-summary.csv", lambda path: path.write_text(numbers))
+        terminal += f"\n\nOver the bank seeds {', '.join(values)}: mean ± std [min, max]\n{format_terminal(summary)}"
+    return terminal, output_root / "sweep.csv"
+
+
+SUMMARY_METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out", "dtacc")
+
+
+def seed_summary(rows_by_seed: dict[str, list[dict[str, Any]]]) -> tuple[list[list[str]], str]:
+    """Per (OOD set, detector) over the seeds' runs: a table of FPR95 and AUROC as mean ± population std [min, max],
+    and CSV text with every metric's mean, std, min and max (percent, full precision)."""
+    collected: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for rows in rows_by_seed.values():
+        for row in rows:
+            per_metric = collected.setdefault((row["ood_data"], row["detector"]), {})
+            for metric in SUMMARY_METRICS:
+                per_metric.setdefault(metric, []).append(row[metric])
+    table = [["OOD set", "Detector", "FPR95", "AUROC"]]
+    csv_lines = ["ood_data,detector,seeds," + ",".join(f"{metric}_{statistic}" for metric in SUMMARY_METRICS
+                                                       for statistic in ("mean", "std", "min", "max"))]
+    for (ood_data, detector), per_metric in collected.items():
+        table.append([ood_data, detector, *[f"{np.mean(per_metric[metric]):.2f} ± {np.std(per_metric[metric]):.2f} "
+                                            f"[{min(per_metric[metric]):.2f}, {max(per_metric[metric]):.2f}]"
+                                            for metric in ("fpr95", "auroc")]])
+        statistics = [statistic(per_metric[metric]) for metric in SUMMARY_METRICS
+                      for statistic in (np.mean, np.std, np.min, np.max)]
+        csv_lines.append(f"{ood_data},{detector},{len(per_metric['auroc'])},"
+                         + ",".join(repr(float(value)) for value in statistics))
+    return table, "\n".join(csv_lines) + "\n"

@@ -315,3 +315,25 @@ def test_reading_scores_of_a_folder_without_them_is_one_clear_error(tmp_path):
     (tmp_path / "scores.npz").write_text("not numpy")
     with pytest.raises(UserError, match=r"scores.npz is not a scores file of this repository"):
         read_scores(tmp_path)
+
+
+def test_a_bank_seed_sweep_summarises_each_numbers_spread_over_the_draws(first_run):
+    work, argv = first_run
+    argv = [*with_detectors(argv, "nnguide", "energy"), "--set", "detectors.nnguide.k=2", "--set", "seed=0,1,2",
+            "--output-dir", str(work / "seeds"), "--no-plots"]
+    assert main.main(argv) == 0
+    runs = {seed: {(row["ood_data"], row["detector"]): row for row in read_csv(work / f"seeds/seed={seed}/results.csv")}
+            for seed in ("0", "1", "2")}
+    summary = read_csv(work / "seeds/seed-summary.csv")
+    assert [(row["ood_data"], row["detector"]) for row in summary] == list(runs["0"])
+    for row in summary:
+        for metric in ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc"):
+            values = [float(runs[seed][row["ood_data"], row["detector"]][metric]) for seed in runs]
+            assert [float(row[f"{metric}_{name}"]) for name in ("mean", "std", "min", "max")] == pytest.approx(
+                [np.mean(values), np.std(values), min(values), max(values)], abs=1e-12)
+        assert row["seeds"] == "3"
+    nnguide_aurocs = [float(runs[seed]["textures", "nnguide"]["auroc"]) for seed in runs]
+    assert len(set(nnguide_aurocs)) > 1  # the draws differ, so the spread is not trivially zero
+    energy = [row for row in summary if row["detector"] == "energy"]
+    assert all(float(row["auroc_std"]) == 0 for row in energy)  # energy reads no bank: the same for every seed
+    assert "| textures | nnguide |" in (work / "seeds/seed-summary.md").read_text()
