@@ -89,8 +89,9 @@ def collect(root: Path, openood: bool = False) -> list[dict[str, Any]]:
 def _read_results(path: Path, columns: list[str], metric_columns: tuple[str, ...]) -> list[dict[str, Any]]:
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        # results.csv files written before the checkpoint column hold one run of the model's own checkpoint
-        missing = [name for name in columns if name not in (reader.fieldnames or []) and name != "checkpoint"]
+        # files written before the checkpoint and interval columns: one run of the model's own checkpoint
+        missing = [name for name in columns if name not in (reader.fieldnames or [])
+                   and name != "checkpoint" and "_ci_" not in name]
         if missing:
             raise UserError(f"{path}: missing columns {missing}")
         rows = []

@@ -52,6 +52,8 @@ class ExperimentConfig:
     skip_broken_images: bool = False              # skip undecodable images (listed in provenance), not stop
     gpu_decode: bool = False                      # decode JPEGs on the GPU (nvJPEG): faster loading, last digits change
     verify_image_content: bool = False            # hash every image read; cached rows of changed images recomputed
+    bootstrap: int = 1000                         # resamples of each metric's confidence interval; 0 = none
+    ci_level: float = 0.95                        # the intervals' level
     # dataset (display) name -> images kept of each split read (seeded, stratified; a debug run, not the benchmark)
     subsets: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -62,6 +64,8 @@ class ExperimentConfig:
                   (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32), what numpy's RandomState takes"),
                   (self.amp in ("off", "bf16"), "amp", "'off' or 'bf16'"),
                   (self.bank_order in ("random", "list"), "bank_order", "'random' or 'list'"),
+                  (self.bootstrap >= 0, "bootstrap", "zero (no intervals) or a number of resamples"),
+                  (0 < self.ci_level < 1, "ci_level", "in (0, 1)"),
                   (self.chunk_size > 0, "chunk_size", "a positive integer"),
                   (len(self.ood_data) > 0, "ood_data", "at least one dataset"),
                   (len(self.detectors) > 0, "detectors", "at least one detector")]

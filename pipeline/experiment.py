@@ -13,6 +13,7 @@ import torch
 from dataloaders import ImageDataset, bank_indices, build_dataset, subset_indices
 from errors import UserError
 from models import Backbone, ModelConfig, apply_react, build_backbone, file_sha256, react_threshold, resolve_checkpoint
+from ood_detectors.bootstrap import bootstrap_metrics
 from ood_detectors.metrics import ood_metrics
 from pipeline.config import (ExperimentConfig, build_detector, display_name, load_dataset_config,
                              load_model_config)
@@ -25,6 +26,9 @@ from pipeline.scores import SCORES_FILE, scores_writer
 from pipeline.train import trained_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+BOOTSTRAP_SEED = 0  # the intervals' resampling: fixed, so a rerun gives the same files
 
 
 @dataclass(frozen=True)
@@ -238,11 +242,15 @@ class Experiment:
                 metrics = ood_metrics(id_scores, ood_scores)
                 self.ood_scores.setdefault(ood_name, {})[table_name] = ood_scores.cpu().numpy()
                 self.metrics.setdefault(ood_name, {})[table_name] = metrics
+                intervals = (bootstrap_metrics(id_scores, ood_scores, config.bootstrap, BOOTSTRAP_SEED,
+                                               config.ci_level) if config.bootstrap else {})
                 rows.append({"model": self.model_config.name, "train_data": train_name,
                              "id_data": id_name, "ood_data": ood_name, "detector": table_name,
                              **{name: 100 * metrics[name] for name in ("auroc", "fpr95", "aupr_in", "aupr_out",
                                                                         "dtacc", "fpr95_ood_positive")},
-                             "id_acc": id_accuracy, "checkpoint": self.checkpoint_name})
+                             "id_acc": id_accuracy, "checkpoint": self.checkpoint_name,
+                             **{f"{name}_ci_{end}": 100 * value for name, interval in intervals.items()
+                                for end, value in zip(("low", "high"), interval)}})
         return rows
 
 

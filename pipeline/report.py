@@ -25,12 +25,16 @@ log = logging.getLogger(__name__)
 
 PAPER_AVERAGE_SETS = ("inaturalist", "sun", "places", "textures")  # the paper's "Average"; OpenImage-O apart
 MISSING = "-"
+INTERVAL_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc")  # results.csv's, each with _ci_low, _ci_high
 CSV_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95", "aupr_in",
-               "aupr_out", "dtacc", "id_acc", "checkpoint"]
+               "aupr_out", "dtacc", "id_acc", "checkpoint",
+               *[f"{metric}_ci_{end}" for metric in INTERVAL_METRICS for end in ("low", "high")]]
 # results_openood.csv, beside results.csv: the same runs with FPR95 in OpenOOD's convention (OOD positive)
 OPENOOD_FILE = "results_openood.csv"
 OPENOOD_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95_ood_positive",
-                   "aupr_in", "aupr_out", "id_acc", "checkpoint"]
+                   "aupr_in", "aupr_out", "id_acc", "checkpoint",
+                   *[f"{metric}_ci_{end}" for metric in ("auroc", "fpr95_ood_positive", "aupr_in", "aupr_out")
+                     for end in ("low", "high")]]
 # the output folder's record of its result files: {"complete": bool, "files": {name: sha256}, "written": ISO UTC}
 RESULTS_MANIFEST = "results-manifest.json"
 # the keys of config.yaml that make a run another run: its results are not comparable rows of the same table
@@ -97,8 +101,18 @@ def format_table(replicates: list[NumericTable]) -> list[list[str]]:
 
 
 def paper_table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Header + one line per detector: `paper_table_numbers` of one run, two decimals, "-" where missing."""
-    return format_table([paper_table_numbers(rows)])
+    """Header + one line per detector: `paper_table_numbers` of one run, two decimals, "-" where missing; a
+    per-set cell whose row has a bootstrap interval shows "value ± half its width"."""
+    table = format_table([paper_table_numbers(rows)])
+    cells = {(row["detector"], row["ood_data"]): row for row in rows}
+    for line in table[1:]:
+        for column, title in enumerate(table[0][1:], start=1):
+            ood_data, _, metric = title.rpartition(" ")
+            row = cells.get((line[0], ood_data))
+            key = {"FPR95": "fpr95", "AUROC": "auroc"}[metric]
+            if row is not None and row.get(f"{key}_ci_low") is not None:
+                line[column] += f" ± {(row[f'{key}_ci_high'] - row[f'{key}_ci_low']) / 2:.2f}"
+    return table
 
 
 def paper_table_legend(table: list[list[str]]) -> str:

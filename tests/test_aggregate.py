@@ -203,12 +203,14 @@ def test_runs_of_several_checkpoints_give_mean_and_population_std_with_averages_
         (tmp_path / "tables.md").read_text()
 
 
-def test_results_csv_without_a_checkpoint_column_still_aggregates(tmp_path):
-    """Files written before the column existed hold one run of the model's own checkpoint."""
-    path = write_results(tmp_path / "old", "imagenet1k", REACT_V2A)
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
-    assert "checkpoint" not in path.read_text()
+def test_results_csv_without_checkpoint_and_interval_columns_still_aggregates(tmp_path):
+    """Files written before those columns existed hold one run of the model's own checkpoint."""
+    old_columns = CSV_COLUMNS[:CSV_COLUMNS.index("checkpoint")]
+    (tmp_path / "old").mkdir()
+    path = tmp_path / "old/results.csv"
+    path.write_text(",".join(old_columns) + "\n" + "".join(
+        f"resnet50-react,imagenet1k,imagenet1k,{ood},{detector},{auroc},{fpr95},90.0,80.0,85.0,76.13\n"
+        for detector, ood, fpr95, auroc in REACT_V2A))
     rows = collect(tmp_path)
     assert [row["checkpoint"] for row in rows] == ["", ""]
     assert paper_tables(rows)[("resnet50-react", "imagenet1k")][1] == ["nnguide", "5.00", "99.00", "7.00", "98.00",

@@ -17,6 +17,7 @@ import main
 from dataloaders import bank_indices, build_dataset, subset_indices
 from errors import UserError
 from models import build_backbone
+from ood_detectors.bootstrap import bootstrap_metrics
 from ood_detectors.metrics import ood_metrics
 from pipeline.config import load_dataset_config, load_model_config, resolve_experiment
 from pipeline.scores import read_scores
@@ -57,7 +58,9 @@ def test_results_csv_has_one_row_per_ood_set_and_detector(first_run):
     work, _ = first_run
     rows = read_csv(work / "out/results.csv")
     assert list(rows[0]) == ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95",
-                             "aupr_in", "aupr_out", "dtacc", "id_acc", "checkpoint"]
+                             "aupr_in", "aupr_out", "dtacc", "id_acc", "checkpoint",
+                             *[f"{metric}_ci_{end}" for metric in ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc")
+                               for end in ("low", "high")]]
     assert [(row["ood_data"], row["detector"]) for row in rows] == \
         [(ood, det) for det in DETECTORS for ood in OOD_SETS]
     for row in rows:
@@ -337,3 +340,21 @@ def test_a_bank_seed_sweep_summarises_each_numbers_spread_over_the_draws(first_r
     energy = [row for row in summary if row["detector"] == "energy"]
     assert all(float(row["auroc_std"]) == 0 for row in energy)  # energy reads no bank: the same for every seed
     assert "| textures | nnguide |" in (work / "seeds/seed-summary.md").read_text()
+
+
+def test_every_metric_has_its_bootstrap_interval_from_the_stored_scores(first_run):
+    """results.csv's intervals are bootstrap_metrics of the run's own scores (1000 resamples, seed 0, 95%), and
+    results.md shows each per-set cell as value ± half the interval's width."""
+    work, _ = first_run
+    stored = read_scores(work / "out")
+    rows = read_csv(work / "out/results.csv")
+    for row in rows[:: 7]:
+        intervals = bootstrap_metrics(stored.scores["imagenet1k"][row["detector"]],
+                                      stored.scores[row["ood_data"]][row["detector"]], 1000, 0, 0.95)
+        for metric in ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc"):
+            low, high = float(row[f"{metric}_ci_low"]), float(row[f"{metric}_ci_high"])
+            assert (low, high) == pytest.approx(tuple(100 * end for end in intervals[metric]), abs=1e-12)
+            assert low <= high
+    first = rows[0]
+    half_width = (float(first["auroc_ci_high"]) - float(first["auroc_ci_low"])) / 2
+    assert f"| {float(first['auroc']):.2f} ± {half_width:.2f} |" in (work / "out/results.md").read_text()
