@@ -118,6 +118,7 @@ class Experiment:
         self.id_scores: dict[str, np.ndarray] = {}
         self.ood_scores: dict[str, dict[str, np.ndarray]] = {}
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
+        self.id_name = ""  # the ID test set's name in the tables (with its subset size, if cut)
         self.image_ids: dict[str, list[str]] = {}  # test set name -> ids of the images scored, in score order
 
     def _dataset(self, name: str, split: str) -> ImageDataset:
