@@ -35,6 +35,7 @@ def test_a_detector_against_itself_differs_by_exactly_zero_everywhere():
         assert row[4] == "+0.00" and row[5] == "[+0.00, +0.00]" and row[6] == "0.000", row
 
 
+@pytest.mark.slow  # restates 107 resamples with scikit-learn, one at a time
 def test_per_set_lines_are_the_paired_bootstrap_and_the_average_restates_it_with_shared_id_draws():
     stored, resamples, seed = synthetic_run(), RESAMPLES_PER_BLOCK + 7, 3  # two blocks, the second partial
     table = compare(stored, "good", "weak", ["auroc", "fpr95", "aupr_out"], resamples, seed)

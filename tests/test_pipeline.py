@@ -206,6 +206,7 @@ def test_config_mistakes_name_the_key_and_the_closest_valid_one(args, message, t
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
 
 
+@pytest.mark.slow  # a second extraction of every set, with two loader workers
 def test_gpu_decode_path_gives_nearly_the_pil_features(first_run):
     """--set gpu_decode=true decodes JPEGs with torchvision (nvJPEG on GPUs; here the same code on the CPU)
     and resizes tensors: a separate cache entry, features equal to PIL's up to resampling differences."""
@@ -320,6 +321,7 @@ def test_reading_scores_of_a_folder_without_them_is_one_clear_error(tmp_path):
         read_scores(tmp_path)
 
 
+@pytest.mark.slow  # three pipeline runs, two new banks
 def test_a_bank_seed_sweep_summarises_each_numbers_spread_over_the_draws(first_run):
     work, argv = first_run
     argv = [*with_detectors(argv, "nnguide", "energy"), "--set", "detectors.nnguide.k=2", "--set", "seed=0,1,2",
