@@ -128,15 +128,27 @@ def metrics_from_counts(id_scores: ArrayLike, ood_scores: ArrayLike, id_counts: 
     """The metrics (columns in METRICS order) of the scores repeated by counts, one row per counts row.
 
     id_counts (R, N) or (N,) and ood_counts (R, M) or (M,): non-negative integers, each row with at least one
-    draw. Returns an array of shape (R, 6), (1, 6) for single vectors.
+    draw. Returns an array of shape (R, 6), (1, 6) for single vectors. For many blocks of counts on the same
+    scores, prepare them once with CountedScores.
     """
-    layout = _ScoreLayout(_as_numpy(id_scores, "id_scores"), _as_numpy(ood_scores, "ood_scores"))
-    id_counts = _check_counts(id_counts, layout.id_size, "id_counts")
-    ood_counts = _check_counts(ood_counts, layout.ood_size, "ood_counts")
-    if id_counts.shape[0] != ood_counts.shape[0]:
-        raise ValueError(f"id_counts has {id_counts.shape[0]} rows and ood_counts {ood_counts.shape[0]}")
-    return layout.metrics(_sum_by_value(id_counts, layout.id_value_index, layout.id_values.size),
-                          _sum_by_value(ood_counts, layout.ood_value_index, layout.ood_values.size))
+    return CountedScores(id_scores, ood_scores).metrics(id_counts, ood_counts)
+
+
+class CountedScores:
+    """One detector's ID and OOD scores, sorted once, for the metrics of any number of blocks of resample counts."""
+
+    def __init__(self, id_scores: ArrayLike, ood_scores: ArrayLike) -> None:
+        self._layout = _ScoreLayout(_as_numpy(id_scores, "id_scores"), _as_numpy(ood_scores, "ood_scores"))
+
+    def metrics(self, id_counts: np.ndarray, ood_counts: np.ndarray) -> np.ndarray:
+        """As metrics_from_counts, for these scores."""
+        layout = self._layout
+        id_counts = _check_counts(id_counts, layout.id_size, "id_counts")
+        ood_counts = _check_counts(ood_counts, layout.ood_size, "ood_counts")
+        if id_counts.shape[0] != ood_counts.shape[0]:
+            raise ValueError(f"id_counts has {id_counts.shape[0]} rows and ood_counts {ood_counts.shape[0]}")
+        return layout.metrics(_sum_by_value(id_counts, layout.id_value_index, layout.id_values.size),
+                              _sum_by_value(ood_counts, layout.ood_value_index, layout.ood_values.size))
 
 
 class _ScoreLayout:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError, did_you_mean
-from ood_detectors.bootstrap import HIGHER_IS_BETTER, METRICS, metrics_from_counts, paired_bootstrap
+from ood_detectors.bootstrap import HIGHER_IS_BETTER, METRICS, CountedScores, paired_bootstrap
 from ood_detectors.metrics import ood_metrics
 from pipeline.report import format_terminal
 from pipeline.scores import RunScores, read_scores
@@ -33,17 +33,20 @@ def compare(stored: RunScores, a: str, b: str, metrics: list[str], resamples: in
             raise UserError(f"detector '{name}' is not in this run{did_you_mean(name, stored.detectors)}; "
                             f"its detectors: {', '.join(stored.detectors)}")
     id_a, id_b = stored.scores[stored.id_set][a], stored.scores[stored.id_set][b]
-    table = [["Metric", "OOD set", a, b, f"{a} - {b}", f"{100 * level:g}% interval", f"P({a} better)"]]
+    points = {name: (ood_metrics(id_a, stored.scores[name][a]), ood_metrics(id_b, stored.scores[name][b]))
+              for name in stored.ood_sets}
     per_set = {name: paired_bootstrap(id_a, stored.scores[name][a], id_b, stored.scores[name][b], resamples, seed,
                                       level) for name in stored.ood_sets}
     average = _average_difference(stored, a, b, resamples, seed, level)
+    table = [["Metric", "OOD set", a, b, f"{a} - {b}", f"{100 * level:g}% interval", f"P({a} better)"]]
     for metric in metrics:
         for name in stored.ood_sets:
-            point_a = ood_metrics(id_a, stored.scores[name][a])[metric]
-            point_b = ood_metrics(id_b, stored.scores[name][b])[metric]
             paired = per_set[name][metric]
-            table.append(_line(metric, name, point_a, point_b, paired.low, paired.high, paired.a_better))
-        table.append(_line(metric, "Average", *average[metric]))
+            table.append(_line(metric, name, points[name][0][metric], points[name][1][metric], paired.low,
+                               paired.high, paired.a_better))
+        low, high, a_better = average[metric]
+        table.append(_line(metric, "Average", np.mean([points[name][0][metric] for name in stored.ood_sets]),
+                           np.mean([points[name][1][metric] for name in stored.ood_sets]), low, high, a_better))
     return table
 
 
@@ -54,33 +57,29 @@ def _line(metric: str, name: str, point_a: float, point_b: float, low: float, hi
 
 
 def _average_difference(stored: RunScores, a: str, b: str, resamples: int, seed: int,
-                        level: float) -> dict[str, tuple[float, float, float, float, float]]:
-    """Per metric: the average over the OOD sets of A's and B's metric, and for A - B the percentile interval
-    and the fraction of resamples where A is better, each resample drawing the ID images once for all sets."""
-    sets = stored.ood_sets
+                        level: float) -> dict[str, tuple[float, float, float]]:
+    """Per metric: the percentile interval of A - B averaged over the OOD sets, and the fraction of resamples
+    where A is better, each resample drawing the ID images once for all sets."""
     id_a, id_b = stored.scores[stored.id_set][a], stored.scores[stored.id_set][b]
+    prepared = {name: (CountedScores(id_a, stored.scores[name][a]), CountedScores(id_b, stored.scores[name][b]))
+                for name in stored.ood_sets}
     rng = np.random.default_rng(seed)
     differences = np.empty((resamples, len(METRICS)))
     for start in range(0, resamples, RESAMPLES_PER_BLOCK):
         rows = min(RESAMPLES_PER_BLOCK, resamples - start)
         id_counts = rng.multinomial(id_a.size, np.full(id_a.size, 1 / id_a.size), size=rows)
         block = np.zeros((rows, len(METRICS)))
-        for name in sets:
-            ood_a, ood_b = stored.scores[name][a], stored.scores[name][b]
-            ood_counts = rng.multinomial(ood_a.size, np.full(ood_a.size, 1 / ood_a.size), size=rows)
-            block += (metrics_from_counts(id_a, ood_a, id_counts, ood_counts)
-                      - metrics_from_counts(id_b, ood_b, id_counts, ood_counts))
-        differences[start:start + rows] = block / len(sets)
-    points = {name: (ood_metrics(id_a, stored.scores[name][a]), ood_metrics(id_b, stored.scores[name][b]))
-              for name in sets}
+        for name, (scores_a, scores_b) in prepared.items():
+            size = stored.scores[name][a].size
+            ood_counts = rng.multinomial(size, np.full(size, 1 / size), size=rows)
+            block += scores_a.metrics(id_counts, ood_counts) - scores_b.metrics(id_counts, ood_counts)
+        differences[start:start + rows] = block / len(prepared)
     tail = 100 * (1 - level) / 2
     result = {}
     for column, metric in enumerate(METRICS):
         low, high = np.percentile(differences[:, column], [tail, 100 - tail])
         sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-        result[metric] = (float(np.mean([points[name][0][metric] for name in sets])),
-                          float(np.mean([points[name][1][metric] for name in sets])), float(low), float(high),
-                          float(np.mean(sign * differences[:, column] > 0)))
+        result[metric] = (float(low), float(high), float(np.mean(sign * differences[:, column] > 0)))
     return result
 
 
