@@ -43,6 +43,8 @@ _STAGING = ".results-staging"     # a run's files before they are renamed in; a 
 _RESULTS_LOCK = ".results.lock"   # exclusive_lock: one run at a time stages and replaces a folder's results
 
 
+TABLE_METRICS = ("fpr95", "auroc")  # the paper's columns per OOD set, in order
+TABLE_METRIC_TITLES = {"fpr95": "FPR95", "auroc": "AUROC"}
 Cell = float | None  # a metric in percent; None where a result is missing
 # A table before formatting: its header, and per line the label cells and the numbers
 NumericTable = tuple[list[str], list[tuple[list[str], list[Cell]]]]
@@ -68,12 +70,13 @@ def paper_table_numbers(rows: list[dict[str, Any]], ood_sets: list[str] | None =
     averages = {"Avg-all": ood_sets}
     if all(name in ood_sets for name in PAPER_AVERAGE_SETS):
         averages = {"Avg-4": list(PAPER_AVERAGE_SETS), **averages}
-    header = ["Detector"] + [f"{name} {metric}" for name in [*ood_sets, *averages] for metric in ("FPR95", "AUROC")]
+    header = ["Detector"] + [f"{name} {TABLE_METRIC_TITLES[metric]}" for name in [*ood_sets, *averages]
+                             for metric in TABLE_METRICS]
     lines = []
     for detector in detectors:
         numbers: list[Cell] = []
         for names in [[name] for name in ood_sets] + list(averages.values()):
-            numbers += mean_cells([cells.get((detector, name)) for name in names], ("fpr95", "auroc"))
+            numbers += mean_cells([cells.get((detector, name)) for name in names], TABLE_METRICS)
         lines.append(([detector], numbers))
     return header, lines
 
@@ -104,14 +107,15 @@ def paper_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     """Header + one line per detector: `paper_table_numbers` of one run, two decimals, "-" where missing; a
     per-set cell whose row has a bootstrap interval shows "value ± half its width"."""
     table = format_table([paper_table_numbers(rows)])
+    ood_sets = list(dict.fromkeys(row["ood_data"] for row in rows))
     cells = {(row["detector"], row["ood_data"]): row for row in rows}
     for line in table[1:]:
-        for column, title in enumerate(table[0][1:], start=1):
-            ood_data, _, metric = title.rpartition(" ")
+        for set_index, ood_data in enumerate(ood_sets):  # the per-set columns come first, TABLE_METRICS each
             row = cells.get((line[0], ood_data))
-            key = {"FPR95": "fpr95", "AUROC": "auroc"}[metric]
-            if row is not None and row.get(f"{key}_ci_low") is not None:
-                line[column] += f" ± {(row[f'{key}_ci_high'] - row[f'{key}_ci_low']) / 2:.2f}"
+            for metric_index, metric in enumerate(TABLE_METRICS):
+                if row is not None and row.get(f"{metric}_ci_low") is not None:
+                    half_width = (row[f"{metric}_ci_high"] - row[f"{metric}_ci_low"]) / 2
+                    line[1 + len(TABLE_METRICS) * set_index + metric_index] += f" ± {half_width:.2f}"
     return table
 
 
