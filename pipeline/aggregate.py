@@ -178,8 +178,7 @@ def openood_tables(rows: list[dict[str, Any]]) -> dict[TableKey, list[list[str]]
     return tables
 
 
-def _title(rows: list[dict[str, Any]], key: TableKey) -> str:
-    group = [row for row in rows if (row["model"], row["id_data"]) == key]
+def _title(group: list[dict[str, Any]], key: TableKey) -> str:
     banks = ", ".join(_first_seen(group, "train_data"))
     checkpoints = len(_replicates(group))
     replicates = f" (mean ± std over {checkpoints} checkpoints)" if checkpoints > 1 else ""
@@ -191,10 +190,10 @@ def write_tables(rows: list[dict[str, Any]], output_dir: Path, openood: bool = F
     .md/.csv and tables_openood.md); returns all tables for the terminal."""
     tables, suffix = (openood_tables(rows), "__openood") if openood else (paper_tables(rows), "")
     sections, terminal, legends = [], [], []
+    groups = _groups(rows)
     for key, table in tables.items():
-        group = [row for row in rows if (row["model"], row["id_data"]) == key]
-        benchmark = openood_benchmark(group) if openood else None
-        title = _title(rows, key) + (f" (OpenOOD v1.5 {benchmark.name})" if benchmark else "")
+        benchmark = openood_benchmark(groups[key]) if openood else None
+        title = _title(groups[key], key) + (f" (OpenOOD v1.5 {benchmark.name})" if benchmark else "")
         legend = openood_legend(benchmark) if benchmark else paper_table_legend(table)
         legends.append(legend)
         markdown = f"# {title}\n\n{legend}\n\n{format_markdown(table)}"
