@@ -22,7 +22,7 @@ from torchvision import transforms
 
 import main
 from dataloaders import subset_indices
-from models import build_backbone
+from models import Backbone, build_backbone
 from pipeline.config import DEFAULT_DETECTORS, load_model_config
 from tests.checkpoints import write_openood_resnet18_32x32_checkpoint
 from tests.datagen import write_cifar10, write_cifar100, write_svhn
@@ -73,12 +73,11 @@ def pretrained(tmp_path_factory) -> Path:
     return folder
 
 
-def reference_features(model: str, pretrained: Path, images: np.ndarray, trained_on: str) -> np.ndarray:
+def reference_features(backbone: Backbone, images: np.ndarray, trained_on: str) -> np.ndarray:
     """Features of uint8 images through OpenOOD's test transform (torchvision's, written out) and the backbone."""
     mean, std = CIFAR_MEANS[trained_on]
     transform = transforms.Compose([transforms.Resize(32, interpolation=transforms.InterpolationMode.BILINEAR),
                                     transforms.CenterCrop(32), transforms.ToTensor(), transforms.Normalize(mean, std)])
-    backbone = build_backbone(load_model_config(model), pretrained)
     batch = torch.stack([transform(Image.fromarray(image)) for image in images])
     with torch.no_grad():
         return backbone.features(batch).numpy()
@@ -118,9 +117,10 @@ def test_cifar_debug_run_goes_from_torchvision_files_to_results_csv(id_set, data
     assert all(0 <= float(row["auroc"]) <= 100 for row in rows)
 
     cache = tmp_path / "cache" / model
+    backbone = build_backbone(load_model_config(model), pretrained)
     for name in (id_set, "svhn"):  # what the cache holds = the backbone on the files read independently
         images, labels = TEST_IMAGES[source, name] if source == "generated" else real_test_images(root, name)
         chosen = subset_indices(labels, int(counts[name])) if name in counts else np.arange(len(labels))
         (entry,) = cache.glob(f"{label[name].replace('[', '[[]')}-test-*")
-        expected = reference_features(model, pretrained, images[chosen], id_set)
+        expected = reference_features(backbone, images[chosen], id_set)
         np.testing.assert_allclose(cached_rows(entry), expected, rtol=1e-4, atol=1e-4)
