@@ -256,7 +256,7 @@ class FeatureEntry:
         for start, end in self.stored_ranges():
             if start >= num_rows:
                 continue
-            rows = self._load_verified(start, end, feature_dim, images_sha256)
+            rows = self.read_verified(start, end, feature_dim, images_sha256)
             if rows is None:
                 self._delete(start, end)
             else:
@@ -280,8 +280,10 @@ class FeatureEntry:
         write_atomically(self._path(start, end, ".npy"), lambda path: path.write_bytes(data), len(data))
         return StoredRows(start, end, array, tuple(sorted(broken)))
 
-    def _load_verified(self, start: int, end: int, feature_dim: int,
-                       images_sha256: Callable[[int, int], str] | None = None) -> StoredRows | None:
+    def read_verified(self, start: int, end: int, feature_dim: int,
+                      images_sha256: Callable[[int, int], str] | None = None) -> StoredRows | None:
+        """Rows file [start, end) if it passes `load`'s checks, else None (with a warning). It deletes nothing,
+        so a process may read another entry without holding that entry's lock: files appear and vanish whole."""
         path = self._path(start, end, ".npy")
         try:
             data = path.read_bytes()

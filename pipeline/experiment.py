@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from ood_detectors.metrics import ood_metrics
 from pipeline.config import (ExperimentConfig, build_detector, display_name, load_dataset_config,
                              load_model_config)
 from pipeline.distributed import Topology, barrier, init_from_environment
-from pipeline.extract import ExtractionSettings, FeatureExtractor
+from pipeline.extract import ExtractionSettings, FeatureExtractor, SameImages
 from pipeline.plots import score_plot_writers
 from pipeline.provenance import environment
 from pipeline.report import write_results
@@ -157,24 +159,44 @@ class Experiment:
         RandomState(seed) permutation (the paper's code), or with bank_order "list" the split's own order (OpenOOD's
         NNGuide, which takes the first batches of its unshuffled train list).
 
-        The cache entry holds the whole order's features as far as extracted, so a larger bank extends a smaller one."""
+        The cache entry holds the whole order's features as far as extracted, so a larger bank extends a smaller one;
+        images that the cached banks of other seeds (or the list order) hold are copied from them, not forwarded."""
         name = self.label(self.config.train_data, "train")
-        if self.config.bank_order == "list":
-            key = {"dataset": name, "split": "train", "images": train.fingerprint(), "order": "dataset"}
-            return self._raw_features(train, key, f"{name}-train-in-order", size)
-        order = bank_indices(len(train), 1.0, self.config.seed)
-        key = {"dataset": name, "split": "train", "images": train.fingerprint(),
-               "order": f"RandomState({self.config.seed}).permutation"}
-        return self._raw_features(train.subset(order), key, f"{name}-train-seed{self.config.seed}", size)
+        key, label, ordered, order = self._train_order(train, name, self.config.bank_order, self.config.seed)
+        same_images = [SameImages(*other) for other in self._cached_train_orders(train, name) if other[1] != label]
+        return self._raw_features(ordered, key, label, size, order, same_images)
+
+    def _train_order(self, train: ImageDataset, name: str, bank_order: str, seed: int
+                     ) -> tuple[dict, str, ImageDataset, np.ndarray]:
+        """The train split in a bank order: its cache key, its entry's label, the images in that order and the order."""
+        common = {"dataset": name, "split": "train", "images": train.fingerprint()}
+        if bank_order == "list":
+            order = np.arange(len(train))
+            return {**common, "order": "dataset"}, f"{name}-train-in-order", train, order
+        order = bank_indices(len(train), 1.0, seed)
+        return ({**common, "order": f"RandomState({seed}).permutation"}, f"{name}-train-seed{seed}",
+                train.subset(order), order)
+
+    def _cached_train_orders(self, train: ImageDataset, name: str) -> list[tuple[dict, str, ImageDataset, np.ndarray]]:
+        """`_train_order` of every bank order of this train split with an entry in the cache (other seeds' banks)."""
+        orders = []
+        for label in self.extractor.cached_labels():
+            if label == f"{name}-train-in-order":
+                orders.append(self._train_order(train, name, "list", 0))
+            elif (match := re.fullmatch(re.escape(f"{name}-train-seed") + r"(\d+)", label)):
+                orders.append(self._train_order(train, name, "random", int(match.group(1))))
+        return orders
 
     def test_set(self, name: str, dataset: ImageDataset) -> RawFeatures:
         """`name` is the set's display name: the cache entry's folder is named after it, under the cache dir."""
         key = {"dataset": name, "split": "test", "images": dataset.fingerprint(), "order": "dataset"}
         return self._raw_features(dataset, key, f"{name}-test", len(dataset))
 
-    def _raw_features(self, dataset: ImageDataset, key: dict, label: str, num_rows: int) -> RawFeatures:
-        """Features and labels of dataset[:num_rows], without the images skipped as undecodable."""
-        extracted = self.extractor.extract(dataset, key, label, num_rows)
+    def _raw_features(self, dataset: ImageDataset, key: dict, label: str, num_rows: int,
+                      order: np.ndarray | None = None, same_images: Sequence[SameImages] = ()) -> RawFeatures:
+        """Features and labels of dataset[:num_rows], without the images skipped as undecodable (`order` and
+        `same_images`: see FeatureExtractor.extract)."""
+        extracted = self.extractor.extract(dataset, key, label, num_rows, order, same_images)
         labels = dataset.labels[:num_rows]
         if not extracted.broken_rows:
             return RawFeatures(extracted.features, labels, dataset.image_ids[:num_rows])

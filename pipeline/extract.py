@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,10 @@ from pipeline.distributed import Topology, barrier, broadcast_ranges, shard_boun
 
 log = logging.getLogger(__name__)
 
+_ENTRY_FOLDER = re.compile(r"(.+)-[0-9a-f]{16}")  # FeatureEntry's folder: <label>-<the key's digest>
 
-@dataclass(frozen=True)
+
+@dataclasses.dataclass(frozen=True)
 class ExtractionSettings:
     """How images reach the network. amp, channels_last and GPU decoding change the features and are part of
     the cache key. The batch size is not: it can change the last digits (convolution kernels are chosen per
@@ -45,7 +48,33 @@ class ExtractionSettings:
     verify_image_content: bool = False  # reuse cached rows only if their images' bytes hash as when cached
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
+class SameImages:
+    """Another cache entry of the same images in another order (another seed's bank, the train list's own order):
+    the rows it already holds are copied into the entry being filled instead of being decoded and forwarded again."""
+
+    dataset_key: dict
+    label: str
+    dataset: ImageDataset  # its images in its order: its entry's key, and their content hashes when verifying
+    order: np.ndarray      # (N,) its rows as indices of the images in a numbering shared with the entry being filled
+
+
+@dataclasses.dataclass(frozen=True)
+class CopiedRows:
+    """Rows of an entry copied from entries of the same images (`SameImages`)."""
+
+    rows: np.ndarray      # sorted entry rows
+    features: np.ndarray  # (len(rows), D) float32
+    broken: list[int]     # the entry rows among them whose image could not be decoded
+    sources: dict[str, int] = dataclasses.field(default_factory=dict)  # label of the entry read -> rows copied
+
+    def within(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The copied rows in [start, end), their features and the broken ones among them."""
+        first, last = np.searchsorted(self.rows, [start, end])
+        return self.rows[first:last], self.features[first:last], [row for row in self.broken if start <= row < end]
+
+
+@dataclasses.dataclass(frozen=True)
 class Extracted:
     """Raw features of a dataset prefix and the rows whose image could not be decoded."""
 
@@ -137,6 +166,22 @@ def _decode_on_device(dataset: FileImageDataset, samples: list[tuple[int, torch.
     return indices, torch.stack(images) if images else None, errors
 
 
+def _rows_of(ranges: list[tuple[int, int]]) -> np.ndarray:
+    """The rows of sorted, disjoint (start, end) ranges, as one sorted array."""
+    return np.concatenate([np.arange(start, end) for start, end in ranges])
+
+
+def _ranges_without(ranges: list[tuple[int, int]], rows: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of consecutive rows of `ranges` that are not in the sorted array `rows`, each within its range."""
+    pieces = []
+    for start, end in ranges:
+        inside = rows[np.searchsorted(rows, start):np.searchsorted(rows, end)]
+        for low, high in zip([start, *(inside + 1)], [*inside, end]):
+            if low < high:
+                pieces.append((int(low), int(high)))
+    return pieces
+
+
 def _broken_image_error(message: str) -> BrokenImageError:
     return BrokenImageError(f"{message}; fix or delete the file, or pass --skip-broken-images")
 
@@ -159,19 +204,28 @@ class FeatureExtractor:
         """(num_rows, D) float32 raw features of dataset[:num_rows]; `extract(...).features`."""
         return self.extract(dataset, dataset_key, label, num_rows).features
 
-    def extract(self, dataset: ImageDataset, dataset_key: dict, label: str, num_rows: int | None = None
-                ) -> Extracted:
+    def cached_labels(self) -> list[str]:
+        """The labels of the entries in this model's cache folder (folders named `<label>-<16 hex digits>`)."""
+        folder = self.cache_dir / self.model_key["model"]
+        if not folder.is_dir():
+            return []
+        return sorted({match.group(1) for path in folder.iterdir()
+                       if (match := _ENTRY_FOLDER.fullmatch(path.name)) and path.is_dir()})
+
+    def extract(self, dataset: ImageDataset, dataset_key: dict, label: str, num_rows: int | None = None,
+                order: np.ndarray | None = None, same_images: Sequence[SameImages] = ()) -> Extracted:
         """Raw features of dataset[:num_rows]: cached rows are verified, only the rest are computed.
 
-        The entry is locked throughout, so a second run sharing the cache waits, then finds the rows."""
+        With `same_images` (entries of the same images in other orders) and `order` (this dataset's rows in their
+        shared numbering), rows whose image one of them holds are copied from it, not forwarded again. The entry
+        is locked throughout, so a second run sharing the cache waits, then finds the rows."""
         num_rows = len(dataset) if num_rows is None else num_rows
-        key = {**self.model_key, **dataset_key, "amp": self.settings.amp,
-               "channels_last": self.settings.channels_last, "gpu_decode": self._decodes_on_device(dataset)}
-        entry = FeatureEntry(self.cache_dir / self.model_key["model"], key, label)
+        entry = self._entry(dataset, dataset_key, label)
         main = self.topology.is_main
         stored: list[StoredRows] = []
         with entry.locked() if main else contextlib.nullcontext():  # rank 0 holds it for all ranks
             missing: list[tuple[int, int]] = []
+            copied = CopiedRows(np.empty(0, dtype=np.int64), np.empty((0, self.backbone.feature_dim), np.float32), [])
             images_sha256 = self._images_sha256(dataset)
             if main:
                 if self.settings.recompute and entry.directory not in self._recomputed:
@@ -180,13 +234,18 @@ class FeatureExtractor:
                     self._recomputed.add(entry.directory)
                 stored = entry.load(num_rows, self.backbone.feature_dim, images_sha256)  # other widths: recomputed
                 missing = missing_ranges(stored, num_rows, self.settings.chunk_size)
+                if missing and same_images and not self.settings.recompute:  # --recompute trusts no cached row
+                    copied = self._copy_same_images(_rows_of(missing), order, same_images)
             # the other ranks write their shards only after this broadcast, so never while rank 0, under the
             # lock, removes the files a killed run left in the entry
             missing = broadcast_ranges(missing, self.topology)
+            to_compute = broadcast_ranges(_ranges_without(missing, copied.rows), self.topology)
             if missing:
-                todo = sum(end - start for start, end in missing)
-                log.info("extracting %d of %d images of %s (cache: %s)", todo, num_rows, label, entry.directory)
-                stored += self._extract(dataset, missing, entry, label, images_sha256)
+                todo = sum(end - start for start, end in to_compute)
+                from_others = "".join(f"; {count} copied from {source}" for source, count in copied.sources.items())
+                log.info("extracting %d of %d images of %s (cache: %s%s)", todo, num_rows, label, entry.directory,
+                         from_others)
+                stored += self._extract(dataset, missing, to_compute, copied, entry, label, images_sha256)
             else:
                 log.info("%s: all %d images' features are cached in %s", label, num_rows, entry.directory)
         if not main:  # only rank 0 scores
@@ -204,6 +263,53 @@ class FeatureExtractor:
                         ", ".join(dataset.image_ids[row] for row in broken))
         return Extracted(features, broken)
 
+    def _entry(self, dataset: ImageDataset, dataset_key: dict, label: str) -> FeatureEntry:
+        """The cache entry of `dataset`'s features: keyed by the model, the images and how they reach the network."""
+        key = {**self.model_key, **dataset_key, "amp": self.settings.amp,
+               "channels_last": self.settings.channels_last, "gpu_decode": self._decodes_on_device(dataset)}
+        return FeatureEntry(self.cache_dir / self.model_key["model"], key, label)
+
+    def _copy_same_images(self, rows: np.ndarray, order: np.ndarray | None,
+                          same_images: Sequence[SameImages]) -> CopiedRows:
+        """The entry rows among `rows` whose image an entry of `same_images` already holds, read from its verified
+        rows files (without its lock: they are read, never written or deleted).
+
+        A copied row was computed in another batch than a fresh extraction would put it in; on CPU that changes
+        nothing measurable (ResNet-50's features are bit-identical across batch sizes; see ExtractionSettings)."""
+        if order is None:
+            raise ValueError("same_images needs the order of the dataset's rows in their shared numbering")
+        feature_dim = self.backbone.feature_dim
+        found_rows, found_features, broken, sources = [], [], [], {}
+        wanted = rows
+        for other in same_images:
+            entry = self._entry(other.dataset, other.dataset_key, other.label)
+            if not len(wanted) or not entry.directory.is_dir():
+                continue
+            row_in_other = np.empty(len(other.order), dtype=np.int64)
+            row_in_other[other.order] = np.arange(len(other.order))
+            their_rows = row_in_other[order[wanted]]
+            found = np.zeros(len(wanted), dtype=bool)
+            for start, end in entry.stored_ranges():
+                inside = (their_rows >= start) & (their_rows < end)
+                if not inside.any():
+                    continue
+                stored = entry.read_verified(start, end, feature_dim, self._images_sha256(other.dataset))
+                if stored is None:
+                    continue
+                found_rows.append(wanted[inside])
+                found_features.append(stored.features[their_rows[inside] - start])
+                broken += [int(row) for row, theirs in zip(wanted[inside], their_rows[inside])
+                           if theirs in stored.broken]
+                found |= inside
+            if found.any():
+                sources[other.label] = int(found.sum())
+            wanted = wanted[~found]
+        if not found_rows:
+            return CopiedRows(np.empty(0, dtype=np.int64), np.empty((0, feature_dim), np.float32), [])
+        copied_rows = np.concatenate(found_rows)
+        by_row = np.argsort(copied_rows)
+        return CopiedRows(copied_rows[by_row], np.concatenate(found_features)[by_row], sorted(broken), sources)
+
     def _images_sha256(self, dataset: ImageDataset) -> Callable[[int, int], str] | None:
         """With verify_image_content: (start, end) -> the content hash of those rows' images, which the entry
         records beside their features and compares before reusing them."""
@@ -211,39 +317,48 @@ class FeatureExtractor:
             return None
         return lambda start, end: dataset.content_fingerprint(range(start, end))
 
-    def _extract(self, dataset: ImageDataset, ranges: list[tuple[int, int]], entry: FeatureEntry,
-                 label: str, images_sha256: Callable[[int, int], str] | None = None) -> list[StoredRows]:
-        """Compute the rows of `ranges` and write each range once it is complete.
+    def _extract(self, dataset: ImageDataset, ranges: list[tuple[int, int]], to_compute: list[tuple[int, int]],
+                 copied: CopiedRows, entry: FeatureEntry, label: str,
+                 images_sha256: Callable[[int, int], str] | None = None) -> list[StoredRows]:
+        """Compute the rows of `to_compute` (within `ranges`, without the `copied` rows) and write each of `ranges`
+        once complete.
 
         A batch never spans two ranges, so every row is computed in the same batch whether the extraction
         ran in one go, resumed after an interruption, or was split across torchrun ranks (CPU results are
         then bit-identical)."""
         batches = [list(range(first, min(first + self.settings.batch_size, end)))
-                   for start, end in ranges for first in range(start, end, self.settings.batch_size)]
+                   for start, end in to_compute for first in range(start, end, self.settings.batch_size)]
         if self.topology.distributed:
-            return self._extract_distributed(dataset, ranges, batches, entry, label, images_sha256)
+            computed = self._forward_distributed(dataset, batches, entry, label)
+            if not self.topology.is_main:
+                barrier(self.topology)
+                return []
+        else:
+            computed = zip(batches, self._forward(dataset, batches, label))
         written: list[StoredRows] = []
-        pending: list[np.ndarray] = []  # batches of the range being filled, written once it is complete
-        broken: list[int] = []
-        ranges_left = iter(ranges)
-        start, end = next(ranges_left)
-        filled = 0
-        for batch, batch_broken in self._forward(dataset, batches, label):
-            pending.append(batch)
-            broken += batch_broken
-            filled += len(batch)
-            if filled == end - start:
-                written.append(entry.write_rows(start, np.concatenate(pending), broken,
-                                                images_sha256(start, end) if images_sha256 else None))
-                pending, broken, filled = [], [], 0
-                start, end = next(ranges_left, (None, None))  # the batches end with the last range
+        for start, end in ranges:
+            rows, features, broken = copied.within(start, end)
+            block = np.empty((end - start, self.backbone.feature_dim), dtype=np.float32)
+            block[rows - start] = features
+            filled = len(rows)
+            while filled < end - start:  # the computed batches come in row order and never span two ranges
+                batch_rows, (batch, batch_broken) = next(computed)
+                block[batch_rows[0] - start:batch_rows[-1] + 1 - start] = batch
+                broken += batch_broken
+                filled += len(batch)
+            written.append(entry.write_rows(start, block, broken,
+                                            images_sha256(start, end) if images_sha256 else None))
+        if self.topology.distributed:
+            for rank in range(self.topology.world_size):
+                (entry.directory / f"shard-{rank:05d}.npz").unlink()
+            barrier(self.topology)
         return written
 
-    def _extract_distributed(self, dataset: ImageDataset, ranges: list[tuple[int, int]],
-                             batches: list[list[int]], entry: FeatureEntry, label: str,
-                             images_sha256: Callable[[int, int], str] | None = None) -> list[StoredRows]:
-        """Each rank computes a contiguous run of whole batches and saves it atomically as a shard; rank 0
-        joins the shards in row order and writes the same rows files a single process would."""
+    def _forward_distributed(self, dataset: ImageDataset, batches: list[list[int]], entry: FeatureEntry, label: str
+                             ) -> Iterator[tuple[list[int], tuple[np.ndarray, list[int]]]]:
+        """Each rank computes a contiguous run of whole batches and saves it atomically as a shard; on rank 0,
+        the batches of all shards in order, as `_forward` yields them with their rows (the shards stay until
+        `_extract` has written the rows files)."""
         first, last = shard_bounds(len(batches), self.topology)
         parts, broken = [np.empty((0, self.backbone.feature_dim), dtype=np.float32)], []
         for batch, batch_broken in self._forward(dataset, batches[first:last], label):
@@ -257,22 +372,15 @@ class FeatureExtractor:
                 np.savez(file, features=features, broken=np.asarray(broken, dtype=np.int64))
         write_atomically(shard, save, features.nbytes)
         barrier(self.topology)
-        written: list[StoredRows] = []
-        if self.topology.is_main:
-            shards = [np.load(entry.directory / f"shard-{rank:05d}.npz", allow_pickle=False)
-                      for rank in range(self.topology.world_size)]
-            rows = np.concatenate([data["features"] for data in shards])    # the rows of `ranges`, in order
-            all_broken = set(np.concatenate([data["broken"] for data in shards]).tolist())
-            offset = 0
-            for start, end in ranges:
-                written.append(entry.write_rows(start, rows[offset:offset + end - start],
-                                                sorted(row for row in all_broken if start <= row < end),
-                                                images_sha256(start, end) if images_sha256 else None))
-                offset += end - start
-            for rank in range(self.topology.world_size):
-                (entry.directory / f"shard-{rank:05d}.npz").unlink()
-        barrier(self.topology)
-        return written
+        if not self.topology.is_main:
+            return iter(())
+        shards = [np.load(entry.directory / f"shard-{rank:05d}.npz", allow_pickle=False)
+                  for rank in range(self.topology.world_size)]
+        rows = np.concatenate([data["features"] for data in shards])  # the rows of `batches`, in order
+        all_broken = set(np.concatenate([data["broken"] for data in shards]).tolist())
+        offsets = np.cumsum([0, *map(len, batches)])
+        return iter([(batch, (rows[offsets[index]:offsets[index + 1]], sorted(all_broken.intersection(batch))))
+                     for index, batch in enumerate(batches)])
 
     def _forward(self, dataset: ImageDataset, batches: list[list[int]], label: str
                  ) -> Iterator[tuple[np.ndarray, list[int]]]:
