@@ -68,6 +68,10 @@ class CopiedRows:
     broken: list[int]     # the entry rows among them whose image could not be decoded
     sources: dict[str, int] = dataclasses.field(default_factory=dict)  # label of the entry read -> rows copied
 
+    @classmethod
+    def none(cls, feature_dim: int) -> CopiedRows:
+        return cls(np.empty(0, dtype=np.int64), np.empty((0, feature_dim), dtype=np.float32), [])
+
     def within(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """The copied rows in [start, end), their features and the broken ones among them."""
         first, last = np.searchsorted(self.rows, [start, end])
@@ -225,7 +229,7 @@ class FeatureExtractor:
         stored: list[StoredRows] = []
         with entry.locked() if main else contextlib.nullcontext():  # rank 0 holds it for all ranks
             missing: list[tuple[int, int]] = []
-            copied = CopiedRows(np.empty(0, dtype=np.int64), np.empty((0, self.backbone.feature_dim), np.float32), [])
+            copied = CopiedRows.none(self.backbone.feature_dim)
             images_sha256 = self._images_sha256(dataset)
             if main:
                 if self.settings.recompute and entry.directory not in self._recomputed:
@@ -305,7 +309,7 @@ class FeatureExtractor:
                 sources[other.label] = int(found.sum())
             wanted = wanted[~found]
         if not found_rows:
-            return CopiedRows(np.empty(0, dtype=np.int64), np.empty((0, feature_dim), np.float32), [])
+            return CopiedRows.none(feature_dim)
         copied_rows = np.concatenate(found_rows)
         by_row = np.argsort(copied_rows)
         return CopiedRows(copied_rows[by_row], np.concatenate(found_features)[by_row], sorted(broken), sources)
