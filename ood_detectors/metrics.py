@@ -37,8 +37,9 @@ def ood_metrics(id_scores: ArrayLike, ood_scores: ArrayLike) -> dict[str, float]
     return {
         "auroc": float(auc(fpr, tpr)),
         "fpr95": float(fpr[np.argmin(np.abs(tpr - 0.95))]),
-        "aupr_in": float(average_precision_score(is_id, scores)),
-        "aupr_out": float(average_precision_score(1 - is_id, -scores)),
+        # sklearn sums precision x recall steps, which can round to 1 + 2e-16 on perfectly separated scores
+        "aupr_in": min(1.0, float(average_precision_score(is_id, scores))),
+        "aupr_out": min(1.0, float(average_precision_score(1 - is_id, -scores))),
         "dtacc": float(np.max(0.5 * (tpr + 1 - fpr))),
         "fpr95_ood_positive": float(ood_fpr[np.argmax(ood_tpr >= 0.95)]),
     }

@@ -337,8 +337,24 @@ class FeatureExtractor:
             if not self.topology.is_main:
                 barrier(self.topology)
                 return []
+            forward = contextlib.nullcontext()
         else:
-            computed = zip(batches, self._forward(dataset, batches, label))
+            forwarded = self._forward(dataset, batches, label)
+            forward = contextlib.closing(forwarded)  # closed on an error too, which ends its loader's workers
+            computed = zip(batches, forwarded)
+        with forward:
+            written = self._write_ranges(ranges, copied, computed, entry, images_sha256)
+        if self.topology.distributed:
+            for rank in range(self.topology.world_size):
+                (entry.directory / f"shard-{rank:05d}.npz").unlink()
+            barrier(self.topology)
+        return written
+
+    def _write_ranges(self, ranges: list[tuple[int, int]], copied: CopiedRows,
+                      computed: Iterator[tuple[list[int], tuple[np.ndarray, list[int]]]], entry: FeatureEntry,
+                      images_sha256: Callable[[int, int], str] | None) -> list[StoredRows]:
+        """Write each of `ranges` from its copied rows and the `computed` batches (in row order, each within one
+        range) as soon as it is complete."""
         written: list[StoredRows] = []
         for start, end in ranges:
             rows, features, broken = copied.within(start, end)
@@ -352,10 +368,6 @@ class FeatureExtractor:
                 filled += len(batch)
             written.append(entry.write_rows(start, block, broken,
                                             images_sha256(start, end) if images_sha256 else None))
-        if self.topology.distributed:
-            for rank in range(self.topology.world_size):
-                (entry.directory / f"shard-{rank:05d}.npz").unlink()
-            barrier(self.topology)
         return written
 
     def _forward_distributed(self, dataset: ImageDataset, batches: list[list[int]], entry: FeatureEntry, label: str
@@ -404,19 +416,20 @@ class FeatureExtractor:
         autocast = (torch.autocast(settings.device.type, dtype=torch.bfloat16) if settings.amp == "bf16"
                     else contextlib.nullcontext())
         total = sum(len(batch) for batch in batches)
-        with torch.inference_mode(), autocast, tqdm(total=total, unit="img", desc=label,
-                                                     disable=not self.topology.is_main) as progress:
+        with tqdm(total=total, unit="img", desc=label, disable=not self.topology.is_main) as progress:
             for batch_data in loader:
-                indices, images, errors = decode(batch_data) if decode else batch_data
-                if errors and not settings.skip_broken_images:
-                    raise _broken_image_error(next(iter(errors.values())))
-                batch = np.full((len(indices), self.backbone.feature_dim), np.nan, dtype=np.float32)  # (B, D)
-                if images is not None:
-                    images = images.to(settings.device, non_blocking=True)
-                    if settings.channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    decoded = [offset for offset, index in enumerate(indices) if index not in errors]
-                    batch[decoded] = model.features(images).float().cpu().numpy()
+                # entered per batch: held across `yield`, inference mode would leak into the caller's code
+                with torch.inference_mode(), autocast:
+                    indices, images, errors = decode(batch_data) if decode else batch_data
+                    if errors and not settings.skip_broken_images:
+                        raise _broken_image_error(next(iter(errors.values())))
+                    batch = np.full((len(indices), self.backbone.feature_dim), np.nan, dtype=np.float32)  # (B, D)
+                    if images is not None:
+                        images = images.to(settings.device, non_blocking=True)
+                        if settings.channels_last:
+                            images = images.contiguous(memory_format=torch.channels_last)
+                        decoded = [offset for offset, index in enumerate(indices) if index not in errors]
+                        batch[decoded] = model.features(images).float().cpu().numpy()
                 progress.update(len(batch))
                 yield batch, sorted(errors)
 
