@@ -11,15 +11,16 @@ Usage: ./run.sh [options] [-- extra main.py arguments]
 Runs main.py once per (model, ID set) with --train-data imagenet1k and the OOD sets
 inaturalist sun places textures openimage-o (plus imagenet-o for vit-b16-swag-e2e-v1, the paper's ViT
 setting), writing OUTPUT_ROOT/<model>/<ID set>/results.csv,
-then prints the paper's tables with `python -m pipeline.aggregate OUTPUT_ROOT`.
+then prints the paper's tables with `python -m pipeline.aggregate OUTPUT_ROOT --ci` (each cell with its
+bootstrap interval).
 With --openood: one run per model of configs/experiments/openood-v1.5-imagenet.yaml (OpenOOD v1.5's
 ImageNet-1K lists; ID sets are fixed by it) into OUTPUT_ROOT/<model>/openood-v1.5-imagenet/, then
-`python -m pipeline.aggregate OUTPUT_ROOT --openood`.
+`python -m pipeline.aggregate OUTPUT_ROOT --openood --ci`.
 With --openood-cifar: for each of OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks and each of OpenOOD's
 three ResNet-18 checkpoints (s0 s1 s2), the experiments openood-v1.5-cifar<N>.yaml (the paper's settings,
 every detector) and openood-v1.5-cifar<N>-nnguide.yaml (OpenOOD's own NNGuide) into
 OUTPUT_ROOT/openood-resnet18-cifar<N>/<s>/{paper-settings,openood-nnguide}/, then
-`python -m pipeline.aggregate OUTPUT_ROOT --openood`: mean ± std over the checkpoints. --models, --id-sets
+`python -m pipeline.aggregate OUTPUT_ROOT --openood --ci`: mean ± std over the checkpoints. --models, --id-sets
 and --detectors do not apply; the checkpoints are looked up under pretrained_models/ as OpenOOD's zips
 unpack them (see configs/models/openood-resnet18-cifar10.yaml).
 
@@ -104,8 +105,8 @@ if [[ -z "$OUTPUT_ROOT" ]]; then
     elif ((openood_cifar == 1)); then OUTPUT_ROOT=logs/openood-cifar
     else OUTPUT_ROOT=logs/paper; fi
 fi
-aggregate_args=()
-((openood + openood_cifar == 0)) || aggregate_args=(--openood)
+aggregate_args=(--ci)
+((openood + openood_cifar == 0)) || aggregate_args+=(--openood)
 
 read -r -a models <<<"$MODELS"
 read -r -a id_sets <<<"$ID_SETS"

@@ -2,11 +2,19 @@
 
     intervals = bootstrap_metrics(id_scores, ood_scores)        # {"auroc": (low, high), ...}: 95%, 1000 resamples
     paired = paired_bootstrap(id_a, ood_a, id_b, ood_b)        # {"auroc": PairedDifference(...), ...}: a - b
+    averaged = bootstrap_averages(id_scores, {"inat": ood_1, "sun": ood_2}, [("inat", "sun")])
+    # {("inat",): {...}, ("sun",): {...}, ("inat", "sun"): {"auroc": (low, high), ...}}
 
 The bootstrap is stratified: each resample draws the ID scores and the OOD scores separately, each with
 replacement to its own size. The intervals therefore cover the sampling of test images behind these scores; the
 bank, the model, the detector's hyper-parameters and the choice of OOD set are held fixed. Intervals are
 percentile intervals: the (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled metrics.
+
+Several OOD sets share one set of resamples (bootstrap_sets_distribution): each resample draws the ID images
+once and each OOD set separately, so every set's interval is still a stratified bootstrap of that set, and an
+average over sets is bootstrapped by averaging the sets' metrics within each resample, at no extra cost. The
+draws depend only on the sizes, the number of resamples and the seed: two detectors scored on the same images
+get the same resamples (paired). The first OOD set's draws are those of a single-set bootstrap with that seed.
 
 A resample is a vector of per-image counts (how often each image was drawn; `resample_counts`), and its metrics
 are those of `ood_metrics` on the scores repeated by their counts (to 1e-9, tested; the two FPR95s pick the same
@@ -20,12 +28,14 @@ at a time with no Python loop per resample, from the counts per distinct score v
   step-wise average precision) need only the ID values; the OOD count steps only at OOD values, where auroc (each
   OOD draw earns the ID drawn above it plus half those tied with it), dtacc (the largest TPR - FPR, reached just
   above an OOD value), aupr_out and fpr95_ood_positive (the same as the ID-side ones on negated scores) are read.
-Memory: about 50 bytes per score of one block of resamples of at most 2**18 scores in all (a block holds at least
-one resample): 13 MB for 50,000 ID + 10,000 OOD scores (4 resamples a block), whatever the number of resamples.
+Memory: about 50 bytes per score of one block of resamples of at most 2**18 ID + OOD scores of one set (a block
+holds at least one resample): 13 MB for 50,000 ID + 10,000 OOD scores (4 resamples a block), whatever the number
+of resamples; with several OOD sets, each set's ID side (about 25 bytes per ID score) comes on top: 47 MB for
+50,000 ID + 5 x 10,000 OOD scores.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +45,8 @@ from ood_detectors.metrics import ArrayLike, _as_numpy, ood_metrics
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "fpr95_ood_positive")  # ood_metrics' keys, in order
 HIGHER_IS_BETTER = {"auroc": True, "fpr95": False, "aupr_in": True, "aupr_out": True, "dtacc": True,
                     "fpr95_ood_positive": False}
-# Draws (ID + OOD scores over resamples) handled at once, about 50 bytes each; blocks of a few resamples of the
-# paper's sizes ran fastest (2 MB arrays fit the cache). Results do not depend on it (see _draw_blocks).
+# Draws (ID + one OOD set's scores over resamples) handled at once, about 50 bytes each; blocks of a few resamples
+# of the paper's sizes ran fastest (2 MB arrays fit the cache). Results do not depend on it (see _draw_blocks).
 _BLOCK_DRAWS = 2 ** 18
 
 
@@ -71,11 +81,43 @@ def bootstrap_distribution(id_scores: ArrayLike, ood_scores: ArrayLike, resample
     Row r is ood_metrics of the scores repeated by row r of `resample_counts(N, M, resamples, seed)` (and the
     first rows do not depend on `resamples`).
     """
-    layout = _ScoreLayout(_as_numpy(id_scores, "id_scores"), _as_numpy(ood_scores, "ood_scores"))
-    distribution = np.empty((resamples, len(METRICS)))
-    for rows, id_draws, ood_draws in _draw_blocks(layout.id_size, layout.ood_size, resamples, seed):
-        distribution[rows] = layout.draws_metrics(id_draws, ood_draws)
-    return distribution
+    return _sets_distribution(_as_numpy(id_scores, "id_scores"), [_as_numpy(ood_scores, "ood_scores")], resamples,
+                              seed)[:, 0]
+
+
+def bootstrap_sets_distribution(id_scores: ArrayLike, ood_scores: Sequence[ArrayLike], resamples: int = 1000,
+                                seed: int = 0) -> np.ndarray:
+    """The metrics of each resample on each OOD set: array of shape (resamples, sets, 6), METRICS order last.
+
+    Each resample draws the ID scores once for all sets and each OOD set separately (all with replacement, each
+    to its own size): [r, s] is ood_metrics of the scores repeated by row r of `sets_resample_counts`' ID counts
+    and set s's counts. Set 0 is bootstrap_distribution(id_scores, ood_scores[0]) with the same seed.
+    """
+    if not ood_scores:
+        raise ValueError("ood_scores is empty: give at least one OOD set's scores")
+    return _sets_distribution(_as_numpy(id_scores, "id_scores"),
+                              [_as_numpy(scores, f"ood_scores[{index}]") for index, scores in enumerate(ood_scores)],
+                              resamples, seed)
+
+
+def bootstrap_averages(id_scores: ArrayLike, ood_scores: Mapping[str, ArrayLike], averages: Iterable[Sequence[str]],
+                       resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> dict[tuple[str, ...], dict[str, tuple[float, float]]]:
+    """{sets: {metric: (low, high)}}: the percentile interval of each OOD set alone, keyed (name,), and of each
+    average over the named sets in `averages`, all from one bootstrap_sets_distribution of the sets in order.
+
+    An average's resampled metric is the mean of its sets' metrics within each resample, so it varies with the
+    ID images the sets share; its interval costs nothing beyond the sets' own.
+    """
+    _check_level(level)
+    names = list(ood_scores)
+    distribution = bootstrap_sets_distribution(id_scores, list(ood_scores.values()), resamples, seed)
+    groups = [(name,) for name in names] + [tuple(sets) for sets in averages]
+    unknown = sorted({name for group in groups for name in group} - set(names))
+    if unknown:
+        raise ValueError(f"averages name OOD sets without scores: {unknown}")
+    return {group: _percentile_intervals(distribution[:, [names.index(name) for name in group]].mean(axis=1), level)
+            for group in groups}
 
 
 def paired_bootstrap(id_a: ArrayLike, ood_a: ArrayLike, id_b: ArrayLike, ood_b: ArrayLike, resamples: int = 1000,
@@ -83,28 +125,34 @@ def paired_bootstrap(id_a: ArrayLike, ood_a: ArrayLike, id_b: ArrayLike, ood_b: 
     """Detector a minus detector b, each metric, with a paired bootstrap interval at `level`.
 
     id_a[i] and id_b[i] score the same ID image (likewise ood_a and ood_b), so each resample draws images and
-    applies the same counts to both detectors' scores; resample r is resample r of bootstrap_distribution with
-    the same seed. `difference` is ood_metrics(a) - ood_metrics(b) on the given scores. a_better counts the
-    resamples where a is strictly better; equal metrics count in `tied`, not as wins. A detector against itself
-    gives exactly zero intervals, a_better = 0 and tied = 1.
+    applies the same counts to both detectors' scores: the differences are bootstrap_distribution(a) -
+    bootstrap_distribution(b) with the same seed. `difference` is ood_metrics(a) - ood_metrics(b) on the given
+    scores. A detector against itself gives exactly zero intervals, a_better = 0 and tied = 1.
     """
     _check_level(level)
-    layout_a = _ScoreLayout(_as_numpy(id_a, "id_a"), _as_numpy(ood_a, "ood_a"))
-    layout_b = _ScoreLayout(_as_numpy(id_b, "id_b"), _as_numpy(ood_b, "ood_b"))
-    for what, size_a, size_b in (("id", layout_a.id_size, layout_b.id_size),
-                                 ("ood", layout_a.ood_size, layout_b.ood_size)):
+    id_a, ood_a = _as_numpy(id_a, "id_a"), _as_numpy(ood_a, "ood_a")
+    id_b, ood_b = _as_numpy(id_b, "id_b"), _as_numpy(ood_b, "ood_b")
+    for what, size_a, size_b in (("id", id_a.size, id_b.size), ("ood", ood_a.size, ood_b.size)):
         if size_a != size_b:
             raise ValueError(f"{what}_a has {size_a} scores and {what}_b {size_b}: paired scores must score the "
                              "same images, in the same order")
-    differences = np.empty((resamples, len(METRICS)))
-    for rows, id_draws, ood_draws in _draw_blocks(layout_a.id_size, layout_a.ood_size, resamples, seed):
-        differences[rows] = layout_a.draws_metrics(id_draws, ood_draws) - layout_b.draws_metrics(id_draws, ood_draws)
+    differences = (bootstrap_distribution(id_a, ood_a, resamples, seed)
+                   - bootstrap_distribution(id_b, ood_b, resamples, seed))
     point_a, point_b = ood_metrics(id_a, ood_a), ood_metrics(id_b, ood_b)
+    return paired_differences(differences, {name: point_a[name] - point_b[name] for name in METRICS}, level)
+
+
+def paired_differences(differences: np.ndarray, point_differences: Mapping[str, float],
+                       level: float = 0.95) -> dict[str, PairedDifference]:
+    """Each metric's PairedDifference from resampled differences a - b (resamples, 6), METRICS order, and the
+    differences on the given scores: the percentile interval at `level`, the fraction of resamples where a is
+    strictly better (higher, or lower for the FPRs) and where the two are equal (ties are not wins)."""
+    _check_level(level)
     intervals = _percentile_intervals(differences, level)
     result = {}
     for column, name in enumerate(METRICS):
         sign = 1.0 if HIGHER_IS_BETTER[name] else -1.0
-        result[name] = PairedDifference(difference=point_a[name] - point_b[name], low=intervals[name][0],
+        result[name] = PairedDifference(difference=point_differences[name], low=intervals[name][0],
                                         high=intervals[name][1],
                                         a_better=float(np.mean(sign * differences[:, column] > 0)),
                                         tied=float(np.mean(differences[:, column] == 0)))
@@ -115,11 +163,20 @@ def resample_counts(id_size: int, ood_size: int, resamples: int = 1000, seed: in
     """Per-image draw counts of each resample: arrays of shape (resamples, id_size) and (resamples, ood_size),
     each row summing to its set's size; the resamples bootstrap_distribution and paired_bootstrap use, written
     out (8 bytes per image and resample) to check or reuse them."""
+    id_counts, (ood_counts,) = sets_resample_counts(id_size, [ood_size], resamples, seed)
+    return id_counts, ood_counts
+
+
+def sets_resample_counts(id_size: int, ood_sizes: Sequence[int], resamples: int = 1000,
+                         seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The ID counts (resamples, id_size), drawn once for all sets, and each OOD set's counts (resamples, its
+    size) of the resamples bootstrap_sets_distribution uses, written out to check or reuse them."""
     id_counts = np.empty((resamples, id_size), dtype=np.int64)
-    ood_counts = np.empty((resamples, ood_size), dtype=np.int64)
-    for rows, id_draws, ood_draws in _draw_blocks(id_size, ood_size, resamples, seed):
+    ood_counts = [np.empty((resamples, size), dtype=np.int64) for size in ood_sizes]
+    for rows, id_draws, ood_draws in _draw_blocks(id_size, ood_sizes, resamples, seed):
         id_counts[rows] = _count_per_row(id_draws, id_size)
-        ood_counts[rows] = _count_per_row(ood_draws, ood_size)
+        for counts, draws, size in zip(ood_counts, ood_draws, ood_sizes):
+            counts[rows] = _count_per_row(draws, size)
     return id_counts, ood_counts
 
 
@@ -167,10 +224,13 @@ class _ScoreLayout:
         self.ood_at_or_above_id = self.ood_values.size - np.searchsorted(ood_ascending, self.id_values, side="left")
         self._scratch_arrays: dict[str, np.ndarray] = {}
 
-    def draws_metrics(self, id_draws: np.ndarray, ood_draws: np.ndarray) -> np.ndarray:
-        """(R, 6) metrics of the resamples given by drawn image indices: id_draws (R, N), ood_draws (R, M)."""
-        return self.metrics(self._value_counts(self.id_value_index, self.id_values.size, id_draws, "id_keys"),
-                            self._value_counts(self.ood_value_index, self.ood_values.size, ood_draws, "ood_keys"))
+    def id_value_counts(self, id_draws: np.ndarray) -> np.ndarray:
+        """How often each distinct ID value was drawn, per resample: (R, distinct ID values) from indices (R, N)."""
+        return self._value_counts(self.id_value_index, self.id_values.size, id_draws, "id_keys")
+
+    def ood_value_counts(self, ood_draws: np.ndarray) -> np.ndarray:
+        """How often each distinct OOD value was drawn, per resample: (R, distinct OOD values) from (R, M)."""
+        return self._value_counts(self.ood_value_index, self.ood_values.size, ood_draws, "ood_keys")
 
     def metrics(self, id_counts: np.ndarray, ood_counts: np.ndarray) -> np.ndarray:
         """(R, 6) metrics from counts per distinct value: id_counts (R, distinct ID values), ood_counts (R, distinct
@@ -293,25 +353,41 @@ def _distinct_descending(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return -negated_values, index.ravel().astype(np.int32)
 
 
-def _draw_blocks(id_size: int, ood_size: int, resamples: int,
-                 seed: int) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """(rows, ID image indices (rows, id_size), OOD image indices (rows, ood_size)) for blocks of resamples.
+def _sets_distribution(id_scores: np.ndarray, ood_scores: list[np.ndarray], resamples: int, seed: int) -> np.ndarray:
+    """bootstrap_sets_distribution of checked arrays: (resamples, sets, 6)."""
+    layouts = [_ScoreLayout(id_scores, scores) for scores in ood_scores]
+    distribution = np.empty((resamples, len(layouts), len(METRICS)))
+    for rows, id_draws, ood_draws in _draw_blocks(id_scores.size, [scores.size for scores in ood_scores], resamples,
+                                                  seed):
+        id_counts = layouts[0].id_value_counts(id_draws)  # every layout has the same distinct ID values
+        for column, (layout, draws) in enumerate(zip(layouts, ood_draws)):
+            distribution[rows, column] = layout.metrics(id_counts, layout.ood_value_counts(draws))
+    return distribution
 
-    ID and OOD draws come from two streams spawned from the seed, each drawn block after block, so the draws (and
+
+def _draw_blocks(id_size: int, ood_sizes: Sequence[int], resamples: int,
+                 seed: int) -> Iterator[tuple[slice, np.ndarray, list[np.ndarray]]]:
+    """(rows, ID image indices (rows, id_size), each OOD set's image indices (rows, its size)) for blocks of
+    resamples: the ID images are drawn once per resample, for all sets.
+
+    The ID draws and each set's come from their own stream spawned from the seed (the ID's first, then the sets'
+    in order, so one set's draws are those of the first of several), each drawn block after block: the draws (and
     every result) are the same whatever the block size.
     """
     if not (isinstance(resamples, (int, np.integer)) and resamples >= 1):
         raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
-    if min(id_size, ood_size) < 1:
-        raise ValueError(f"{id_size} ID and {ood_size} OOD scores: each set needs at least one")
-    if id_size + ood_size > np.iinfo(np.int32).max:
-        raise ValueError(f"{id_size} + {ood_size} scores: more than 2**31 - 1 are not supported")
-    id_stream, ood_stream = (np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(2))
-    block = max(1, min(resamples, _BLOCK_DRAWS // (id_size + ood_size)))
+    if min(id_size, *ood_sizes) < 1:
+        raise ValueError(f"{id_size} ID and {', '.join(map(str, ood_sizes))} OOD scores: each set needs at least one")
+    if id_size + max(ood_sizes) > np.iinfo(np.int32).max:
+        raise ValueError(f"{id_size} + {max(ood_sizes)} scores: more than 2**31 - 1 are not supported")
+    id_stream, *ood_streams = (np.random.default_rng(child)
+                               for child in np.random.SeedSequence(seed).spawn(1 + len(ood_sizes)))
+    block = max(1, min(resamples, _BLOCK_DRAWS // (id_size + max(ood_sizes))))
     for start in range(0, resamples, block):
         rows = min(block, resamples - start)
         yield (slice(start, start + rows), id_stream.integers(0, id_size, size=(rows, id_size), dtype=np.int32),
-               ood_stream.integers(0, ood_size, size=(rows, ood_size), dtype=np.int32))
+               [stream.integers(0, size, size=(rows, size), dtype=np.int32)
+                for stream, size in zip(ood_streams, ood_sizes)])
 
 
 def _count_per_row(keys: np.ndarray, bins: int) -> np.ndarray:

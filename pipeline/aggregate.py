@@ -1,6 +1,6 @@
 """The paper's tables from many runs: every results.csv below a folder, one table per (model, ID set).
 
-    python -m pipeline.aggregate logs/paper [--output-dir DIR]
+    python -m pipeline.aggregate logs/paper [--output-dir DIR] [--ci]
     python -m pipeline.aggregate logs/openood --openood     # OpenOOD v1.5's shape, from results_openood.csv
 
 Rows are detectors, columns FPR95 and AUROC per OOD set, then two averages: Avg-4, the paper's
@@ -14,45 +14,31 @@ and far-OOD averages, columns FPR95 (OpenOOD's convention, OOD positive), AUROC,
 Runs of one model with different checkpoints (--checkpoint, e.g. OpenOOD's three training runs) are replicates:
 their tables show each cell's mean ± population std over the checkpoints, averages taken per checkpoint first,
 as OpenOOD's scripts/eval_ood.py reports them.
+
+With --ci, the tables of one checkpoint show each cell as value ± half its bootstrap interval's width: a per-set
+cell from its results.csv's interval columns, an average from the averages.csv beside it when that run averaged
+exactly the column's sets (else the bare value; the legend lists such cells). Tables of several checkpoints keep
+mean ± std: the spread over checkpoints is the larger uncertainty there, and one run's interval is not theirs.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 from errors import UserError
+from pipeline.averages import OPENOOD_BENCHMARKS, OpenOODBenchmark
 from pipeline.cache import write_atomically
-from pipeline.report import (CSV_COLUMNS, OPENOOD_COLUMNS, OPENOOD_FILE, NumericTable, format_markdown,
-                             format_table, format_terminal, mean_cells, paper_table_legend, paper_table_numbers)
+from pipeline.report import (AVERAGE_COLUMNS, AVERAGES_FILE, CSV_COLUMNS, MISSING, OOD_METRICS, OPENOOD_COLUMNS,
+                             OPENOOD_FILE, NumericTable, add_paper_intervals, format_markdown, format_table,
+                             format_terminal, interval_index, mean_cells, paper_table_legend, paper_table_numbers,
+                             with_interval)
 
 METRIC_COLUMNS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "id_acc")
 
 OPENOOD_METRICS = ("fpr95_ood_positive", "auroc", "aupr_in", "aupr_out")  # OpenOOD's column order
-
-
-@dataclasses.dataclass(frozen=True)
-class OpenOODBenchmark:
-    """One OpenOOD v1.5 benchmark's OOD sets (dataset config names), as its evaluator groups them."""
-
-    name: str
-    near: tuple[str, ...]
-    far: tuple[str, ...]
-
-
-OPENOOD_BENCHMARKS = (
-    OpenOODBenchmark("ImageNet-1K", near=("openood-ssb-hard", "openood-ninco"),
-                     far=("openood-inaturalist", "openood-textures", "openood-openimage-o")),
-    OpenOODBenchmark("CIFAR-10", near=("openood-cifar10-cifar100", "openood-cifar10-tin"),
-                     far=("openood-cifar10-mnist", "openood-cifar10-svhn", "openood-cifar10-texture",
-                          "openood-cifar10-places365")),
-    OpenOODBenchmark("CIFAR-100", near=("openood-cifar100-cifar10", "openood-cifar100-tin"),
-                     far=("openood-cifar100-mnist", "openood-cifar100-svhn", "openood-cifar100-texture",
-                          "openood-cifar100-places365")),
-)
 
 
 def openood_legend(benchmark: OpenOODBenchmark) -> str:
@@ -86,7 +72,19 @@ def collect(root: Path, openood: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
+def collect_averages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the averages.csv beside each results file of `rows` (none where a run wrote none), intervals
+    as floats and `source` = that results file, as interval_index matches them."""
+    averages = []
+    for source in dict.fromkeys(row["source"] for row in rows):
+        path = Path(source).parent / AVERAGES_FILE
+        if path.exists():
+            averages += [{**average, "source": source} for average in _read_results(path, AVERAGE_COLUMNS, OOD_METRICS)]
+    return averages
+
+
 def _read_results(path: Path, columns: list[str], metric_columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A results file's rows: metrics and the intervals present as floats (an empty interval cell is left out)."""
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         # files written before the checkpoint and interval columns: one run of the model's own checkpoint
@@ -98,9 +96,11 @@ def _read_results(path: Path, columns: list[str], metric_columns: tuple[str, ...
         for line_number, record in enumerate(reader, start=2):
             try:
                 metrics = {name: float(record[name]) for name in metric_columns}
+                metrics.update({name: float(record[name]) for name in columns if "_ci_" in name and record.get(name)})
             except (TypeError, ValueError) as error:  # TypeError: a short line leaves None
                 raise UserError(f"{path}, line {line_number}: a metric is missing or not a number ({error})") from error
-            rows.append({**record, **metrics, "checkpoint": record.get("checkpoint") or "", "source": str(path)})
+            rows.append({**{name: value for name, value in record.items() if "_ci_" not in name}, **metrics,
+                         "checkpoint": record.get("checkpoint") or "", "source": str(path)})
     return rows
 
 
@@ -124,12 +124,18 @@ def _first_seen(rows: list[dict[str, Any]], key: str) -> list[str]:
     return list(dict.fromkeys(row[key] for row in rows))
 
 
-def paper_tables(rows: list[dict[str, Any]]) -> dict[TableKey, list[list[str]]]:
-    """{(model, id_data): table}, in first-seen order; replicates give mean ± std cells."""
-    return {key: format_table([paper_table_numbers(replicate, _first_seen(group, "ood_data"),
-                                                   _first_seen(group, "detector"))
-                               for replicate in _replicates(group)])
-            for key, group in _groups(rows).items()}
+def paper_tables(rows: list[dict[str, Any]],
+                 averages: list[dict[str, Any]] | None = None) -> dict[TableKey, list[list[str]]]:
+    """{(model, id_data): table}, in first-seen order; replicates give mean ± std cells. With `averages`
+    (collect_averages', for --ci), a table of one checkpoint shows the intervals it has (add_paper_intervals)."""
+    tables = {}
+    for key, group in _groups(rows).items():
+        ood_sets, replicates = _first_seen(group, "ood_data"), _replicates(group)
+        tables[key] = format_table([paper_table_numbers(replicate, ood_sets, _first_seen(group, "detector"))
+                                    for replicate in replicates])
+        if averages is not None and len(replicates) == 1:
+            add_paper_intervals(tables[key], ood_sets, interval_index(group, averages))
+    return tables
 
 
 def openood_benchmark(rows: list[dict[str, Any]]) -> OpenOODBenchmark | None:
@@ -139,38 +145,51 @@ def openood_benchmark(rows: list[dict[str, Any]]) -> OpenOODBenchmark | None:
                 None)
 
 
-def _openood_numbers(rows: list[dict[str, Any]], benchmark: OpenOODBenchmark, ood_sets: list[str],
-                     detectors: list[str]) -> NumericTable:
-    """One replicate's OpenOOD-shaped lines: per detector, one per near-OOD set, their average, one per far-OOD
-    set, their average, then any other OOD set; numbers FPR95 (OOD positive), AUROC, AUPR-in, AUPR-out, ID acc."""
-    cells = {(row["detector"], row["ood_data"]): row for row in rows}
+def _openood_sections(benchmark: OpenOODBenchmark, ood_sets: list[str]) -> dict[str, tuple[str, ...]]:
+    """An OpenOOD table's lines per detector, {label: the OOD sets averaged}: each near-OOD set, their average,
+    each far-OOD set, their average, then any other OOD set."""
     others = [name for name in ood_sets if name not in benchmark.near + benchmark.far]
-    sections = [*[(name, (name,)) for name in benchmark.near], ("Near-OOD", benchmark.near),
-                *[(name, (name,)) for name in benchmark.far], ("Far-OOD", benchmark.far),
-                *[(name, (name,)) for name in others]]
+    return {**{name: (name,) for name in benchmark.near}, "Near-OOD": benchmark.near,
+            **{name: (name,) for name in benchmark.far}, "Far-OOD": benchmark.far, **{name: (name,) for name in others}}
+
+
+def _openood_numbers(rows: list[dict[str, Any]], sections: dict[str, tuple[str, ...]],
+                     detectors: list[str]) -> NumericTable:
+    """One replicate's OpenOOD-shaped lines: per detector, one per section; numbers FPR95 (OOD positive), AUROC,
+    AUPR-in, AUPR-out, ID acc."""
+    cells = {(row["detector"], row["ood_data"]): row for row in rows}
     lines = []
     for detector in detectors:
         id_acc = next((row["id_acc"] for row in rows if row["detector"] == detector), None)
-        for label, names in sections:
+        for label, names in sections.items():
             numbers = mean_cells([cells.get((detector, name)) for name in names], OPENOOD_METRICS)
             lines.append(([detector, label], [*numbers, id_acc]))
     return ["Detector", "OOD set", "FPR95", "AUROC", "AUPR-in", "AUPR-out", "ID Acc"], lines
 
 
-def openood_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+def openood_table(rows: list[dict[str, Any]], averages: list[dict[str, Any]] | None = None) -> list[list[str]]:
     """OpenOOD's evaluator shape for one (model, id_data), two decimals, mean ± std over checkpoints; a missing
-    result, and an average needing it, shows "-"."""
+    result, and an average needing it, shows "-". With `averages` (for --ci), a table of one checkpoint shows the
+    intervals it has, as paper_tables does (ID accuracy has none)."""
     benchmark = openood_benchmark(rows)
     if benchmark is None:
         raise ValueError("the rows hold no result on an OpenOOD v1.5 set")
-    ood_sets, detectors = _first_seen(rows, "ood_data"), _first_seen(rows, "detector")
-    return format_table([_openood_numbers(replicate, benchmark, ood_sets, detectors)
-                         for replicate in _replicates(rows)])
+    sections, replicates = _openood_sections(benchmark, _first_seen(rows, "ood_data")), _replicates(rows)
+    table = format_table([_openood_numbers(replicate, sections, _first_seen(rows, "detector"))
+                          for replicate in replicates])
+    if averages is not None and len(replicates) == 1:
+        intervals = interval_index(rows, averages)
+        for line in table[1:]:
+            found = intervals.get((line[0], frozenset(sections[line[1]])), {})
+            for offset, metric in enumerate(OPENOOD_METRICS):
+                line[2 + offset] = with_interval(line[2 + offset], found.get(metric))
+    return table
 
 
-def openood_tables(rows: list[dict[str, Any]]) -> dict[TableKey, list[list[str]]]:
+def openood_tables(rows: list[dict[str, Any]],
+                   averages: list[dict[str, Any]] | None = None) -> dict[TableKey, list[list[str]]]:
     """{(model, id_data): OpenOOD-shaped table} for the groups with a result on any OpenOOD v1.5 set."""
-    tables = {key: openood_table(group) for key, group in _groups(rows).items() if openood_benchmark(group)}
+    tables = {key: openood_table(group, averages) for key, group in _groups(rows).items() if openood_benchmark(group)}
     if not tables:
         sources = ", ".join(sorted({row["source"] for row in rows}))
         every_set = [name for benchmark in OPENOOD_BENCHMARKS for name in (*benchmark.near, *benchmark.far)]
@@ -185,10 +204,36 @@ def _title(group: list[dict[str, Any]], key: TableKey) -> str:
     return f"{key[0]}: ID {key[1]}, bank from {banks}{replicates}"
 
 
-def write_tables(rows: list[dict[str, Any]], output_dir: Path, openood: bool = False) -> str:
+def interval_legend(table: list[list[str]], checkpoints: int, openood: bool) -> str:
+    """What --ci shows in this table, and which of its values have no interval."""
+    if checkpoints > 1:
+        return (f"--ci does not apply to this table: its ± is the population std over {checkpoints} checkpoints "
+                f"(each run's own intervals are in its results.csv and averages.csv).")
+    legend = ("value ± h: h is half the width of the run's bootstrap interval (ci_level, 95% by default), which "
+              "covers the sampling of the test images only.")
+    if openood:  # metric columns 2 to 5; lines named by their OOD set or average
+        lacking = list(dict.fromkeys(line[1] for line in table[1:] if any(
+            _lacks_interval(cell) for cell in line[2:2 + len(OPENOOD_METRICS)])))
+    else:
+        lacking = [header for column, header in enumerate(table[0]) if column > 0 and any(
+            _lacks_interval(line[column]) for line in table[1:])]
+    if lacking:
+        legend += (f" No interval for {', '.join(lacking)}: their run stored none (written before intervals, or "
+                   f"with bootstrap=0), or no single run averaged exactly those sets.")
+    return legend + (" ID Acc has no interval." if openood else "")
+
+
+def _lacks_interval(cell: str) -> bool:
+    return cell != MISSING and " ± " not in cell
+
+
+def write_tables(rows: list[dict[str, Any]], output_dir: Path, openood: bool = False,
+                 averages: list[dict[str, Any]] | None = None) -> str:
     """Writes <model>__<id_data>.md/.csv per table and tables.md (with `openood`: <model>__<id_data>__openood
-    .md/.csv and tables_openood.md); returns all tables for the terminal."""
-    tables, suffix = (openood_tables(rows), "__openood") if openood else (paper_tables(rows), "")
+    .md/.csv and tables_openood.md); returns all tables for the terminal. With `averages` (collect_averages', for
+    --ci) the tables show intervals and each legend says where they are missing."""
+    tables, suffix = ((openood_tables(rows, averages), "__openood") if openood
+                      else (paper_tables(rows, averages), ""))
     sections, terminal, legends = [], [], []
     groups = _groups(rows)
     for key, table in tables.items():
@@ -196,12 +241,13 @@ def write_tables(rows: list[dict[str, Any]], output_dir: Path, openood: bool = F
         title = _title(groups[key], key) + (f" (OpenOOD v1.5 {benchmark.name})" if benchmark else "")
         legend = openood_legend(benchmark) if benchmark else paper_table_legend(table)
         legends.append(legend)
-        markdown = f"# {title}\n\n{legend}\n\n{format_markdown(table)}"
+        note = interval_legend(table, len(_replicates(groups[key])), openood) if averages is not None else ""
+        markdown = f"# {title}\n\n{legend}" + (f" {note}" if note else "") + f"\n\n{format_markdown(table)}"
         stem = f"{key[0]}__{key[1]}{suffix}"
         write_atomically(output_dir / f"{stem}.md", lambda path, text=markdown: path.write_text(text))
         write_atomically(output_dir / f"{stem}.csv", lambda path, table=table: _write_csv(path, table))
         sections.append(markdown)
-        terminal.append(f"{title}\n{format_terminal(table)}")
+        terminal.append(f"{title}\n{format_terminal(table)}" + (f"\n{note}" if note else ""))
     combined = "\n".join(sections)
     write_atomically(output_dir / tables_file(openood), lambda path: path.write_text(combined))
     if not openood:  # one footer: Avg-4 explained if any table has it
@@ -226,11 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--openood", action="store_true",
                         help=f"OpenOOD v1.5 tables (ImageNet-1K, CIFAR-10, CIFAR-100) from every {OPENOOD_FILE} "
                              f"below ROOT")
+    parser.add_argument("--ci", action="store_true",
+                        help=f"show each cell's bootstrap interval (value ± half its width) from the runs' result "
+                             f"files and {AVERAGES_FILE}; tables of one checkpoint only")
     args = parser.parse_args(argv)
     try:
         rows = collect(args.root, args.openood)
         output_dir = args.output_dir or args.root
-        print(write_tables(rows, output_dir, args.openood))
+        print(write_tables(rows, output_dir, args.openood, collect_averages(rows) if args.ci else None))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

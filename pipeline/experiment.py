@@ -15,15 +15,16 @@ import torch
 from dataloaders import ImageDataset, bank_indices, build_dataset, subset_indices
 from errors import UserError
 from models import Backbone, ModelConfig, apply_react, build_backbone, file_sha256, react_threshold, resolve_checkpoint
-from ood_detectors.bootstrap import bootstrap_metrics
+from ood_detectors.bootstrap import bootstrap_averages
 from ood_detectors.metrics import ood_metrics
+from pipeline.averages import run_averages
 from pipeline.config import (ExperimentConfig, build_detector, display_name, load_dataset_config,
                              load_model_config)
 from pipeline.distributed import Topology, barrier, init_from_environment
 from pipeline.extract import ExtractionSettings, FeatureExtractor, SameImages
 from pipeline.plots import score_plot_writers
 from pipeline.provenance import environment
-from pipeline.report import write_results
+from pipeline.report import OOD_METRICS, average_row, interval_columns, write_results
 from pipeline.scores import SCORES_FILE, scores_writer
 from pipeline.train import trained_checkpoint
 
@@ -256,24 +257,30 @@ class Experiment:
         id_accuracy = 100 * (id_outputs["logits"].argmax(dim=1) == id_outputs["labels"]).float().mean().item()
 
         rows = []
+        averages = run_averages(ood_names)
+        self.average_rows: list[dict] = []  # averages.csv: each detector's `averages`, with their intervals
         for table_name, detector in detectors.items():
             detector.fit(bank)
             id_scores = detector.score_samples(id_outputs)
             self.id_scores[table_name] = id_scores.cpu().numpy()
+            detector_rows = {}
             for ood_name, outputs in ood_outputs.items():
                 ood_scores = detector.score_samples(outputs)
                 metrics = ood_metrics(id_scores, ood_scores)
                 self.ood_scores.setdefault(ood_name, {})[table_name] = ood_scores.cpu().numpy()
                 self.metrics.setdefault(ood_name, {})[table_name] = metrics
-                intervals = (bootstrap_metrics(id_scores, ood_scores, config.bootstrap, BOOTSTRAP_SEED,
-                                               config.ci_level) if config.bootstrap else {})
-                rows.append({"model": self.model_config.name, "train_data": train_name,
-                             "id_data": id_name, "ood_data": ood_name, "detector": table_name,
-                             **{name: 100 * metrics[name] for name in ("auroc", "fpr95", "aupr_in", "aupr_out",
-                                                                        "dtacc", "fpr95_ood_positive")},
-                             "id_acc": id_accuracy, "checkpoint": self.checkpoint_name,
-                             **{f"{name}_ci_{end}": 100 * value for name, interval in intervals.items()
-                                for end, value in zip(("low", "high"), interval)}})
+                detector_rows[ood_name] = {"model": self.model_config.name, "train_data": train_name,
+                                           "id_data": id_name, "ood_data": ood_name, "detector": table_name,
+                                           **{name: 100 * metrics[name] for name in OOD_METRICS},
+                                           "id_acc": id_accuracy, "checkpoint": self.checkpoint_name}
+            # one set of resamples for all OOD sets, each drawing the ID images once: every set's interval and
+            # every average's
+            intervals = (bootstrap_averages(id_scores, {name: self.ood_scores[name][table_name] for name in ood_names},
+                                            [sets for _, sets in averages], config.bootstrap, BOOTSTRAP_SEED,
+                                            config.ci_level) if config.bootstrap else {})
+            rows += [{**row, **interval_columns(intervals.get((name,), {}))} for name, row in detector_rows.items()]
+            self.average_rows += [average_row([detector_rows[name] for name in sets], label, intervals.get(sets, {}))
+                                  for label, sets in averages]
         return rows
 
 
@@ -321,5 +328,5 @@ def run_experiment(config: ExperimentConfig) -> tuple[list[dict], str]:
     notes = ([f"Subsets, not the full sets (a debug run; seeded, stratified by class): "
               f"{'; '.join(experiment.subset_notes())}."] if experiment.subset_sizes else [])
     table = write_results(Path(config.output_dir), rows, config.to_dict(), provenance,
-                          extra_files={**scores, **plots}, notes=notes)
+                          extra_files={**scores, **plots}, notes=notes, averages=experiment.average_rows)
     return rows, table

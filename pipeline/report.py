@@ -1,4 +1,4 @@
-"""Results as a paper-style table (terminal and markdown), results.csv, and the resolved config.
+"""Results as a paper-style table (terminal and markdown), results.csv, averages.csv, and the resolved config.
 
 A run's result files are replaced as one set (`replace_result_files`): the output folder never holds two runs'
 files at once, and `results-manifest.json`, written last, lists the complete set.
@@ -12,18 +12,18 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from pipeline.averages import paper_averages
 from pipeline.cache import exclusive_lock, full_disk_is_a_user_error, remove_unfinished_files, write_atomically
 
 log = logging.getLogger(__name__)
 
-PAPER_AVERAGE_SETS = ("inaturalist", "sun", "places", "textures")  # the paper's "Average"; OpenImage-O apart
 MISSING = "-"
 INTERVAL_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc")  # results.csv's, each with _ci_low, _ci_high
 CSV_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "auroc", "fpr95", "aupr_in",
@@ -35,6 +35,14 @@ OPENOOD_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "au
                    "aupr_in", "aupr_out", "id_acc", "checkpoint",
                    *[f"{metric}_ci_{end}" for metric in ("auroc", "fpr95_ood_positive", "aupr_in", "aupr_out")
                      for end in ("low", "high")]]
+# averages.csv, beside results.csv: per detector, each average over OOD sets the run bootstrapped (run_averages),
+# its metrics (the mean of the sets', in percent) each with the interval of that mean; ood_sets joined by ";"
+AVERAGES_FILE = "averages.csv"
+OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "fpr95_ood_positive")  # ood_metrics' keys
+AVERAGE_COLUMNS = ["model", "train_data", "id_data", "detector", "average", "ood_sets",
+                   *[f"{metric}{end}" for metric in OOD_METRICS for end in ("", "_ci_low", "_ci_high")],
+                   "checkpoint"]
+OOD_SETS_SEPARATOR = ";"
 # the output folder's record of its result files: {"complete": bool, "files": {name: sha256}, "written": ISO UTC}
 RESULTS_MANIFEST = "results-manifest.json"
 # the keys of config.yaml that make a run another run: its results are not comparable rows of the same table
@@ -48,6 +56,8 @@ TABLE_METRIC_TITLES = {"fpr95": "FPR95", "auroc": "AUROC"}
 Cell = float | None  # a metric in percent; None where a result is missing
 # A table before formatting: its header, and per line the label cells and the numbers
 NumericTable = tuple[list[str], list[tuple[list[str], list[Cell]]]]
+# (detector, the OOD sets of a cell: one, or those averaged) -> {metric: (ci_low, ci_high)} in percent
+Intervals = dict[tuple[str, frozenset[str]], dict[str, tuple[float, float]]]
 
 
 def mean_cells(results: list[dict[str, Any] | None], metrics: tuple[str, ...]) -> list[Cell]:
@@ -67,18 +77,20 @@ def paper_table_numbers(rows: list[dict[str, Any]], ood_sets: list[str] | None =
     ood_sets = ood_sets or list(dict.fromkeys(row["ood_data"] for row in rows))
     detectors = detectors or list(dict.fromkeys(row["detector"] for row in rows))
     cells = {(row["detector"], row["ood_data"]): row for row in rows}
-    averages = {"Avg-all": ood_sets}
-    if all(name in ood_sets for name in PAPER_AVERAGE_SETS):
-        averages = {"Avg-4": list(PAPER_AVERAGE_SETS), **averages}
-    header = ["Detector"] + [f"{name} {TABLE_METRIC_TITLES[metric]}" for name in [*ood_sets, *averages]
-                             for metric in TABLE_METRICS]
+    columns = paper_columns(ood_sets)
+    header = ["Detector"] + [f"{label} {TABLE_METRIC_TITLES[metric]}" for label in columns for metric in TABLE_METRICS]
     lines = []
     for detector in detectors:
         numbers: list[Cell] = []
-        for names in [[name] for name in ood_sets] + list(averages.values()):
+        for names in columns.values():
             numbers += mean_cells([cells.get((detector, name)) for name in names], TABLE_METRICS)
         lines.append(([detector], numbers))
     return header, lines
+
+
+def paper_columns(ood_sets: list[str]) -> dict[str, tuple[str, ...]]:
+    """The paper table's column groups, {label: the OOD sets averaged}: each set alone, then paper_averages."""
+    return {**{name: (name,) for name in ood_sets}, **paper_averages(ood_sets)}
 
 
 def format_table(replicates: list[NumericTable]) -> list[list[str]]:
@@ -103,20 +115,64 @@ def format_table(replicates: list[NumericTable]) -> list[list[str]]:
     return table
 
 
-def paper_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+def paper_table(rows: list[dict[str, Any]], averages: Sequence[dict[str, Any]] = ()) -> list[list[str]]:
     """Header + one line per detector: `paper_table_numbers` of one run, two decimals, "-" where missing; a
-    per-set cell whose row has a bootstrap interval shows "value ± half its width"."""
+    cell with a bootstrap interval (a row's, or for an average the `averages` row of its sets) shows
+    "value ± half its width"."""
     table = format_table([paper_table_numbers(rows)])
-    ood_sets = list(dict.fromkeys(row["ood_data"] for row in rows))
-    cells = {(row["detector"], row["ood_data"]): row for row in rows}
-    for line in table[1:]:
-        for set_index, ood_data in enumerate(ood_sets):  # the per-set columns come first, TABLE_METRICS each
-            row = cells.get((line[0], ood_data))
-            for metric_index, metric in enumerate(TABLE_METRICS):
-                if row is not None and row.get(f"{metric}_ci_low") is not None:
-                    half_width = (row[f"{metric}_ci_high"] - row[f"{metric}_ci_low"]) / 2
-                    line[1 + len(TABLE_METRICS) * set_index + metric_index] += f" ± {half_width:.2f}"
+    add_paper_intervals(table, list(dict.fromkeys(row["ood_data"] for row in rows)), interval_index(rows, averages))
     return table
+
+
+def add_paper_intervals(table: list[list[str]], ood_sets: list[str], intervals: Intervals) -> None:
+    """Append "± half the interval's width" to each cell of a one-run paper table (columns `paper_columns(
+    ood_sets)`) whose (detector, sets) has an interval."""
+    for line in table[1:]:
+        for group, sets in enumerate(paper_columns(ood_sets).values()):
+            found = intervals.get((line[0], frozenset(sets)), {})
+            for offset, metric in enumerate(TABLE_METRICS):
+                column = 1 + len(TABLE_METRICS) * group + offset
+                line[column] = with_interval(line[column], found.get(metric))
+
+
+def with_interval(cell: str, interval: tuple[float, float] | None) -> str:
+    """A formatted cell with " ± half the interval's width" appended; unchanged without one or where missing."""
+    return cell if interval is None or cell == MISSING else f"{cell} ± {(interval[1] - interval[0]) / 2:.2f}"
+
+
+def interval_index(rows: list[dict[str, Any]], averages: Sequence[dict[str, Any]] = ()) -> Intervals:
+    """Each row's intervals under (detector, {its OOD set}), and each averages.csv row's under (detector, its
+    sets) where the rows of those sets all come from its run (the same `source`, or none in a run's own)."""
+    index = {(row["detector"], frozenset([row["ood_data"]])): _row_intervals(row) for row in rows}
+    sources = {(row["detector"], row["ood_data"]): row.get("source") for row in rows}
+    for average in averages:
+        sets = average["ood_sets"].split(OOD_SETS_SEPARATOR)
+        if all((average["detector"], name) in sources and sources[average["detector"], name] == average.get("source")
+               for name in sets):
+            index[(average["detector"], frozenset(sets))] = _row_intervals(average)
+    return index
+
+
+def _row_intervals(row: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """{metric: (ci_low, ci_high)} of the metrics the row has an interval for."""
+    return {metric: (row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]) for metric in OOD_METRICS
+            if row.get(f"{metric}_ci_low") is not None}
+
+
+def interval_columns(intervals: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+    """A row's `<metric>_ci_low` and `_ci_high` columns in percent, from bootstrap intervals in fractions."""
+    return {f"{metric}_ci_{end}": 100 * value for metric, interval in intervals.items()
+            for end, value in zip(("low", "high"), interval)}
+
+
+def average_row(rows: list[dict[str, Any]], average: str,
+                intervals: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+    """averages.csv's line for one detector's average over `rows` (its rows of the averaged OOD sets): the metrics
+    averaged as the tables average them, and `intervals` (fractions, the bootstrap of that average) in percent."""
+    first = rows[0]
+    return {**{key: first[key] for key in ("model", "train_data", "id_data", "detector", "checkpoint")},
+            "average": average, "ood_sets": OOD_SETS_SEPARATOR.join(row["ood_data"] for row in rows),
+            **dict(zip(OOD_METRICS, mean_cells(rows, OOD_METRICS))), **interval_columns(intervals)}
 
 
 def paper_table_legend(table: list[list[str]]) -> str:
@@ -152,11 +208,12 @@ def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config: dict[str, Any],
                   provenance: dict[str, Any], extra_files: Mapping[str, Callable[[Path], Any]] | None = None,
-                  notes: list[str] | None = None) -> str:
-    """Replace the folder's previous results with results.csv, results_openood.csv, results.md, config.yaml
-    and `extra_files` ({file name: write(path)}, e.g. `score_plot_writers`), as one set; returns the terminal
-    table. `notes` (e.g. that the sets are subsets) go above the table, in results.md and the terminal."""
-    table = paper_table(rows)
+                  notes: list[str] | None = None, averages: list[dict[str, Any]] | None = None) -> str:
+    """Replace the folder's previous results with results.csv, results_openood.csv, results.md, config.yaml,
+    averages.csv (when `averages`, average_row's, are given: their intervals also go into the tables) and
+    `extra_files` ({file name: write(path)}, e.g. `score_plot_writers`), as one set; returns the terminal table.
+    `notes` (e.g. that the sets are subsets) go above the table, in results.md and the terminal."""
+    table = paper_table(rows, averages or ())
     first = rows[0]
     title = (f"# {first['model']}: ID {first['id_data']}, bank from {first['train_data']} "
              f"(ID accuracy {first['id_acc']:.2f}%)\n\n" + "".join(f"**{note}**\n\n" for note in notes or [])
@@ -164,6 +221,8 @@ def write_results(output_dir: Path, rows: list[dict[str, Any]], resolved_config:
     documents = {"results.csv": _csv_text(rows, CSV_COLUMNS), OPENOOD_FILE: _csv_text(rows, OPENOOD_COLUMNS),
                  "results.md": title + format_markdown(table),
                  "config.yaml": yaml.safe_dump({**resolved_config, "provenance": provenance}, sort_keys=False)}
+    if averages is not None:
+        documents[AVERAGES_FILE] = _csv_text(averages, AVERAGE_COLUMNS)
     writers = {name: (lambda path, text=text: path.write_text(text)) for name, text in documents.items()}
     clashing = set(writers) & set(extra_files or {})
     if clashing:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from errors import UserError
+from pipeline import report
 from pipeline.aggregate import collect, main, paper_tables
-from pipeline.report import CSV_COLUMNS
+from pipeline.report import CSV_COLUMNS, OOD_METRICS, average_row, interval_columns
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_OOD = ["inaturalist", "sun", "places", "textures", "openimage-o"]
@@ -223,3 +224,120 @@ def test_aggregation_imports_neither_torch_nor_scikit_learn():
                              "print(sorted({'torch', 'sklearn', 'ood_detectors'} & set(sys.modules)))"],
                             cwd=REPO, capture_output=True, text=True, check=True, timeout=60).stdout
     assert loaded.strip() == "[]"
+
+
+# ---- --ci: the runs' bootstrap intervals in the tables ----------------------------------------------------------
+
+HALF_WIDTHS = {"fpr95": 1.0, "auroc": 0.3, "fpr95_ood_positive": 1.2}  # per-set rows, percent; others 0.5
+AVERAGE_HALF_WIDTHS = {"fpr95": 0.5, "auroc": 0.2, "fpr95_ood_positive": 0.7}
+
+
+def run_rows(results: list[tuple[str, str, float, float]], checkpoint: str = "ckpt",
+             intervals: bool = True) -> list[dict]:
+    """Rows as a run returns them (FPR95 and AUROC given, FPR95 OOD-positive = FPR95 + 1), with intervals of
+    HALF_WIDTHS around each value unless `intervals` is false (a run with bootstrap=0)."""
+    rows = []
+    for detector, ood_data, fpr95, auroc in results:
+        row = {"model": "resnet50-react", "train_data": "imagenet1k", "id_data": "imagenet1k", "ood_data": ood_data,
+               "detector": detector, "auroc": auroc, "fpr95": fpr95, "aupr_in": 90.0, "aupr_out": 80.0,
+               "dtacc": 85.0, "fpr95_ood_positive": fpr95 + 1, "id_acc": 76.13, "checkpoint": checkpoint}
+        rows.append({**row, **(interval_columns(fractions_around(row, HALF_WIDTHS)) if intervals else {})})
+    return rows
+
+
+def fractions_around(row: dict, half_widths: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """An interval per metric, as the bootstrap gives it (fractions): the row's value ± its half width."""
+    return {metric: ((row[metric] - half_widths.get(metric, 0.5)) / 100,
+                     (row[metric] + half_widths.get(metric, 0.5)) / 100) for metric in OOD_METRICS}
+
+
+def write_run(folder: Path, rows: list[dict], averages: list[tuple[str, list[str]]] = ()) -> None:
+    """The run's result files as pipeline.report writes them; averages.csv with the given (label, sets) averages
+    of each detector (intervals of AVERAGE_HALF_WIDTHS) unless there are none."""
+    average_rows = []
+    for detector in dict.fromkeys(row["detector"] for row in rows):
+        for label, sets in averages:
+            averaged = [row for name in sets for row in rows if (row["detector"], row["ood_data"]) == (detector, name)]
+            average = average_row(averaged, label, {})
+            average_rows.append(average_row(averaged, label, fractions_around(average, AVERAGE_HALF_WIDTHS)))
+    report.write_results(folder, rows, {}, {}, averages=average_rows or None)
+
+
+def table_csv(path: Path) -> list[list[str]]:
+    with path.open() as handle:
+        return list(csv.reader(handle))
+
+
+def test_ci_shows_each_runs_intervals_and_bare_values_where_none_was_stored(tmp_path):
+    paper_sets = ["inaturalist", "sun", "places", "textures"]
+    # One run scored the four paper sets (Avg-4 = its Avg-all); OpenImage-O came from a run without intervals.
+    write_run(tmp_path / "runs/four", run_rows(REACT_IMAGENET[:4] + REACT_IMAGENET[5:]),
+              [("Avg-4", paper_sets), ("Avg-all", paper_sets)])
+    write_run(tmp_path / "runs/openimage-o", run_rows(REACT_IMAGENET[4:5], intervals=False))
+    # A results.csv from before the interval columns and averages.csv, and two checkpoints of another model.
+    old_columns = CSV_COLUMNS[:CSV_COLUMNS.index("checkpoint")]
+    (tmp_path / "runs/old").mkdir()
+    (tmp_path / "runs/old/results.csv").write_text(",".join(old_columns) + "\n" + "".join(
+        f"resnet50-react,imagenet1k,imagenet1k-v2-a,{ood},{detector},{auroc},{fpr95},90.0,80.0,85.0,76.13\n"
+        for detector, ood, fpr95, auroc in REACT_V2A))
+    for checkpoint, shift in (("s0", 0.0), ("s1", 2.0)):
+        rows = [{**row, "model": "resnet50-supcon", "fpr95": row["fpr95"] + shift}
+                for row in run_rows(REACT_V2A, checkpoint)]
+        write_run(tmp_path / "runs" / checkpoint, rows, [("Avg-all", ["inaturalist", "textures"])])
+
+    assert main([str(tmp_path / "runs"), "--output-dir", str(tmp_path / "plain")]) == 0
+    assert main([str(tmp_path / "runs"), "--output-dir", str(tmp_path / "ci"), "--ci"]) == 0
+    # Per-set cells: the run's interval (FPR95 ± 1, AUROC ± 0.3); Avg-4 from averages.csv (± 0.5, ± 0.2); Avg-all
+    # averages OpenImage-O too, which no run averaged with the others: bare, as OpenImage-O's own cells are.
+    header, nnguide, energy = table_csv(tmp_path / "ci/resnet50-react__imagenet1k.csv")
+    assert nnguide == ["nnguide", "11.12 ± 1.00", "97.70 ± 0.30", "21.50 ± 1.00", "96.25 ± 0.30", "31.47 ± 1.00",
+                       "93.10 ± 0.30", "15.03 ± 1.00", "95.04 ± 0.30", "35.10", "92.49", "19.78 ± 0.50",
+                       "95.52 ± 0.20", "22.84", "94.92"]
+    assert energy == ["energy", "50.00 ± 1.00", "90.00 ± 0.30", "60.00 ± 1.00", "85.00 ± 0.30", "70.00 ± 1.00",
+                      "80.00 ± 0.30", "40.00 ± 1.00", "88.00 ± 0.30", "-", "-", "55.00 ± 0.50", "85.75 ± 0.20", "-",
+                      "-"]
+    # Without --ci the tables are those of before: the same numbers, no intervals.
+    plain = table_csv(tmp_path / "plain/resnet50-react__imagenet1k.csv")
+    assert plain == paper_tables(collect(tmp_path / "runs"))[("resnet50-react", "imagenet1k")]
+    assert plain[1:] == [[cell.split(" ± ")[0] for cell in line] for line in (nnguide, energy)]
+    assert "±" not in (tmp_path / "plain/tables.md").read_text().split("# resnet50-supcon")[0]
+
+    markdown = (tmp_path / "ci/resnet50-react__imagenet1k.md").read_text()
+    assert ("value ± h: h is half the width of the run's bootstrap interval" in markdown
+            and "No interval for openimage-o FPR95, openimage-o AUROC, Avg-all FPR95, Avg-all AUROC:" in markdown)
+    old = (tmp_path / "ci/resnet50-react__imagenet1k-v2-a.md").read_text()
+    assert "| nnguide | 5.00 | 99.00 | 7.00 | 98.00 | 6.00 | 98.50 |" in old
+    assert "No interval for inaturalist FPR95, inaturalist AUROC, textures FPR95" in old
+    # Several checkpoints: mean ± std over them, as without --ci, and the legend says so.
+    replicates = (tmp_path / "ci/resnet50-supcon__imagenet1k.md").read_text()
+    assert replicates == (tmp_path / "plain/resnet50-supcon__imagenet1k.md").read_text().replace(
+        "Avg-all averages every OOD column.", "Avg-all averages every OOD column. --ci does not apply to this table: "
+        "its ± is the population std over 2 checkpoints (each run's own intervals are in its results.csv and "
+        "averages.csv).")
+    assert "| nnguide | 6.00 ± 1.00 | 99.00 ± 0.00 |" in replicates
+
+
+def test_ci_in_the_openood_tables_reads_openood_s_fpr95_and_the_near_and_far_averages(tmp_path):
+    near, far = ["openood-ssb-hard", "openood-ninco"], ["openood-inaturalist", "openood-textures"]
+    results = [("nnguide", name, fpr95, auroc) for name, fpr95, auroc in zip(
+        [*near, *far], [60.0, 40.0, 3.0, 20.0], [80.0, 90.0, 99.0, 95.0])]
+    write_run(tmp_path / "runs/four", run_rows(results), [("Avg-all", [*near, *far]), ("Near-OOD", near)])
+    write_run(tmp_path / "runs/openimage-o", run_rows([("nnguide", "openood-openimage-o", 10.0, 97.0)],
+                                                      intervals=False))
+    assert main([str(tmp_path / "runs"), "--openood", "--ci"]) == 0
+    lines = {line[1]: line[2:] for line in table_csv(tmp_path / "runs/resnet50-react__imagenet1k__openood.csv")[1:]}
+    # FPR95 is OpenOOD's (FPR95 + 1 here), its interval ± 1.2; Near-OOD's from averages.csv (± 0.7, ± 0.2).
+    assert lines["openood-ssb-hard"] == ["61.00 ± 1.20", "80.00 ± 0.30", "90.00 ± 0.50", "80.00 ± 0.50", "76.13"]
+    assert lines["Near-OOD"] == ["51.00 ± 0.70", "85.00 ± 0.20", "90.00 ± 0.50", "80.00 ± 0.50", "76.13"]
+    assert lines["openood-openimage-o"] == ["11.00", "97.00", "90.00", "80.00", "76.13"]
+    assert lines["Far-OOD"] == ["12.00", "97.00", "90.00", "80.00", "76.13"]   # its sets span two runs: bare
+    markdown = (tmp_path / "runs/resnet50-react__imagenet1k__openood.md").read_text()
+    assert "No interval for openood-openimage-o, Far-OOD:" in markdown and "ID Acc has no interval." in markdown
+
+
+def test_run_sh_tables_show_the_runs_intervals(tmp_path):
+    write_run(tmp_path / "results/four", run_rows(REACT_IMAGENET[:4]), [("Avg-4", ["inaturalist", "sun", "places",
+                                                                                  "textures"])])
+    completed, calls = run_script(tmp_path, "--aggregate-only", "--output-root", str(tmp_path / "results"))
+    assert completed.returncode == 0, completed.stderr
+    assert calls == [] and "| nnguide | 11.12 ± 1.00 |" in (tmp_path / "results/tables.md").read_text()

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from ood_detectors import bootstrap
-from ood_detectors.bootstrap import (METRICS, bootstrap_distribution, bootstrap_metrics, metrics_from_counts,
-                                     paired_bootstrap, resample_counts)
+from ood_detectors.bootstrap import (METRICS, bootstrap_averages, bootstrap_distribution, bootstrap_metrics,
+                                     bootstrap_sets_distribution, metrics_from_counts, paired_bootstrap,
+                                     resample_counts, sets_resample_counts)
 from ood_detectors.metrics import ood_metrics
 
 
@@ -156,6 +157,48 @@ def test_seeds_and_blocks():
     assert np.array_equal(bootstrap_distribution(id_scores, ood_scores, 50, seed=1), distribution[:50])
 
 
+def test_several_sets_draw_the_id_images_once_per_resample_and_averages_average_within_it():
+    rng = np.random.default_rng(7)
+    id_scores = rng.normal(1, 1, 50).round(1)                                   # ties, within ID and with OOD
+    ood_sets = {"near": rng.normal(0.5, 1, 30).round(1), "far": rng.normal(0, 1, 20), "tiny": np.array([0.3, 1.0])}
+    resamples, seed = 40, 11
+    distribution = bootstrap_sets_distribution(id_scores, list(ood_sets.values()), resamples, seed)
+    assert distribution.shape == (resamples, 3, len(METRICS))
+    # The draws, written out: one stream for the ID images (drawn once per resample, for every set), then one per
+    # OOD set, spawned from the seed in that order; each resample row draws every image index with replacement.
+    id_stream, *set_streams = (np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(4))
+    id_counts = counts_of(id_stream.integers(0, 50, size=(resamples, 50), dtype=np.int32), 50)
+    ood_counts = [counts_of(stream.integers(0, scores.size, size=(resamples, scores.size), dtype=np.int32),
+                            scores.size) for stream, scores in zip(set_streams, ood_sets.values())]
+    restated = np.array([[sklearn_metrics(id_scores, scores, id_counts[row], counts[row])
+                          for scores, counts in zip(ood_sets.values(), ood_counts)] for row in range(resamples)])
+    np.testing.assert_allclose(distribution, restated, rtol=0, atol=1e-9)
+    written_id_counts, written_ood_counts = sets_resample_counts(50, [30, 20, 2], resamples, seed)
+    assert np.array_equal(written_id_counts, id_counts)
+    assert all(np.array_equal(written, counts) for written, counts in zip(written_ood_counts, ood_counts))
+    # One set's resamples are those of the first of several; the block size changes nothing.
+    assert np.array_equal(distribution[:, 0], bootstrap_distribution(id_scores, ood_sets["near"], resamples, seed))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bootstrap, "_BLOCK_DRAWS", 7 * (50 + 30))   # blocks of 7 resamples
+        assert np.array_equal(bootstrap_sets_distribution(id_scores, list(ood_sets.values()), resamples, seed),
+                              distribution)
+
+    # Each set's interval and each average's: percentiles of the restated metrics, averaged within each resample.
+    intervals = bootstrap_averages(id_scores, ood_sets, [("near", "far"), ("far", "near", "tiny")], resamples, seed,
+                                   level=0.9)
+    assert list(intervals) == [("near",), ("far",), ("tiny",), ("near", "far"), ("far", "near", "tiny")]
+    for group, columns in ((("far",), [1]), (("near", "far"), [0, 1]), (("far", "near", "tiny"), [0, 1, 2])):
+        low, high = np.quantile(restated[:, columns].mean(axis=1), [0.05, 0.95], axis=0)
+        for column, name in enumerate(METRICS):
+            assert intervals[group][name] == pytest.approx((low[column], high[column]), abs=1e-9), (group, name)
+            assert intervals[group][name][0] <= intervals[group][name][1]
+
+
+def counts_of(draws: np.ndarray, size: int) -> np.ndarray:
+    """How often each of 0..size-1 was drawn, per row of image indices."""
+    return np.array([np.bincount(row, minlength=size) for row in draws])
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="ood_scores has 1 NaN or inf values of 2"):   # ood_metrics' own check
         bootstrap_metrics(np.array([1.0]), np.array([np.nan, 0.0]))
@@ -169,3 +212,9 @@ def test_bad_input():
         bootstrap_metrics(np.ones(3), np.ones(2), resamples=0)
     with pytest.raises(ValueError, match="ood_counts must be non-negative with at least one draw"):
         metrics_from_counts(np.ones(3), np.ones(2), np.ones(3, dtype=int), np.zeros(2, dtype=int))
+    with pytest.raises(ValueError, match=r"ood_scores\[1\] is empty"):
+        bootstrap_sets_distribution(np.ones(3), [np.ones(2), np.ones(0)])
+    with pytest.raises(ValueError, match="give at least one OOD set"):
+        bootstrap_sets_distribution(np.ones(3), [])
+    with pytest.raises(ValueError, match=r"averages name OOD sets without scores: \['sun'\]"):
+        bootstrap_averages(np.ones(3), {"inat": np.ones(2)}, [("inat", "sun")])

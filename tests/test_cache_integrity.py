@@ -440,7 +440,7 @@ def test_main_killed_while_writing_then_rerun_leaves_no_leftovers_and_whole_resu
     assert rerun.returncode == 0, rerun.stderr
     assert f"that an interrupted run left in {tmp_path / 'out/.results-staging'}" in rerun.stderr
     listed = manifest(tmp_path / "out")
-    assert listed["complete"] is True and set(listed["files"]) == PIPELINE_FILES | {"scores.npz"}
+    assert listed["complete"] is True and set(listed["files"]) == PIPELINE_FILES | {"scores.npz", "averages.csv"}
     for name, sha256 in listed["files"].items():
         assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest() == sha256
     assert not [path for path in tmp_path.rglob("*") if is_temporary(path.name) or path.suffix == ".part"]

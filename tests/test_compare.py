@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ood_detectors.bootstrap import HIGHER_IS_BETTER, METRICS, paired_bootstrap
+from ood_detectors.bootstrap import HIGHER_IS_BETTER, METRICS, sets_resample_counts
 from ood_detectors.metrics import ood_metrics
-from pipeline.compare import RESAMPLES_PER_BLOCK, compare, main
+from pipeline.compare import compare, main
 from pipeline.scores import RunScores, read_scores, scores_writer
 
 
@@ -35,43 +35,32 @@ def test_a_detector_against_itself_differs_by_exactly_zero_everywhere():
         assert row[4] == "+0.00" and row[5] == "[+0.00, +0.00]" and row[6] == "0.000", row
 
 
-@pytest.mark.slow  # restates 107 resamples with scikit-learn, one at a time
-def test_per_set_lines_are_the_paired_bootstrap_and_the_average_restates_it_with_shared_id_draws():
-    stored, resamples, seed = synthetic_run(), RESAMPLES_PER_BLOCK + 7, 3  # two blocks, the second partial
-    table = compare(stored, "good", "weak", ["auroc", "fpr95", "aupr_out"], resamples, seed)
-    id_a, id_b = stored.scores["id"]["good"], stored.scores["id"]["weak"]
-    for name in ("near", "far"):
-        paired = paired_bootstrap(id_a, stored.scores[name]["good"], id_b, stored.scores[name]["weak"], resamples,
-                                  seed)
-        assert line(table, "auroc", name)[5] == f"[{100 * paired['auroc'].low:+.2f}, {100 * paired['auroc'].high:+.2f}]"
+@pytest.mark.slow  # restates 107 resamples of two sets with scikit-learn, one at a time
+def test_every_line_restates_one_set_of_paired_resamples_that_draw_the_id_images_once():
+    stored, resamples, seed, metrics = synthetic_run(), 107, 3, ["auroc", "fpr95", "aupr_out"]
+    table = compare(stored, "good", "weak", metrics, resamples, seed)
+    # restated: the resamples' counts (the ID images drawn once for both sets), scikit-learn's metrics of the
+    # repeated scores of each detector, their difference per set, and the average of the two sets' differences
+    id_counts, ood_counts = sets_resample_counts(60, [40, 30], resamples, seed)
 
-    # the average, restated with explicit resampled score arrays and sklearn's metrics, one resample at a time
-    rng = np.random.default_rng(seed)
-    differences = []
-    for start in range(0, resamples, RESAMPLES_PER_BLOCK):
-        rows = min(RESAMPLES_PER_BLOCK, resamples - start)
-        id_counts = rng.multinomial(60, np.full(60, 1 / 60), size=rows)
-        ood_counts = {name: rng.multinomial(size, np.full(size, 1 / size), size=rows)
-                      for name, size in (("near", 40), ("far", 30))}
-        for row in range(rows):
-            per_set = []
-            for name in ("near", "far"):
-                metrics = [ood_metrics(np.repeat(stored.scores["id"][detector], id_counts[row]),
-                                       np.repeat(stored.scores[name][detector], ood_counts[name][row]))
-                           for detector in ("good", "weak")]
-                per_set.append([metrics[0][metric] - metrics[1][metric] for metric in METRICS])
-            differences.append(np.mean(per_set, axis=0))
-    differences = np.array(differences)
-    for column, metric in enumerate(METRICS):
-        if metric not in ("auroc", "fpr95", "aupr_out"):
-            continue
-        low, high = np.percentile(differences[:, column], [2.5, 97.5])
-        better = np.mean((1 if HIGHER_IS_BETTER[metric] else -1) * differences[:, column] > 0)
-        points = [np.mean([ood_metrics(stored.scores["id"][detector], stored.scores[name][detector])[metric]
-                           for name in ("near", "far")]) for detector in ("good", "weak")]
-        assert line(table, metric, "Average")[2:] == [
-            f"{100 * points[0]:.2f}", f"{100 * points[1]:.2f}", f"{100 * (points[0] - points[1]):+.2f}",
-            f"[{100 * low:+.2f}, {100 * high:+.2f}]", f"{better:.3f}"]
+    def resampled(detector: str, name: str, row: int, counts: np.ndarray) -> dict[str, float]:
+        return ood_metrics(np.repeat(stored.scores["id"][detector], id_counts[row]),
+                           np.repeat(stored.scores[name][detector], counts[row]))
+    differences = {}
+    for name, counts in zip(("near", "far"), ood_counts):
+        per_row = [(resampled("good", name, row, counts), resampled("weak", name, row, counts))
+                   for row in range(resamples)]
+        differences[name] = np.array([[good[metric] - weak[metric] for metric in metrics] for good, weak in per_row])
+    differences["Average"] = (differences["near"] + differences["far"]) / 2
+    for name, sets in (("near", ["near"]), ("far", ["far"]), ("Average", ["near", "far"])):
+        for column, metric in enumerate(metrics):
+            low, high = np.percentile(differences[name][:, column], [2.5, 97.5])
+            better = np.mean((1 if HIGHER_IS_BETTER[metric] else -1) * differences[name][:, column] > 0)
+            points = [np.mean([ood_metrics(stored.scores["id"][detector], stored.scores[ood][detector])[metric]
+                               for ood in sets]) for detector in ("good", "weak")]
+            assert line(table, metric, name)[2:] == [
+                f"{100 * points[0]:.2f}", f"{100 * points[1]:.2f}", f"{100 * (points[0] - points[1]):+.2f}",
+                f"[{100 * low:+.2f}, {100 * high:+.2f}]", f"{better:.3f}"], (name, metric)
     assert float(line(table, "auroc", "Average")[6]) > 0.95  # 'good' is clearly better: the test has teeth
 
 
