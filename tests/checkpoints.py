@@ -8,6 +8,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from models.small_cnn import SmallCNN
+
 
 def write_supcon_checkpoint(path: Path, seed: int = 0, num_classes: int = 1000,
                             data_parallel: bool = False) -> dict[str, Tensor]:
@@ -18,6 +20,15 @@ def write_supcon_checkpoint(path: Path, seed: int = 0, num_classes: int = 1000,
     torch.manual_seed(seed)
     state_dict = _randomised_state_dict(torchvision.models.resnet50(num_classes=num_classes))
     save_as_supcon(state_dict, path, data_parallel)
+    return state_dict
+
+
+def write_small_cnn_supcon_checkpoint(path: Path, seed: int = 0, num_classes: int = 1000) -> dict[str, Tensor]:
+    """The demo's small CNN (models/small_cnn.py: 128-d features, classifier `fc`), random-initialised and saved
+    in SupCon's layout like write_supcon_checkpoint's ResNet-50; returns the state dict it holds."""
+    torch.manual_seed(seed)
+    state_dict = _randomised_state_dict(SmallCNN(num_classes))
+    save_as_supcon(state_dict, path, architecture="small_cnn")
     return state_dict
 
 
@@ -115,14 +126,17 @@ def lifelike_state_dict(model: nn.Module, calibration_images: Tensor, seed: int 
     return model.eval().state_dict()
 
 
-def save_as_supcon(state_dict: dict[str, Tensor], path: Path, data_parallel: bool = False) -> None:
-    """Saves a torchvision resnet50 state dict as the SupCon training scripts do: the network under
-    'encoder.' ('encoder.module.' with `data_parallel`), the classifier as 'fc.', a projection 'head.'."""
+def save_as_supcon(state_dict: dict[str, Tensor], path: Path, data_parallel: bool = False,
+                   architecture: str = "resnet50") -> None:
+    """Saves a torchvision resnet50 state dict (or another model's whose classifier is `fc`) as the SupCon
+    training scripts do: the network under 'encoder.' ('encoder.module.' with `data_parallel`), the classifier
+    as 'fc.', a projection 'head.' from the feature width."""
     encoder = "encoder.module." if data_parallel else "encoder."
-    projection_head = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
+    width = state_dict["fc.weight"].shape[1]
+    projection_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 128))
     model_state_dict = {(key if key.startswith("fc.") else encoder + key): tensor
                         for key, tensor in state_dict.items()}
     model_state_dict |= {f"head.{key}": tensor for key, tensor in projection_head.state_dict().items()}
-    opt = argparse.Namespace(model="resnet50", dataset="imagenet", method="SupCon", learning_rate=0.5,
+    opt = argparse.Namespace(model=architecture, dataset="imagenet", method="SupCon", learning_rate=0.5,
                              temp=0.1, batch_size=1024, epochs=700)
     torch.save({"opt": opt, "model_state_dict": model_state_dict, "epoch": 700}, path)

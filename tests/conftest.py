@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.checkpoints import write_supcon_checkpoint
+from tests.checkpoints import write_small_cnn_supcon_checkpoint, write_supcon_checkpoint
 from tests.datagen import write_cifar10, write_class_folders, write_flat_folder, write_svhn
 from tests.main_process import start_fork_server, start_main, stop_fork_server
 
@@ -42,6 +42,21 @@ def tiny_model_yaml(supcon_checkpoint, tmp_path_factory) -> Path:
     checkpoint, _ = supcon_checkpoint
     config = folder / "resnet50-supcon-tiny.yaml"
     config.write_text(f"architecture: resnet50\ncheckpoint: {checkpoint}\ncheckpoint_format: supcon\n"
+                      f"transform: {{resize: 36, crop: 32}}\n")
+    return config
+
+
+@pytest.fixture(scope="session")
+def small_model_yaml(tmp_path_factory) -> Path:
+    """`small-cnn-supcon.yaml`: the demo's small CNN (128-d features, 1000 classes), random-initialised, saved in
+    SupCon's layout, on 32x32 inputs like tiny_model_yaml. For tests that run main.py end to end many times:
+    loading it takes milliseconds, and the 128 x 128 covariances ViM, Mahalanobis and SSD fit take no time,
+    where the ResNet-50's 2048 x 2048 ones take seconds each."""
+    folder = tmp_path_factory.mktemp("small-model")
+    checkpoint = folder / "small-cnn-supcon.pt"
+    write_small_cnn_supcon_checkpoint(checkpoint, seed=0)
+    config = folder / "small-cnn-supcon.yaml"
+    config.write_text(f"architecture: small_cnn\ncheckpoint: {checkpoint}\ncheckpoint_format: supcon\n"
                       f"transform: {{resize: 36, crop: 32}}\n")
     return config
 

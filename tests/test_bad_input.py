@@ -29,11 +29,14 @@ def valid_names(kind: str) -> str:
 
 @dataclass(frozen=True)
 class Inputs:
-    """What a case builds on: its own empty folder, the shared data root and the tiny SupCon model config."""
+    """What a case builds on: its own empty folder, the shared data root and the tiny SupCon model config; and
+    the small CNN's config (conftest.py), for the data cases: they fail after the model is loaded but before
+    any image is read, and loading it takes milliseconds where the ResNet-50 takes a quarter of a second."""
 
     work: Path
     data_root: Path
     model_yaml: Path
+    small_model_yaml: Path
 
     def model_with_checkpoint(self, checkpoint: Path) -> Path:
         """A copy of the tiny model config that loads `checkpoint`."""
@@ -78,13 +81,15 @@ class Case:
 
 def missing_dataset_folder(inputs: Inputs) -> tuple[list[str], list[str]]:
     root = inputs.data_root_without_inaturalist()
-    return ["--data-root", str(root)], [f"dataset folder {root / 'inaturalist/iNaturalist/images'} does not exist"]
+    return (["--data-root", str(root), "--model", str(inputs.small_model_yaml)],
+            [f"dataset folder {root / 'inaturalist/iNaturalist/images'} does not exist"])
 
 
 def dataset_folder_without_images(inputs: Inputs) -> tuple[list[str], list[str]]:
     root = inputs.data_root_without_inaturalist()
     write_flat_folder(root / "inaturalist/iNaturalist/images", count=0)  # only a text file and a fake .jpg
-    return ["--data-root", str(root)], [f"no images in {root / 'inaturalist/iNaturalist/images'}"]
+    return (["--data-root", str(root), "--model", str(inputs.small_model_yaml)],
+            [f"no images in {root / 'inaturalist/iNaturalist/images'}"])
 
 
 def unwritable_cache_directory(inputs: Inputs) -> tuple[list[str], list[str]]:
@@ -164,7 +169,8 @@ def link_loop_in_a_class_folder(inputs: Inputs) -> tuple[list[str], list[str]]:
     root = inputs.data_root_without_inaturalist()
     write_class_folders(root / "textures/dtd/images", ["banded", "woven"], per_class=2, seed=4)
     (root / "textures/dtd/images/banded/again").symlink_to(".")
-    return ["--data-root", str(root), "--ood-data", "textures"], [str(root / "textures/dtd/images/banded/again")]
+    return (["--data-root", str(root), "--ood-data", "textures", "--model", str(inputs.small_model_yaml)],
+            [str(root / "textures/dtd/images/banded/again")])
 
 
 def skipped_non_images(inputs: Inputs) -> list[str]:
@@ -191,7 +197,8 @@ CASES = {
     "k = 0": Case(lambda inputs: (["--detectors", "knn", "--set", "detectors.knn.k=0"],
                                   ["knn: k must be a positive integer, got 0"])),
     "k larger than the bank": Case(lambda inputs: (["--detectors", "knn", "--set", "detectors.knn.k=25",
-                                                    "--bank-ratio", "0.5", "--ood-data", "textures"],
+                                                    "--bank-ratio", "0.5", "--ood-data", "textures",
+                                                    "--model", str(inputs.small_model_yaml)],
                                                    ["detector 'knn': k=25 is larger than the bank (24 images = "
                                                     "0.5 x 48); lower k or raise bank_ratio"])),
     "principal_dim not below the feature width": Case(lambda inputs: (
@@ -247,14 +254,15 @@ def arguments(inputs: Inputs, changes: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(request, data_root, tiny_model_yaml, tmp_path_factory) -> dict[str, tuple[Inputs, list[str], Callable]]:
+def runs(request, data_root, tiny_model_yaml, small_model_yaml, tmp_path_factory
+         ) -> dict[str, tuple[Inputs, list[str], Callable]]:
     """Starts main.py for every case this session selected, side by side; each test waits for its own."""
     selected = [item.callspec.params["name"] for item in request.session.items
                 if getattr(item, "module", None) is request.module and hasattr(item, "callspec")]
     started = {}
     for name in selected:
         work = tmp_path_factory.mktemp(name.replace(" ", "-").replace(",", "").replace("=", ""))
-        inputs = Inputs(work, data_root, tiny_model_yaml)
+        inputs = Inputs(work, data_root, tiny_model_yaml, small_model_yaml)
         changes, fragments = CASES[name].build(inputs)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(work / "torch-home")}  # an empty hub cache
         started[name] = (inputs, fragments, start_main(arguments(inputs, changes), cwd=work, env=env))

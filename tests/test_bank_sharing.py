@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from dataloaders import bank_indices
 from dataloaders.base import ArrayImageDataset, BrokenImageError, FileImageDataset
 from pipeline.extract import ExtractionSettings, FeatureExtractor, SameImages
-from tests.main_process import start_main
-from tests.test_distributed import ENVIRONMENT, TORCHRUN, finish, start
 from tests.test_reliability import CountingBackbone, colour_dataset
 
 IMAGES = 40
@@ -172,26 +168,3 @@ def test_the_copied_and_forwarded_rows_are_written_in_the_usual_rows_files(tmp_p
     assert sorted(path.name for path in entry.glob("rows_*.npy")) == [
         f"rows_{start:09d}_{min(start + 5, BANK):09d}.npy" for start in range(0, BANK, 5)]
 
-
-@pytest.mark.slow  # three pipeline runs, one of them a torchrun launch
-def test_torchrun_ranks_copy_and_forward_the_same_rows_as_one_process(data_root, tiny_model_yaml, tmp_path):
-    """Seed 0's bank with seed 1's cached: two torchrun ranks write the rows files one process writes, byte for
-    byte, copying the rows seed 1 holds and forwarding the others."""
-    args = ["--model", str(tiny_model_yaml), "--train-data", "imagenet1k", "--id-data", "imagenet1k",
-            "--ood-data", "inaturalist", "--detectors", "knn", "--data-root", str(data_root), "--device", "cpu",
-            "--batch-size", "4", "--num-workers", "0", "--bank-ratio", "0.5", "--no-plots", "--set", "chunk_size=7",
-            "--output-dir", "out", "--cache-dir", "cache"]
-    finish(start_main([*args, "--seed", "1"], cwd=tmp_path, env=ENVIRONMENT))
-    for run in ("single", "ranks"):
-        shutil.copytree(tmp_path / "cache", tmp_path / run / "cache")
-    _, single_log = finish(start_main([*args, "--seed", "0"], cwd=tmp_path / "single", env=ENVIRONMENT))
-    _, ranks_log = finish(start([*TORCHRUN, "--standalone", "--nproc_per_node=2"], [*args, "--seed", "0"],
-                                tmp_path / "ranks"))
-    overlap = len(np.intersect1d(bank_indices(48, 0.5, 0), bank_indices(48, 0.5, 1)))
-    for log_text in (single_log, ranks_log):
-        assert f"extracting {24 - overlap} of 24 images of imagenet1k-train-seed0" in log_text
-        assert f"{overlap} copied from imagenet1k-train-seed1" in log_text
-    single, ranks = ({path.relative_to(tmp_path / run): path.read_bytes()
-                      for path in (tmp_path / run / "cache").rglob("rows_*")} for run in ("single", "ranks"))
-    assert single == ranks and any("seed0" in str(path) for path in single)
-    assert (tmp_path / "single/out/results.csv").read_bytes() == (tmp_path / "ranks/out/results.csv").read_bytes()

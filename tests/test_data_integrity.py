@@ -408,7 +408,7 @@ def test_image_over_twice_pillows_pixel_limit_is_a_broken_image(tmp_path, monkey
 
 @pytest.mark.slow  # six pipeline runs
 def test_verify_image_content_recomputes_the_rows_of_an_image_replaced_behind_the_fingerprint(tmp_path,
-                                                                                             tiny_model_yaml, caplog):
+                                                                                             small_model_yaml, caplog):
     """Same size, modification time set back: the default key cannot see it, --verify-image-content does."""
     import main
     root = tmp_path / "datasets"
@@ -416,7 +416,7 @@ def test_verify_image_content_recomputes_the_rows_of_an_image_replaced_behind_th
         write_bitmaps([root / f"imagenet1k/imagenet/{split}/n0{label}/img{j}.bmp" for label in range(2)
                        for j in range(count)], seed=count + len(split))
     write_bitmaps([root / f"textures/dtd/images/c{label}/img{j}.bmp" for label in range(2) for j in range(2)], seed=9)
-    argv = ["--model", str(tiny_model_yaml), "--train-data", "imagenet1k", "--id-data", "imagenet1k",
+    argv = ["--model", str(small_model_yaml), "--train-data", "imagenet1k", "--id-data", "imagenet1k",
             "--ood-data", "textures", "--detectors", "energy", "--data-root", str(root), "--device", "cpu",
             "--cache-dir", str(tmp_path / "cache"), "--bank-ratio", "1.0", "--num-workers", "0", "--no-plots",
             "--set", "chunk_size=4"]

@@ -5,13 +5,16 @@ The torchrun launches are real `python -m torch.distributed.run main.py` process
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from dataloaders import bank_indices
 from tests.main_process import MainProcess, start_main
 
 pytestmark = pytest.mark.slow  # each torchrun launch starts fresh interpreters (launcher and ranks)
@@ -39,39 +42,73 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def common_args(data_root, tiny_model_yaml) -> list[str]:
-    return ["--model", str(tiny_model_yaml), "--train-data", "imagenet1k", "--id-data", "imagenet1k",
+def common_args(data_root, small_model_yaml) -> list[str]:
+    return ["--model", str(small_model_yaml), "--train-data", "imagenet1k", "--id-data", "imagenet1k",
             "--ood-data", "inaturalist", "textures", "--detectors", "nnguide", "knn", "energy",
             "--data-root", str(data_root), "--device", "cpu", "--batch-size", "4", "--num-workers", "0",
             "--bank-ratio", "0.5", "--no-plots", "--set", "chunk_size=7"]
 
 
 @pytest.fixture(scope="module")
-def single_process_run(common_args, tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("single")
-    finish(start_main([*common_args, "--output-dir", "out", "--cache-dir", "cache"], cwd=work, env=ENVIRONMENT))
-    return work
+def runs(request, common_args, tmp_path_factory) -> dict[int | None, tuple[Path, list]]:
+    """The single-process run (key None) and the torchrun launches of every node count this session selected,
+    started side by side (most of each is fresh interpreters importing torch, one process at a time): each
+    as (its work folder, its processes, the first being the launcher of global rank 0). Each starts from a cache
+    holding seed 1's bank, so the bank of seed 0 copies the images they share and forwards the others."""
+    args = [*common_args, "--output-dir", "out", "--cache-dir", "cache"]
+    seed_1 = tmp_path_factory.mktemp("seed1")
+    finish(start_main([*args, "--seed", "1"], cwd=seed_1, env=ENVIRONMENT))
+
+    def work_folder(name: str) -> Path:
+        work = tmp_path_factory.mktemp(name)
+        shutil.copytree(seed_1 / "cache", work / "cache")
+        return work
+    started: dict[int | None, tuple[Path, list]] = {}
+    work = work_folder("single")
+    started[None] = (work, [start_main([*args, "--seed", "0"], cwd=work, env=ENVIRONMENT)])
+    selected = [item.callspec.params["nodes"] for item in request.session.items
+                if getattr(item, "module", None) is request.module and hasattr(item, "callspec")]
+    for nodes in selected:
+        work = work_folder(f"nodes{nodes}")
+        if nodes == 1:
+            launches = [start([*TORCHRUN, "--standalone", "--nproc_per_node=2"], args, work)]
+        else:
+            rendezvous = [f"--nnodes={nodes}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                          f"--master_port={free_port()}"]
+            launches = [start([*TORCHRUN, *rendezvous, f"--node_rank={rank}"], args, work) for rank in range(nodes)]
+        started[nodes] = (work, launches)
+    yield started
+    for _, processes in started.values():
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def single_process_run(runs) -> tuple[Path, str]:
+    """The single-process run's work folder and its log."""
+    work, (process,) = runs[None]
+    return work, finish(process)[1]
 
 
 @pytest.mark.parametrize("nodes", [1, 2])
-def test_two_ranks_give_the_single_process_cache_and_results(nodes, common_args, single_process_run, tmp_path):
+def test_two_ranks_give_the_single_process_cache_and_results(nodes, runs, single_process_run):
     """Two nodes (two torchrun launches on this machine, one process each) make every rank's local rank 0:
     shards and the main rank must follow the global rank."""
-    args = [*common_args, "--output-dir", "out", "--cache-dir", "cache"]
-    if nodes == 1:
-        stdouts = [finish(start([*TORCHRUN, "--standalone", "--nproc_per_node=2"], args, tmp_path))[0]]
-    else:
-        rendezvous = [f"--nnodes={nodes}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-                      f"--master_port={free_port()}"]
-        launches = [start([*TORCHRUN, *rendezvous, f"--node_rank={rank}"], args, tmp_path) for rank in range(nodes)]
-        stdouts = [finish(launch)[0] for launch in launches]
+    work, launches = runs[nodes]
+    stdouts, logs = zip(*[finish(launch) for launch in launches])
     assert "".join(stdouts).count("results: ") == 1 and "results: " in stdouts[0]  # only global rank 0 reports
+    single, single_log = single_process_run
+    overlap = len(np.intersect1d(bank_indices(48, 0.5, 0), bank_indices(48, 0.5, 1)))
+    for log in (single_log, logs[0]):  # rank 0's launcher passes on the log of rank 0
+        assert f"extracting {24 - overlap} of 24 images of imagenet1k-train-seed0" in log
+        assert f"{overlap} copied from imagenet1k-train-seed1" in log
 
-    single = single_process_run
-    assert (tmp_path / "out/results.csv").read_bytes() == (single / "out/results.csv").read_bytes()
+    assert (work / "out/results.csv").read_bytes() == (single / "out/results.csv").read_bytes()
     single_files = sorted(path.relative_to(single / "cache") for path in (single / "cache").rglob("rows_*"))
-    distributed_files = sorted(path.relative_to(tmp_path / "cache") for path in (tmp_path / "cache").rglob("rows_*"))
+    distributed_files = sorted(path.relative_to(work / "cache") for path in (work / "cache").rglob("rows_*"))
     assert single_files == distributed_files and len(single_files) > 6
     for relative in single_files:
-        assert (tmp_path / "cache" / relative).read_bytes() == (single / "cache" / relative).read_bytes()
-    assert not list((tmp_path / "cache").rglob("shard-*"))
+        assert (work / "cache" / relative).read_bytes() == (single / "cache" / relative).read_bytes()
+    assert not list((work / "cache").rglob("shard-*"))

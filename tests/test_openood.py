@@ -130,8 +130,8 @@ def test_openood_experiment_resolves_with_any_model_and_k_100():
     assert config.detectors["nnguide"]["k"] == 100 and (config.seed, config.bank_ratio) == (0, 0.01)
 
 
-def test_main_runs_the_openood_experiment_on_generated_lists(openood_root, tiny_model_yaml, tmp_path):
-    argv = ["--config", str(EXPERIMENT), "--model", str(tiny_model_yaml), "--detectors", "nnguide", "energy",
+def test_main_runs_the_openood_experiment_on_generated_lists(openood_root, small_model_yaml, tmp_path):
+    argv = ["--config", str(EXPERIMENT), "--model", str(small_model_yaml), "--detectors", "nnguide", "energy",
             "--data-root", str(openood_root), "--output-dir", str(tmp_path / "out"),
             "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--batch-size", "8", "--num-workers", "0",
             "--bank-ratio", "0.5", "--no-plots", "--set", "detectors.nnguide.k=2"]

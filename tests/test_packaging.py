@@ -18,6 +18,7 @@ import subprocess
 import sys
 import venv
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -178,24 +179,42 @@ def new_environment(folder: Path) -> Path:
     return python
 
 
-@pytest.mark.slow  # a venv, an install, a fresh interpreter importing torch: 6-16 s each on 2 cores
-@pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
-def test_installed_library_imports_from_anywhere_without_the_pipeline(editable, source_tree, tmp_path):
-    python = new_environment(tmp_path / "venv")
+def install_and_use(editable: bool, source_tree: Path, folder: Path) -> tuple[set[str], dict, Path]:
+    """A fresh environment with the library installed (`pip install .`, or `-e .`), then USE_THE_LIBRARY run in
+    it from an empty folder: (what the install left in the checkout, the script's report, where ood_detectors
+    must come from)."""
+    python = new_environment(folder / "venv")
     before = {path.name for path in REPO.iterdir()}
     # `pip install -e .` maps the checkout's ood_detectors; `pip install .` is built from the copy (see source_tree)
     target = ["-e", str(REPO)] if editable else [str(source_tree)]
-    run([str(python), *PIP, "install", *PIP_OFFLINE, *target], cwd=tmp_path)
+    run([str(python), *PIP, "install", *PIP_OFFLINE, *target], cwd=folder)
     leftovers = {name for name in {path.name for path in REPO.iterdir()} - before
                  if name == "build" or name.endswith(".egg-info")}
-    assert not leftovers, f"the install wrote {sorted(leftovers)} into the checkout"
 
-    elsewhere = tmp_path / "elsewhere"
+    elsewhere = folder / "elsewhere"
     elsewhere.mkdir()
     report = json.loads(run([str(python), "-c", USE_THE_LIBRARY, json.dumps(OTHER_TOP_LEVEL),
                              json.dumps([str(REPO), str(source_tree)])], cwd=elsewhere).splitlines()[-1])
+    return leftovers, report, REPO if editable else Path(report["site_packages"])
 
-    expected_home = REPO if editable else Path(report["site_packages"])
+
+@pytest.fixture(scope="module")
+def installs(request, source_tree, tmp_path_factory) -> dict[bool, Future]:
+    """install_and_use for each install kind this session selected, side by side (each is mostly one process
+    at a time: pip, then a fresh interpreter importing torch); each test waits for its own."""
+    selected = [item.callspec.params["editable"] for item in request.session.items
+                if getattr(item, "module", None) is request.module and hasattr(item, "callspec")]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {editable: pool.submit(install_and_use, editable, source_tree,
+                                     tmp_path_factory.mktemp("editable" if editable else "install"))
+               for editable in selected}
+
+
+@pytest.mark.slow  # a venv, an install, a fresh interpreter importing torch: 6-16 s each on 2 cores
+@pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
+def test_installed_library_imports_from_anywhere_without_the_pipeline(editable, installs):
+    leftovers, report, expected_home = installs[editable].result(timeout=600)
+    assert not leftovers, f"the install wrote {sorted(leftovers)} into the checkout"
     assert Path(report["file"]).resolve() == (expected_home / LIBRARY / "__init__.py").resolve()
     assert report["loaded"] == [], "importing and using ood_detectors loaded the repository's other modules"
     assert report["findable"] == [], "the install put the repository's other top-level names on the import path"

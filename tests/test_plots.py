@@ -2,6 +2,8 @@
 the ROC figure's log FPR axis, curve styles and FPR95 markers, and histogram bins chosen from the data."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.colors
 import matplotlib.image
 import numpy as np
@@ -27,12 +29,20 @@ def synthetic_scores(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, di
     return id_scores, ood_scores
 
 
-def test_writes_two_valid_pngs_per_ood_set_in_order(tmp_path):
+@pytest.fixture(scope="module")
+def synthetic_plots(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """write_score_plots of synthetic_scores() into a folder of its own: (the folder, the paths it returned).
+    Read-only: shared by the tests of the files and of precomputed metrics."""
+    folder = tmp_path_factory.mktemp("synthetic") / "plots"
     id_scores, ood_scores = synthetic_scores()
-    paths = write_score_plots(tmp_path / "plots", "imagenet", id_scores, ood_scores)
+    return folder, write_score_plots(folder, "imagenet", id_scores, ood_scores)
+
+
+def test_writes_two_valid_pngs_per_ood_set_in_order(synthetic_plots):
+    folder, paths = synthetic_plots
     assert [path.name for path in paths] == ["scores_openimage-o.png", "roc_openimage-o.png",
                                              "scores_textures_dtd_v1.png", "roc_textures_dtd_v1.png"]
-    assert sorted(path.name for path in (tmp_path / "plots").iterdir()) == sorted(path.name for path in paths)
+    assert sorted(path.name for path in folder.iterdir()) == sorted(path.name for path in paths)
     for path in paths:
         image = matplotlib.image.imread(path)
         height, width, channels = image.shape
@@ -79,11 +89,11 @@ def test_panel_title_uses_ood_metrics_in_percent():
     assert panel_title("knn", np.array([4.0, 3.0, 1.0]), np.array([2.0, 0.0])) == "knn  AUROC 83.33  FPR95 50.00"
 
 
-def test_precomputed_metrics_give_the_same_files(tmp_path):
+def test_precomputed_metrics_give_the_same_files(tmp_path, synthetic_plots):
     id_scores, ood_scores = synthetic_scores()
     metrics = {name: {detector: ood_metrics(id_scores[detector], scores[detector]) for detector in DETECTORS}
                for name, scores in ood_scores.items()}
-    computed = write_score_plots(tmp_path / "computed", "imagenet", id_scores, ood_scores)
+    _, computed = synthetic_plots
     given = write_score_plots(tmp_path / "given", "imagenet", id_scores, ood_scores, metrics=metrics)
     for left, right in zip(computed, given):
         assert np.array_equal(matplotlib.image.imread(left), matplotlib.image.imread(right))

@@ -152,7 +152,7 @@ from ood_detectors.search import InnerProductSearch
 def memory_mb(field):
     with open("/proc/self/status") as status:
         return int(re.search(field + r":\\s+(\\d+) kB", status.read()).group(1)) / 1024
-bank, queries = torch.randn(200_000, 64), torch.randn(1000, 64)
+bank, queries = torch.randn(200_000, 64), torch.randn(256, 64)  # 2 query chunks x 4 bank blocks of 32 MB
 index = InnerProductSearch(bank, backend=sys.argv[1], chunk_bytes=32 << 20)
 index.search(queries[:8], 10)
 with open("/proc/self/clear_refs", "w") as clear_refs:
@@ -167,7 +167,7 @@ print(memory_mb("VmHWM") - before)
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_blocked_search_on_a_cpu_needs_one_similarity_block_beyond_the_bank(backend, tmp_path):
     """Peak memory of a search = the bank (already there) + one chunk_bytes block: not a copy of the bank
-    (49 MB here), not two blocks alive at once, not the full 1000 x 200,000 similarity matrix (800 MB).
+    (49 MB here), not two blocks alive at once, not the full 256 x 200,000 similarity matrix (205 MB).
     The probe is a process of its own (its peak is its own), forked from the tests' preloaded interpreter."""
     probe = tmp_path / "memory_probe.py"
     probe.write_text(MEMORY_PROBE)

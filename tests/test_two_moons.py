@@ -2,6 +2,7 @@
 drawing what shows them (each detector's ID threshold, its rejected region, the far-from-the-data line)."""
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -15,12 +16,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "figures"))
 from two_moons import REJECTED_COLOUR, draw, render, scores_on_grid  # noqa: E402
 
 FAR = 1.5  # the README: grid points farther than 1.5 from every training point are far from the data
+QUICK_GRID = 50  # 1,133 far points; on every grid from 30 to 200 MSP accepts 94.6-94.8% of them, KNN and NNGuide none
+
+
+@functools.cache
+def figure_scores(grid: int) -> dict[str, np.ndarray]:
+    """The figure's scores (its seed and k) on a grid x grid mesh; computed once per grid, read-only."""
+    return scores_on_grid(grid)
 
 
 @pytest.fixture(scope="module")
 def scores() -> dict[str, np.ndarray]:
-    """The figure's own scores: the default grid (200 x 200), seed and k, as in assets/two_moons.png."""
-    return scores_on_grid()
+    """The figure's scores on the quick grid, for what does not depend on the grid's size (the training points'
+    scores, what each panel draws)."""
+    return figure_scores(QUICK_GRID)
+
+
+@pytest.fixture(scope="module", params=[pytest.param(QUICK_GRID, id=f"grid{QUICK_GRID}"),
+                                        pytest.param(200, id="grid200", marks=pytest.mark.slow)])
+def grid_scores(request) -> dict[str, np.ndarray]:
+    """The README's far-point claims, on the quick grid and (slow: 40,000 points, about 2 s) on the default
+    200 x 200 grid, as in assets/two_moons.png."""
+    return figure_scores(request.param)
 
 
 def test_render_writes_a_three_panel_png(tmp_path: Path) -> None:
@@ -37,14 +54,15 @@ def far_above_the_data(scores: dict[str, np.ndarray], name: str) -> float:
     return float((scores[name][far] > np.percentile(scores[f"{name}_train"], 5)).mean())
 
 
-def test_the_classifier_accepts_nearly_all_far_points(scores: dict[str, np.ndarray]) -> None:
-    """Measured 94.6% (16,582 of 17,524) with the defaults: the README's "95%" is this, rounded."""
-    assert far_above_the_data(scores, "msp") >= 0.94
+def test_the_classifier_accepts_nearly_all_far_points(grid_scores: dict[str, np.ndarray]) -> None:
+    """Measured 94.6% (16,582 of 17,524) with the defaults: the README's "95%" is this, rounded (94.8%, 1,074
+    of 1,133, on the quick grid)."""
+    assert far_above_the_data(grid_scores, "msp") >= 0.94
 
 
-def test_knn_and_nnguide_accept_no_far_point(scores: dict[str, np.ndarray]) -> None:
-    assert far_above_the_data(scores, "knn") == 0.0
-    assert far_above_the_data(scores, "nnguide") == 0.0
+def test_knn_and_nnguide_accept_no_far_point(grid_scores: dict[str, np.ndarray]) -> None:
+    assert far_above_the_data(grid_scores, "knn") == 0.0
+    assert far_above_the_data(grid_scores, "nnguide") == 0.0
 
 
 def test_nnguide_keeps_the_classifier_doubt_at_the_decision_boundary(scores: dict[str, np.ndarray]) -> None:
