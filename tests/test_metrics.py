@@ -14,6 +14,12 @@ def test_perfect_separation():
                        "fpr95_ood_positive": 0.0}
 
 
+def test_aupr_of_perfectly_separated_scores_is_exactly_one():
+    """scikit-learn's average precision rounds to 1 + 2e-16 here; the metrics stay fractions in [0, 1]."""
+    metrics = ood_metrics(np.arange(20) + 100.0, np.arange(10.0))
+    assert metrics["aupr_in"] == 1.0 and metrics["aupr_out"] <= 1.0
+
+
 def test_reversed_scores():
     metrics = ood_metrics(np.array([0.0, -1.0]), np.array([3.0, 2.0, 1.0]))
     assert metrics["auroc"] == 0.0 and metrics["fpr95"] == 1.0 and metrics["fpr95_ood_positive"] == 1.0

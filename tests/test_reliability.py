@@ -63,6 +63,20 @@ def rows_files(cache: Path) -> list[Path]:
     return sorted(cache.rglob("rows_*.npy"))
 
 
+def test_an_extraction_stopped_by_an_error_leaves_autograd_on(tmp_path, monkeypatch):
+    """Inference mode is entered per batch, not held across the batches' `yield`: an error while a rows file is
+    written (here a full disk) must not leave the rest of the process without autograd."""
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("pipeline.cache.FeatureEntry.write_rows", full_disk)
+    try:
+        extract(tmp_path, CountingBackbone(), colour_dataset(10))
+    except OSError as error:
+        stopped = error  # its traceback keeps the extraction's frames, and the batches' generator, alive
+    assert stopped.errno == 28
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
 def test_truncated_or_corrupted_rows_files_are_reported_and_recomputed(tmp_path, caplog):
     dataset = colour_dataset(10)
     clean = extract(tmp_path, CountingBackbone(), dataset)
