@@ -121,6 +121,7 @@ class Experiment:
         self.id_scores: dict[str, np.ndarray] = {}
         self.ood_scores: dict[str, dict[str, np.ndarray]] = {}
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
+        self.average_rows: list[dict] = []  # averages.csv: each detector's averages over OOD sets, with intervals
         self.id_name = ""  # the ID test set's name in the tables (with its subset size, if cut)
         self.image_ids: dict[str, list[str]] = {}  # test set name -> ids of the images scored, in score order
 
@@ -258,7 +259,6 @@ class Experiment:
 
         rows = []
         averages = run_averages(ood_names)
-        self.average_rows: list[dict] = []  # averages.csv: each detector's `averages`, with their intervals
         for table_name, detector in detectors.items():
             detector.fit(bank)
             id_scores = detector.score_samples(id_outputs)
