@@ -185,36 +185,26 @@ def metrics_from_counts(id_scores: ArrayLike, ood_scores: ArrayLike, id_counts: 
     """The metrics (columns in METRICS order) of the scores repeated by counts, one row per counts row.
 
     id_counts (R, N) or (N,) and ood_counts (R, M) or (M,): non-negative integers, each row with at least one
-    draw. Returns an array of shape (R, 6), (1, 6) for single vectors. For many blocks of counts on the same
-    scores, prepare them once with CountedScores.
+    draw. Returns an array of shape (R, 6), (1, 6) for single vectors.
     """
-    return CountedScores(id_scores, ood_scores).metrics(id_counts, ood_counts)
-
-
-class CountedScores:
-    """One detector's ID and OOD scores, sorted once, for the metrics of any number of blocks of resample counts."""
-
-    def __init__(self, id_scores: ArrayLike, ood_scores: ArrayLike) -> None:
-        self._layout = _ScoreLayout(_as_numpy(id_scores, "id_scores"), _as_numpy(ood_scores, "ood_scores"))
-
-    def metrics(self, id_counts: np.ndarray, ood_counts: np.ndarray) -> np.ndarray:
-        """As metrics_from_counts, for these scores."""
-        layout = self._layout
-        id_counts = _check_counts(id_counts, layout.id_size, "id_counts")
-        ood_counts = _check_counts(ood_counts, layout.ood_size, "ood_counts")
-        if id_counts.shape[0] != ood_counts.shape[0]:
-            raise ValueError(f"id_counts has {id_counts.shape[0]} rows and ood_counts {ood_counts.shape[0]}")
-        return layout.metrics(_sum_by_value(id_counts, layout.id_value_index, layout.id_values.size),
-                              _sum_by_value(ood_counts, layout.ood_value_index, layout.ood_values.size))
+    layout = _ScoreLayout(_as_numpy(id_scores, "id_scores"), _as_numpy(ood_scores, "ood_scores"))
+    id_counts = _check_counts(id_counts, layout.id_size, "id_counts")
+    ood_counts = _check_counts(ood_counts, layout.ood_size, "ood_counts")
+    if id_counts.shape[0] != ood_counts.shape[0]:
+        raise ValueError(f"id_counts has {id_counts.shape[0]} rows and ood_counts {ood_counts.shape[0]}")
+    return layout.metrics(_sum_by_value(id_counts, layout.id_value_index, layout.id_values.size),
+                          _sum_by_value(ood_counts, layout.ood_value_index, layout.ood_values.size))
 
 
 class _ScoreLayout:
     """The distinct ID and OOD score values (descending), each image's index among its set's values, and where each
     set's values fall among the other set's: all a resample's metrics need besides its counts per value."""
 
-    def __init__(self, id_scores: np.ndarray, ood_scores: np.ndarray):
+    def __init__(self, id_scores: np.ndarray, ood_scores: np.ndarray,
+                 id_distinct: tuple[np.ndarray, np.ndarray] | None = None):
+        """`id_distinct`: `_distinct_descending(id_scores)`, when computed once for several OOD sets."""
         self.id_size, self.ood_size = id_scores.size, ood_scores.size
-        self.id_values, self.id_value_index = _distinct_descending(id_scores)
+        self.id_values, self.id_value_index = id_distinct or _distinct_descending(id_scores)
         self.ood_values, self.ood_value_index = _distinct_descending(ood_scores)
         id_ascending, ood_ascending = self.id_values[::-1], self.ood_values[::-1]
         # For each OOD value w: how many distinct ID values are > w and >= w (they differ where ID and OOD tie).
@@ -355,7 +345,8 @@ def _distinct_descending(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _sets_distribution(id_scores: np.ndarray, ood_scores: list[np.ndarray], resamples: int, seed: int) -> np.ndarray:
     """bootstrap_sets_distribution of checked arrays: (resamples, sets, 6)."""
-    layouts = [_ScoreLayout(id_scores, scores) for scores in ood_scores]
+    id_distinct = _distinct_descending(id_scores)  # sorted once: every layout shares the ID side
+    layouts = [_ScoreLayout(id_scores, scores, id_distinct) for scores in ood_scores]
     distribution = np.empty((resamples, len(layouts), len(METRICS)))
     for rows, id_draws, ood_draws in _draw_blocks(id_scores.size, [scores.size for scores in ood_scores], resamples,
                                                   seed):
