@@ -164,22 +164,23 @@ class Experiment:
         The cache entry holds the whole order's features as far as extracted, so a larger bank extends a smaller one;
         images that the cached banks of other seeds (or the list order) hold are copied from them, not forwarded."""
         name = self.label(self.config.train_data, "train")
-        key, label, ordered, order = self._train_order(train, name, self.config.bank_order, self.config.seed)
-        same_images = [SameImages(*other) for other in self._cached_train_orders(train, name) if other[1] != label]
+        key, label, order = self._train_order(train, name, self.config.bank_order, self.config.seed)
+        same_images = [SameImages(other_key, other_label, train, other_order)
+                       for other_key, other_label, other_order in self._cached_train_orders(train, name)
+                       if other_label != label]
+        ordered = train if self.config.bank_order == "list" else train.subset(order)
         return self._raw_features(ordered, key, label, size, order, same_images)
 
     def _train_order(self, train: ImageDataset, name: str, bank_order: str, seed: int
-                     ) -> tuple[dict, str, ImageDataset, np.ndarray]:
-        """The train split in a bank order: its cache key, its entry's label, the images in that order and the order."""
+                     ) -> tuple[dict, str, np.ndarray]:
+        """The train split in a bank order: its cache key, its entry's label and the order (indices into `train`)."""
         common = {"dataset": name, "split": "train", "images": train.fingerprint()}
         if bank_order == "list":
-            order = np.arange(len(train))
-            return {**common, "order": "dataset"}, f"{name}-train-in-order", train, order
-        order = bank_indices(len(train), 1.0, seed)
+            return {**common, "order": "dataset"}, f"{name}-train-in-order", np.arange(len(train))
         return ({**common, "order": f"RandomState({seed}).permutation"}, f"{name}-train-seed{seed}",
-                train.subset(order), order)
+                bank_indices(len(train), 1.0, seed))
 
-    def _cached_train_orders(self, train: ImageDataset, name: str) -> list[tuple[dict, str, ImageDataset, np.ndarray]]:
+    def _cached_train_orders(self, train: ImageDataset, name: str) -> list[tuple[dict, str, np.ndarray]]:
         """`_train_order` of every bank order of this train split with an entry in the cache (other seeds' banks)."""
         orders = []
         for label in self.extractor.cached_labels():

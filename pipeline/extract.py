@@ -55,8 +55,8 @@ class SameImages:
 
     dataset_key: dict
     label: str
-    dataset: ImageDataset  # its images in its order: its entry's key, and their content hashes when verifying
-    order: np.ndarray      # (N,) its rows as indices of the images in a numbering shared with the entry being filled
+    images: ImageDataset  # the images in the numbering shared with the entry being filled (the train split's own)
+    order: np.ndarray     # (N,) its rows as indices into `images`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,8 +220,8 @@ class FeatureExtractor:
                 order: np.ndarray | None = None, same_images: Sequence[SameImages] = ()) -> Extracted:
         """Raw features of dataset[:num_rows]: cached rows are verified, only the rest are computed.
 
-        With `same_images` (entries of the same images in other orders) and `order` (this dataset's rows in their
-        shared numbering), rows whose image one of them holds are copied from it, not forwarded again. The entry
+        With `same_images` (entries of the same images in other orders) and `order` (this dataset's rows as indices
+        into their `images`), rows whose image one of them holds are copied from it, not forwarded again. The entry
         is locked throughout, so a second run sharing the cache waits, then finds the rows."""
         num_rows = len(dataset) if num_rows is None else num_rows
         entry = self._entry(dataset, dataset_key, label)
@@ -281,14 +281,17 @@ class FeatureExtractor:
         A copied row was computed in another batch than a fresh extraction would put it in; on CPU that changes
         nothing measurable (ResNet-50's features are bit-identical across batch sizes; see ExtractionSettings)."""
         if order is None:
-            raise ValueError("same_images needs the order of the dataset's rows in their shared numbering")
+            raise ValueError("same_images needs the order of the dataset's rows as indices into their images")
         feature_dim = self.backbone.feature_dim
         found_rows, found_features, broken, sources = [], [], [], {}
         wanted = rows
         for other in same_images:
-            entry = self._entry(other.dataset, other.dataset_key, other.label)
+            entry = self._entry(other.images, other.dataset_key, other.label)
             if not len(wanted) or not entry.directory.is_dir():
                 continue
+            # its images in its order, for their content hashes; built only when verifying (a copy of N ids)
+            images_sha256 = (self._images_sha256(other.images.subset(other.order))
+                             if self.settings.verify_image_content else None)
             row_in_other = np.empty(len(other.order), dtype=np.int64)
             row_in_other[other.order] = np.arange(len(other.order))
             their_rows = row_in_other[order[wanted]]
@@ -297,7 +300,7 @@ class FeatureExtractor:
                 inside = (their_rows >= start) & (their_rows < end)
                 if not inside.any():
                     continue
-                stored = entry.read_verified(start, end, feature_dim, self._images_sha256(other.dataset))
+                stored = entry.read_verified(start, end, feature_dim, images_sha256)
                 if stored is None:
                     continue
                 found_rows.append(wanted[inside])

@@ -38,8 +38,7 @@ class Orders:
         return {"dataset": "colours", "images": self.images.fingerprint(), "order": f"seed {seed}"}
 
     def same_images(self, *seeds: int) -> list[SameImages]:
-        return [SameImages(self.key(seed), f"colours-seed{seed}", self.images.subset(self.order(seed)),
-                           self.order(seed)) for seed in seeds]
+        return [SameImages(self.key(seed), f"colours-seed{seed}", self.images, self.order(seed)) for seed in seeds]
 
     def extract(self, extractor: FeatureExtractor, seed: int, rows: int = BANK, copy_from: tuple[int, ...] = ()):
         return extractor.extract(self.images.subset(self.order(seed)), self.key(seed), f"colours-seed{seed}", rows,
