@@ -38,7 +38,8 @@ OPENOOD_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector", "au
 # averages.csv, beside results.csv: per detector, each average over OOD sets the run bootstrapped (run_averages),
 # its metrics (the mean of the sets', in percent) each with the interval of that mean; ood_sets joined by ";"
 AVERAGES_FILE = "averages.csv"
-OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "fpr95_ood_positive")  # ood_metrics' keys
+# ood_metrics' keys, as ood_detectors.bootstrap.METRICS (restated: this module imports no torch; a test compares)
+OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "fpr95_ood_positive")
 AVERAGE_COLUMNS = ["model", "train_data", "id_data", "detector", "average", "ood_sets",
                    *[f"{metric}{end}" for metric in OOD_METRICS for end in ("", "_ci_low", "_ci_high")],
                    "checkpoint"]

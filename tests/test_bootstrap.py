@@ -13,6 +13,7 @@ from ood_detectors.bootstrap import (METRICS, bootstrap_averages, bootstrap_dist
                                      bootstrap_sets_distribution, metrics_from_counts, paired_bootstrap,
                                      resample_counts, sets_resample_counts)
 from ood_detectors.metrics import ood_metrics
+from pipeline import report
 
 
 def sklearn_metrics(id_scores, ood_scores, id_counts, ood_counts) -> np.ndarray:
@@ -43,6 +44,11 @@ def test_each_resample_is_ood_metrics_of_its_expanded_scores(scores):
     # The counts path gives the same numbers, bit for bit; the distribution is not degenerate.
     assert np.array_equal(metrics_from_counts(id_scores, ood_scores, id_counts, ood_counts), distribution)
     assert (distribution.std(axis=0) > 0).all()
+
+
+def test_the_tables_name_the_metrics_in_the_bootstraps_order():
+    """pipeline.report restates METRICS so as to import no torch; averages.csv's columns follow it."""
+    assert report.OOD_METRICS == METRICS == tuple(ood_metrics(np.ones(2), np.zeros(2)))
 
 
 def test_hand_checked_counts_vector():
