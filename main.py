@@ -20,10 +20,12 @@ import textwrap
 from pathlib import Path
 
 from errors import UserError
-from pipeline.config import DEFAULT_DETECTORS, ExperimentConfig, available, resolve_experiment
-from pipeline.distributed import shutdown
-from pipeline.experiment import run_experiment
-from pipeline.sweep import run_sweep, split_sweep
+from pipeline.config.experiment import DEFAULT_DETECTORS, ExperimentConfig, resolve_experiment
+from pipeline.config.loading import available
+from pipeline.features.distributed import shutdown
+from pipeline.report.outputs import write_result
+from pipeline.run.experiment import run_experiment
+from pipeline.run.sweep import run_sweep, split_sweep
 
 
 DEMO_EXPERIMENT = Path(__file__).resolve().parent / "configs" / "experiments" / "demo.yaml"
@@ -89,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete and re-extract the cached features this run uses")
     add("--skip-broken-images", dest="skip_broken_images", action="store_true", default=None,
         help="skip images that cannot be decoded (listed in the log and config.yaml) instead of stopping")
-    add("--gpu-decode", dest="gpu_decode", action="store_true", default=None,
-        help="decode JPEGs on the GPU (nvJPEG); off by default: it changes pixels, so the last digits")
     add("--verify-image-content", dest="verify_image_content", action="store_true", default=None,
         help="hash the bytes of every image the run uses and recompute cached features whose images changed, "
              "even where size and modification time did not (reads every image)")
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             table, written = run_sweep(args.config, flags, args.overrides)
         else:
             config = resolve_experiment(args.config, flags, args.overrides)
-            _, table = run_experiment(config)
+            result = run_experiment(config)
+            table = write_result(result) if result is not None else ""  # under torchrun, rank 0 has the result
             written = Path(config.output_dir) / "results.csv"
         shutdown()
     except UserError as error:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    if table:  # under torchrun, only rank 0 has one
+    if table:
         print(table)
         print(f"\nresults: {written}")
     return 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's tables: one main.py run per (model, ID set) on the paper's OOD sets, then pipeline.aggregate.
+# The paper's tables: one main.py run per (model, ID set) on the paper's OOD sets, then pipeline.tools.aggregate.
 # With --openood, OpenOOD v1.5's ImageNet-1K benchmark instead: one run per model, OpenOOD-shaped tables.
 # With --openood-cifar, OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks with OpenOOD's ResNet-18 checkpoints.
 set -euo pipefail
@@ -11,16 +11,16 @@ Usage: ./run.sh [options] [-- extra main.py arguments]
 Runs main.py once per (model, ID set) with --train-data imagenet1k and the OOD sets
 inaturalist sun places textures openimage-o (plus imagenet-o for vit-b16-swag-e2e-v1, the paper's ViT
 setting), writing OUTPUT_ROOT/<model>/<ID set>/results.csv,
-then prints the paper's tables with `python -m pipeline.aggregate OUTPUT_ROOT --ci` (each cell with its
+then prints the paper's tables with `python -m pipeline.tools.aggregate OUTPUT_ROOT --ci` (each cell with its
 bootstrap interval).
 With --openood: one run per model of configs/experiments/openood-v1.5-imagenet.yaml (OpenOOD v1.5's
 ImageNet-1K lists; ID sets are fixed by it) into OUTPUT_ROOT/<model>/openood-v1.5-imagenet/, then
-`python -m pipeline.aggregate OUTPUT_ROOT --openood --ci`.
+`python -m pipeline.tools.aggregate OUTPUT_ROOT --openood --ci`.
 With --openood-cifar: for each of OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks and each of OpenOOD's
 three ResNet-18 checkpoints (s0 s1 s2), the experiments openood-v1.5-cifar<N>.yaml (the paper's settings,
 every detector) and openood-v1.5-cifar<N>-nnguide.yaml (OpenOOD's own NNGuide) into
 OUTPUT_ROOT/openood-resnet18-cifar<N>/<s>/{paper-settings,openood-nnguide}/, then
-`python -m pipeline.aggregate OUTPUT_ROOT --openood --ci`: mean ± std over the checkpoints. --models, --id-sets
+`python -m pipeline.tools.aggregate OUTPUT_ROOT --openood --ci`: mean ± std over the checkpoints. --models, --id-sets
 and --detectors do not apply; the checkpoints are looked up under pretrained_models/ as OpenOOD's zips
 unpack them (see configs/models/openood-resnet18-cifar10.yaml).
 
@@ -173,7 +173,7 @@ elif ((aggregate_only == 0)); then
 fi
 
 aggregate_status=0
-"$PYTHON" -m pipeline.aggregate "$OUTPUT_ROOT" ${aggregate_args[@]+"${aggregate_args[@]}"} || aggregate_status=$?
+"$PYTHON" -m pipeline.tools.aggregate "$OUTPUT_ROOT" ${aggregate_args[@]+"${aggregate_args[@]}"} || aggregate_status=$?
 if ((${#failed[@]} > 0)); then
     echo "run.sh: ${#failed[@]} run(s) failed:" >&2
     printf '  %s\n' "${failed[@]}" >&2

@@ -1,7 +1,7 @@
 """Time bootstrap intervals of all six OOD metrics on one CPU core, beside scikit-learn's metrics in a Python loop.
 
 Synthetic scores of the paper's sizes (50,000 ImageNet validation images as ID, 10,000 OOD): ID ~ N(1, 1),
-OOD ~ N(0, 1), optionally rounded to create ties. `ood_detectors.bootstrap.bootstrap_metrics` computes all six
+OOD ~ N(0, 1), optionally rounded to create ties. `ood_evaluation.bootstrap.bootstrap_metrics` computes all six
 metrics of every resample from cumulative counts; the reference is `ood_metrics` (scikit-learn) on each
 resample's expanded scores, timed on the first --sklearn-resamples resamples and extrapolated to all of them.
 Both see the same resamples, and their metrics are checked to agree to 1e-9 (the script fails otherwise).
@@ -24,8 +24,8 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits  # scikit-learn's own dependency
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ood_detectors.bootstrap import METRICS, bootstrap_distribution, bootstrap_metrics, resample_counts  # noqa: E402
-from ood_detectors.metrics import ood_metrics  # noqa: E402
+from ood_evaluation.bootstrap import METRICS, bootstrap_distribution, bootstrap_metrics, resample_counts  # noqa: E402
+from ood_evaluation.metrics import ood_metrics  # noqa: E402
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ood_detectors import available_detectors, create_detector  # noqa: E402
-from ood_detectors.metrics import ood_metrics  # noqa: E402
+from ood_evaluation.metrics import ood_metrics  # noqa: E402
 from ood_detectors.search import InnerProductSearch, faiss_gpu_count, resolve_backend  # noqa: E402
 from benchmarks.official_detectors import OFFICIAL  # noqa: E402
 

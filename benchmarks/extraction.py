@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloaders import DatasetConfig, build_dataset  # noqa: E402
 from models import Backbone, TransformConfig  # noqa: E402
-from pipeline.extract import ExtractionSettings, FeatureExtractor, make_loader  # noqa: E402
+from pipeline.features.extract import ExtractionSettings, FeatureExtractor, make_loader  # noqa: E402
 
 
 def write_jpeg(args: tuple[Path, int]) -> None:

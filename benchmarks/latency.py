@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from errors import UserError  # noqa: E402
 from models import ARCHITECTURES, Backbone, ModelConfig, apply_react, react_threshold  # noqa: E402
 from ood_detectors import OODDetector  # noqa: E402
-from pipeline.config import build_detector, load_detector_config, load_model_config  # noqa: E402
-from pipeline.experiment import resolve_device  # noqa: E402
+from pipeline.config.experiment import build_detector  # noqa: E402
+from pipeline.config.loading import load_detector_config, load_model_config  # noqa: E402
+from pipeline.run.experiment import resolve_device  # noqa: E402
 
 PAPER_MODELS = ["resnet50-react", "regnet-y-16gf-swag-e2e-v1", "vit-b16-swag-e2e-v1"]
 SEARCHING_DETECTORS = ("knn", "nnguide")  # the registered detectors that take a search `backend`
@@ -101,7 +102,7 @@ def build_random_backbone(config: ModelConfig) -> Backbone:
 
 
 def outputs_from_features(backbone: Backbone, features: torch.Tensor, clip: float | None) -> dict[str, torch.Tensor]:
-    """Raw (N, D) penultimate features -> what detectors see, as pipeline.experiment.model_outputs builds it:
+    """Raw (N, D) penultimate features -> what detectors see, as pipeline.run.experiment.model_outputs builds it:
     L2-normalised (ReAct-clipped) features and the classifier's logits of the clipped features."""
     if clip is not None:
         features = apply_react(features, clip)
@@ -111,7 +112,7 @@ def outputs_from_features(backbone: Backbone, features: torch.Tensor, clip: floa
 def forward_outputs(backbone: Backbone, images: torch.Tensor, clip: float | None,
                     amp: str = "off") -> dict[str, torch.Tensor]:
     """(N, 3, H, W) images -> detector inputs; the trunk runs under bf16 autocast with amp="bf16", as in
-    pipeline.extract, and its features are float32 again before the clip and the classifier."""
+    pipeline.features.extract, and its features are float32 again before the clip and the classifier."""
     autocast = (torch.autocast(images.device.type, dtype=torch.bfloat16) if amp == "bf16"
                 else contextlib.nullcontext())
     with autocast:

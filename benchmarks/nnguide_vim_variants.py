@@ -28,7 +28,7 @@ from torch.nn.functional import normalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ood_detectors import create_detector  # noqa: E402
-from ood_detectors.metrics import ood_metrics  # noqa: E402
+from ood_evaluation.metrics import ood_metrics  # noqa: E402
 
 # table name -> (detector, hyper-parameters); rows with base "vim" also get the shapes' principal_dim
 VARIANTS = {

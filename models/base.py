@@ -18,7 +18,6 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision import transforms
-from torchvision.transforms.v2 import functional as tv_functional
 
 from errors import UserError
 from models.openood_resnet18 import ResNet18_32x32
@@ -59,15 +58,6 @@ class TransformConfig:
             transforms.ToTensor(),
             transforms.Normalize(self.mean, self.std),
         ])
-
-    def apply_to_tensor(self, image: Tensor) -> Tensor:
-        """The same steps on a decoded uint8 (3, H, W) tensor, on its device (for GPU-decoded JPEGs).
-
-        Tensor resizing (antialiased) and PIL's differ in rounding, so features differ in the last digits."""
-        image = tv_functional.resize(image, [self.resize], interpolation=INTERPOLATIONS[self.interpolation])
-        image = tv_functional.center_crop(image, [self.crop, self.crop])
-        image = tv_functional.to_dtype(image, torch.float32, scale=True)
-        return tv_functional.normalize(image, list(self.mean), list(self.std))
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import pytest
 
 from errors import UserError
 from pipeline import report
-from pipeline.aggregate import collect, main, paper_tables
-from pipeline.report import CSV_COLUMNS, OOD_METRICS, average_row, interval_columns
+from pipeline.tools.aggregate import collect, main, paper_tables
+from pipeline.report.tables import CSV_COLUMNS, OOD_METRICS, average_row, interval_columns
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_OOD = ["inaturalist", "sun", "places", "textures", "openimage-o"]
@@ -103,7 +103,7 @@ def test_duplicate_result_names_both_files(results_root):
 
 
 def test_empty_root_is_a_one_line_error_with_exit_code_2(tmp_path):
-    completed = subprocess.run([sys.executable, "-m", "pipeline.aggregate", str(tmp_path)], check=False, cwd=REPO,
+    completed = subprocess.run([sys.executable, "-m", "pipeline.tools.aggregate", str(tmp_path)], check=False, cwd=REPO,
                                capture_output=True, text=True)
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines() == [f"error: no results.csv found under {tmp_path}"]
@@ -219,8 +219,8 @@ def test_results_csv_without_checkpoint_and_interval_columns_still_aggregates(tm
 
 
 def test_aggregation_imports_neither_torch_nor_scikit_learn():
-    """`python -m pipeline.aggregate` and run.sh's table step start in a fraction of a second."""
-    loaded = subprocess.run([sys.executable, "-c", "import sys, pipeline.aggregate; "
+    """`python -m pipeline.tools.aggregate` and run.sh's table step start in a fraction of a second."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, pipeline.tools.aggregate; "
                              "print(sorted({'torch', 'sklearn', 'ood_detectors'} & set(sys.modules)))"],
                             cwd=REPO, capture_output=True, text=True, check=True, timeout=60).stdout
     assert loaded.strip() == "[]"
@@ -252,7 +252,7 @@ def fractions_around(row: dict, half_widths: dict[str, float]) -> dict[str, tupl
 
 
 def write_run(folder: Path, rows: list[dict], averages: list[tuple[str, list[str]]] = ()) -> None:
-    """The run's result files as pipeline.report writes them; averages.csv with the given (label, sets) averages
+    """The run's result files as pipeline.report.tables writes them; averages.csv with the given (label, sets) averages
     of each detector (intervals of AVERAGE_HALF_WIDTHS) unless there are none."""
     average_rows = []
     for detector in dict.fromkeys(row["detector"] for row in rows):

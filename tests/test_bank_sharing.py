@@ -13,7 +13,7 @@ import torchvision
 from PIL import Image
 
 from dataloaders.base import ArrayImageDataset, BrokenImageError, FileImageDataset
-from pipeline.extract import ExtractionSettings, FeatureExtractor, SameImages
+from pipeline.features.extract import ExtractionSettings, FeatureExtractor, SameImages
 from tests.test_reliability import CountingBackbone, colour_dataset
 
 IMAGES = 40

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ood_detectors import bootstrap
-from ood_detectors.bootstrap import (METRICS, bootstrap_averages, bootstrap_distribution, bootstrap_metrics,
+from ood_evaluation import bootstrap
+from ood_evaluation.bootstrap import (METRICS, bootstrap_averages, bootstrap_distribution, bootstrap_metrics,
                                      bootstrap_sets_distribution, metrics_from_counts, paired_bootstrap,
                                      resample_counts, sets_resample_counts)
-from ood_detectors.metrics import ood_metrics
+from ood_evaluation.metrics import ood_metrics
 from pipeline import report
 
 
@@ -47,7 +47,7 @@ def test_each_resample_is_ood_metrics_of_its_expanded_scores(scores):
 
 
 def test_the_tables_name_the_metrics_in_the_bootstraps_order():
-    """pipeline.report restates METRICS so as to import no torch; averages.csv's columns follow it."""
+    """pipeline.report.tables restates METRICS so as to import no torch; averages.csv's columns follow it."""
     assert report.OOD_METRICS == METRICS == tuple(ood_metrics(np.ones(2), np.zeros(2)))
 
 

@@ -24,11 +24,12 @@ import pytest
 import torch
 
 import main
-import pipeline.report
+import pipeline.report.tables
 from errors import UserError
-from pipeline.cache import FeatureEntry, exclusive_lock, is_temporary, write_atomically
-from pipeline.plots import score_plot_writers
-from pipeline.report import RESULTS_MANIFEST, write_results
+from pipeline.features.cache import FeatureEntry
+from pipeline.files import exclusive_lock, is_temporary, write_atomically
+from pipeline.report.plots import score_plot_writers
+from pipeline.report.tables import RESULTS_MANIFEST, write_results
 from tests.main_process import start_main
 from tests.test_reliability import ONE_THREAD, REPO, CountingBackbone, colour_dataset, extract, main_arguments
 
@@ -317,18 +318,18 @@ def test_results_replace_the_previous_runs_as_one_set_and_leave_other_files_alon
 
 def test_replacing_another_runs_results_is_said_and_a_rerun_of_the_same_run_is_not_a_warning(tmp_path, caplog):
     write_run(tmp_path, "run-A", ["inaturalist", "textures"])
-    with caplog.at_level(logging.INFO, logger="pipeline.report"):
+    with caplog.at_level(logging.INFO, logger="pipeline.report.tables"):
         write_run(tmp_path, "run-B", ["inaturalist"])
     (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert warning.getMessage().startswith(f"{tmp_path} held another run's results (model run-A, ")
     assert warning.getMessage().endswith("; replaced them whole")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.report"):
+    with caplog.at_level(logging.INFO, logger="pipeline.report.tables"):
         write_run(tmp_path, "run-B", ["inaturalist"])
     assert [record.getMessage() for record in caplog.records] == [
         f"replaced the previous results of this run in {tmp_path}"]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.report"):
+    with caplog.at_level(logging.INFO, logger="pipeline.report.tables"):
         write_run(tmp_path / "fresh", "run-C", ["inaturalist"])
     assert caplog.records == []  # an empty folder: nothing replaced, nothing to say
 
@@ -363,10 +364,10 @@ def test_a_run_killed_while_renaming_leaves_an_incomplete_folder_of_its_own_file
             renamed.append(Path(target).name)
         real_replace(source, target)
 
-    monkeypatch.setattr(pipeline.report.os, "replace", replace_once)
+    monkeypatch.setattr(pipeline.report.tables.os, "replace", replace_once)
     with pytest.raises(Killed):
         write_run(tmp_path, "run-B", ["inaturalist"])
-    monkeypatch.setattr(pipeline.report.os, "replace", real_replace)
+    monkeypatch.setattr(pipeline.report.tables.os, "replace", real_replace)
     assert runs_in(tmp_path) == {"results.csv": "run-B"}  # a part of run B, nothing of run A
     listed = manifest(tmp_path)
     assert listed["complete"] is False and set(listed["files"]) == {*PIPELINE_FILES, "scores_inaturalist.png",

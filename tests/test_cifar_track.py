@@ -23,7 +23,8 @@ from torchvision import transforms
 import main
 from dataloaders import subset_indices
 from models import Backbone, build_backbone
-from pipeline.config import DEFAULT_DETECTORS, load_model_config
+from pipeline.config.experiment import DEFAULT_DETECTORS
+from pipeline.config.loading import load_model_config
 from tests.checkpoints import write_openood_resnet18_32x32_checkpoint
 from tests.datagen import write_cifar10, write_cifar100, write_svhn
 

@@ -12,9 +12,10 @@ import torch
 
 import main
 from errors import UserError
-from pipeline.config import DEFAULT_DETECTORS, available, resolve_experiment
-from pipeline.provenance import environment, git_state
-from pipeline.report import write_results
+from pipeline.config.experiment import DEFAULT_DETECTORS, resolve_experiment
+from pipeline.config.loading import available
+from pipeline.run.provenance import environment, git_state
+from pipeline.report.tables import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,13 +1,13 @@
-"""python -m pipeline.compare: paired bootstrap differences between two detectors of one run, from scores.npz."""
+"""python -m pipeline.tools.compare: paired bootstrap differences between two detectors of one run, from scores.npz."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ood_detectors.bootstrap import HIGHER_IS_BETTER, METRICS, sets_resample_counts
-from ood_detectors.metrics import ood_metrics
-from pipeline.compare import compare, main
-from pipeline.scores import RunScores, read_scores, scores_writer
+from ood_evaluation.bootstrap import HIGHER_IS_BETTER, METRICS, sets_resample_counts
+from ood_evaluation.metrics import ood_metrics
+from pipeline.tools.compare import compare, main
+from pipeline.report.scores import RunScores, read_scores, scores_writer
 
 
 def synthetic_run(seed: int = 0) -> RunScores:

@@ -53,7 +53,7 @@ def test_class_folders_equal_imagefolder(tmp_path):
 
 def test_imagenet_o_config_reads_the_extracted_tar(tmp_path):
     """imagenet-o.tar: one folder per WordNet id and a README.txt beside them, which is not an image."""
-    from pipeline.config import load_dataset_config
+    from pipeline.config.loading import load_dataset_config
     write_class_folders(tmp_path / "imagenet-o", ["n01443537", "n01704323"], per_class=3)
     (tmp_path / "imagenet-o/README.txt").write_text("ImageNet-O\n")
     dataset = build_dataset(load_dataset_config("imagenet-o"), "test", tmp_path, transform=None)
@@ -452,7 +452,7 @@ def test_unknown_membership_is_a_user_error_naming_the_option_and_valid_values(t
 
 
 def test_misspelt_dataset_option_fails_when_the_yaml_is_loaded(tmp_path):
-    from pipeline.config import load_dataset_config
+    from pipeline.config.loading import load_dataset_config
     config_file = tmp_path / "my-ood.yaml"
     config_file.write_text("format: flat_folder\nsplits: {test: data}\noptions: {membrship: any_jpeg_png}\n")
     with pytest.raises(UserError, match=r"dataset 'my-ood': format 'flat_folder' has no option 'membrship' "
@@ -464,7 +464,7 @@ def test_misspelt_dataset_option_fails_when_the_yaml_is_loaded(tmp_path):
 
 @pytest.mark.parametrize("name", ["inaturalist", "sun", "places", "openimage-o"])
 def test_shipped_flat_folder_configs_use_the_papers_rule(tmp_path, name):
-    from pipeline.config import load_dataset_config
+    from pipeline.config.loading import load_dataset_config
     config = load_dataset_config(name)
     files = crafted_files()
     folder = tmp_path / config.splits["test"]

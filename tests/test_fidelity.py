@@ -29,10 +29,10 @@ from torchvision import transforms
 
 from dataloaders import DatasetConfig, build_dataset
 from models import ModelConfig, build_backbone, react_threshold
-from pipeline.config import load_model_config
-from pipeline.cache import FeatureEntry
-from pipeline.experiment import RawFeatures, model_cache_key, model_outputs
-from pipeline.extract import ExtractionSettings, FeatureExtractor
+from pipeline.config.loading import load_model_config
+from pipeline.features.cache import FeatureEntry
+from pipeline.run.experiment import RawFeatures, model_cache_key, model_outputs
+from pipeline.features.extract import ExtractionSettings, FeatureExtractor
 from tests.checkpoints import lifelike_state_dict, save_as_supcon
 
 IMAGENET_NORMALIZE = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks import latency
-from pipeline.config import load_model_config
+from pipeline.config.loading import load_model_config
 
 TINY = ["--device", "cpu", "--models", "small-cnn-digits", "--bank-size", "40", "--batch-size", "4",
         "--repeats", "2", "--batch-repeats", "1", "--warmup", "0"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ood_detectors.metrics import ood_metrics
+from ood_evaluation.metrics import ood_metrics
 
 
 def test_perfect_separation():

@@ -15,10 +15,11 @@ import main
 from dataloaders import build_dataset
 from dataloaders.imagelist import image_list
 from errors import UserError
-from ood_detectors.metrics import ood_metrics
-from pipeline.aggregate import OPENOOD_COLUMNS, collect, openood_tables
-from pipeline.aggregate import main as aggregate_main
-from pipeline.config import load_dataset_config, resolve_experiment
+from ood_evaluation.metrics import ood_metrics
+from pipeline.tools.aggregate import OPENOOD_COLUMNS, collect, openood_tables
+from pipeline.tools.aggregate import main as aggregate_main
+from pipeline.config.experiment import resolve_experiment
+from pipeline.config.loading import load_dataset_config
 from tests.datagen import write_class_folders
 from tests.test_aggregate import fake_python
 

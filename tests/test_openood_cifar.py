@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import main
-from pipeline.aggregate import collect, openood_tables
-from pipeline.aggregate import main as aggregate_main
-from pipeline.config import load_model_config
+from pipeline.tools.aggregate import collect, openood_tables
+from pipeline.tools.aggregate import main as aggregate_main
+from pipeline.config.loading import load_model_config
 from tests.checkpoints import write_openood_resnet18_32x32_checkpoint
 from tests.datagen import write_openood_classic_layout
 from tests.test_aggregate import fake_python

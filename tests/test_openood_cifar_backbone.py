@@ -23,7 +23,7 @@ from torchvision import transforms
 
 from errors import UserError
 from models import ModelConfig, TransformConfig, build_backbone
-from pipeline.config import load_model_config
+from pipeline.config.loading import load_model_config
 from tests.checkpoints import write_openood_resnet18_32x32_checkpoint
 
 # openood/evaluation_api/preprocessor.py, default_preprocessing_dict (the same numbers as

@@ -8,7 +8,7 @@ import pytest
 
 from dataloaders import build_dataset
 from errors import UserError
-from pipeline.config import load_dataset_config
+from pipeline.config.loading import load_dataset_config
 from tests.datagen import write_openood_classic_layout
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,10 +21,11 @@ import main
 from dataloaders import bank_indices, build_dataset, subset_indices
 from errors import UserError
 from models import build_backbone
-from ood_detectors.bootstrap import METRICS, metrics_from_counts, sets_resample_counts
-from ood_detectors.metrics import ood_metrics
-from pipeline.config import load_dataset_config, load_model_config, resolve_experiment
-from pipeline.scores import read_scores
+from ood_evaluation.bootstrap import METRICS, metrics_from_counts, sets_resample_counts
+from ood_evaluation.metrics import ood_metrics
+from pipeline.config.experiment import resolve_experiment
+from pipeline.config.loading import load_dataset_config, load_model_config
+from pipeline.report.scores import read_scores
 
 REPO = Path(__file__).resolve().parents[1]
 OOD_SETS = ["inaturalist", "textures", "cifar10", "svhn"]

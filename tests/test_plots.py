@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from ood_detectors.metrics import ood_metrics
-from pipeline.plots import (MAX_BINS, MIN_BINS, _histogram_figure, _roc_figure, panel_title, safe_file_name,
+from ood_evaluation.metrics import ood_metrics
+from pipeline.report.plots import (MAX_BINS, MIN_BINS, _histogram_figure, _roc_figure, panel_title, safe_file_name,
                             write_score_plots)
 
 DETECTORS = ["msp", "energy", "nnguide"]

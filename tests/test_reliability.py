@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from dataloaders.base import ArrayImageDataset
-from pipeline.extract import ExtractionSettings, FeatureExtractor
+from pipeline.features.extract import ExtractionSettings, FeatureExtractor
 from tests.datagen import write_class_folders, write_flat_folder
 from tests.main_process import MainProcess, start_main
 
@@ -68,7 +68,7 @@ def test_an_extraction_stopped_by_an_error_leaves_autograd_on(tmp_path, monkeypa
     written (here a full disk) must not leave the rest of the process without autograd."""
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr("pipeline.cache.FeatureEntry.write_rows", full_disk)
+    monkeypatch.setattr("pipeline.features.cache.FeatureEntry.write_rows", full_disk)
     try:
         extract(tmp_path, CountingBackbone(), colour_dataset(10))
     except OSError as error:
@@ -145,7 +145,7 @@ def test_second_run_waits_for_the_entry_lock_then_reuses_the_rows(tmp_path, capl
 def test_spawned_workers_receive_only_the_rows_they_read(tmp_path, monkeypatch):
     """Python 3.14 on Linux (forkserver) and macOS (spawn) pickle the dataset into every worker: a 1% bank
     must not ship the whole train split. Spawned workers then give the single process's features."""
-    import pipeline.extract
+    import pipeline.features.extract
     shipped: list[int] = []
 
     def spawning_loader(dataset, settings, batches=None, collate_fn=None):
@@ -158,7 +158,7 @@ def test_spawned_workers_receive_only_the_rows_they_read(tmp_path, monkeypatch):
                                   channels_last=False, chunk_size=3)
     in_process = FeatureExtractor(CountingBackbone(), {"model": "counting"}, tmp_path / "a", settings).features(
         dataset, {"dataset": "colours"}, "colours", num_rows=7)
-    monkeypatch.setattr(pipeline.extract, "make_loader", spawning_loader)
+    monkeypatch.setattr(pipeline.features.extract, "make_loader", spawning_loader)
     spawned = FeatureExtractor(CountingBackbone(), {"model": "counting"}, tmp_path / "b", settings).features(
         dataset, {"dataset": "colours"}, "colours", num_rows=7)
     assert shipped == [7]

@@ -1,7 +1,7 @@
 """The paper's tables from many runs: every results.csv below a folder, one table per (model, ID set).
 
-    python -m pipeline.aggregate logs/paper [--output-dir DIR] [--ci]
-    python -m pipeline.aggregate logs/openood --openood     # OpenOOD v1.5's shape, from results_openood.csv
+    python -m pipeline.tools.aggregate logs/paper [--output-dir DIR] [--ci]
+    python -m pipeline.tools.aggregate logs/openood --openood     # OpenOOD v1.5's shape, from results_openood.csv
 
 Rows are detectors, columns FPR95 and AUROC per OOD set, then two averages: Avg-4, the paper's
 "Average" (iNaturalist, SUN, Places, Textures; OpenImage-O has its own column), and Avg-all over every
@@ -26,19 +26,17 @@ import argparse
 import csv
 import sys
 from pathlib import Path
-from typing import Any
 
 from errors import UserError
-from pipeline.averages import OPENOOD_BENCHMARKS, OpenOODBenchmark
-from pipeline.cache import write_atomically
-from pipeline.report import (AVERAGE_COLUMNS, AVERAGES_FILE, CSV_COLUMNS, MISSING, OOD_METRICS, OPENOOD_COLUMNS,
-                             OPENOOD_FILE, NumericTable, add_paper_intervals, format_markdown, format_table,
-                             format_terminal, interval_index, mean_cells, paper_table_legend, paper_table_numbers,
-                             with_interval)
+from pipeline.files import write_atomically
+from pipeline.report.outputs import AVERAGES_FILE, OPENOOD_FILE, RESULTS_FILE, read_averages, read_rows
+from pipeline.report.tables import (MISSING, NumericTable, add_paper_intervals, format_markdown, format_table,
+                                    format_terminal, interval_index, mean_cells, paper_table_legend,
+                                    paper_table_numbers, with_interval)
+from pipeline.result import AverageRow, ResultRow
+from pipeline.run.averages import OPENOOD_BENCHMARKS, OpenOODBenchmark
 
-METRIC_COLUMNS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "id_acc")
-
-OPENOOD_METRICS = ("fpr95_ood_positive", "auroc", "aupr_in", "aupr_out")  # OpenOOD's column order
+OPENOOD_TABLE_METRICS = ("fpr95_ood_positive", "auroc", "aupr_in", "aupr_out")  # OpenOOD's column order
 
 
 def openood_legend(benchmark: OpenOODBenchmark) -> str:
@@ -50,19 +48,18 @@ def openood_legend(benchmark: OpenOODBenchmark) -> str:
 TableKey = tuple[str, str]  # (model, id_data)
 
 
-def collect(root: Path, openood: bool = False) -> list[dict[str, Any]]:
-    """Rows of every results.csv (results_openood.csv with `openood`) below root, metrics as floats and
-    `source` = the file; duplicates (the same model, checkpoint, data and detector twice) are an error."""
-    file_name, columns, metrics = ((OPENOOD_FILE, OPENOOD_COLUMNS, (*OPENOOD_METRICS, "id_acc")) if openood
-                                   else ("results.csv", CSV_COLUMNS, METRIC_COLUMNS))
+def collect(root: Path, openood: bool = False) -> list[ResultRow]:
+    """Rows of every results.csv (results_openood.csv with `openood`) below root, `source` = the file; duplicates
+    (the same model, checkpoint, data and detector twice) are an error."""
+    file_name = OPENOOD_FILE if openood else RESULTS_FILE
     paths = sorted(root.rglob(file_name))
     if not paths:
         raise UserError(f"no {file_name} found under {root}")
-    rows: list[dict[str, Any]] = []
+    rows: list[ResultRow] = []
     seen: dict[tuple[str, ...], Path] = {}
     for path in paths:
-        for row in _read_results(path, columns, metrics):
-            key = (row["model"], row["checkpoint"], row["id_data"], row["ood_data"], row["detector"])
+        for row in read_rows(path, openood):
+            key = (row.model, row.checkpoint, row.id_data, row.ood_data, row.detector)
             if key in seen:
                 checkpoint = f" checkpoint={key[1]}" if key[1] else ""
                 raise UserError(f"duplicate result for model={key[0]}{checkpoint} id_data={key[2]} ood_data={key[3]} "
@@ -72,60 +69,39 @@ def collect(root: Path, openood: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def collect_averages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of the averages.csv beside each results file of `rows` (none where a run wrote none), intervals
-    as floats and `source` = that results file, as interval_index matches them."""
+def collect_averages(rows: list[ResultRow]) -> list[AverageRow]:
+    """The rows of the averages.csv beside each results file of `rows` (none where a run wrote none), with
+    `source` = that results file, as interval_index matches them."""
     averages = []
-    for source in dict.fromkeys(row["source"] for row in rows):
+    for source in dict.fromkeys(row.source for row in rows):
         path = Path(source).parent / AVERAGES_FILE
         if path.exists():
-            averages += [{**average, "source": source} for average in _read_results(path, AVERAGE_COLUMNS, OOD_METRICS)]
+            averages += read_averages(path, source)
     return averages
 
 
-def _read_results(path: Path, columns: list[str], metric_columns: tuple[str, ...]) -> list[dict[str, Any]]:
-    """A results file's rows: metrics and the intervals present as floats (an empty interval cell is left out)."""
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        # files written before the checkpoint and interval columns: one run of the model's own checkpoint
-        missing = [name for name in columns if name not in (reader.fieldnames or [])
-                   and name != "checkpoint" and "_ci_" not in name]
-        if missing:
-            raise UserError(f"{path}: missing columns {missing}")
-        rows = []
-        for line_number, record in enumerate(reader, start=2):
-            try:
-                metrics = {name: float(record[name]) for name in metric_columns}
-                metrics.update({name: float(record[name]) for name in columns if "_ci_" in name and record.get(name)})
-            except (TypeError, ValueError) as error:  # TypeError: a short line leaves None
-                raise UserError(f"{path}, line {line_number}: a metric is missing or not a number ({error})") from error
-            rows.append({**{name: value for name, value in record.items() if "_ci_" not in name}, **metrics,
-                         "checkpoint": record.get("checkpoint") or "", "source": str(path)})
-    return rows
-
-
-def _groups(rows: list[dict[str, Any]]) -> dict[TableKey, list[dict[str, Any]]]:
+def _groups(rows: list[ResultRow]) -> dict[TableKey, list[ResultRow]]:
     """Rows by (model, id_data), in first-seen order."""
-    groups: dict[TableKey, list[dict[str, Any]]] = {}
+    groups: dict[TableKey, list[ResultRow]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["id_data"]), []).append(row)
+        groups.setdefault((row.model, row.id_data), []).append(row)
     return groups
 
 
-def _replicates(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+def _replicates(rows: list[ResultRow]) -> list[list[ResultRow]]:
     """A table's rows split by checkpoint, in first-seen order: one list per replicate run."""
-    by_checkpoint: dict[str, list[dict[str, Any]]] = {}
+    by_checkpoint: dict[str, list[ResultRow]] = {}
     for row in rows:
-        by_checkpoint.setdefault(row["checkpoint"], []).append(row)
+        by_checkpoint.setdefault(row.checkpoint, []).append(row)
     return list(by_checkpoint.values())
 
 
-def _first_seen(rows: list[dict[str, Any]], key: str) -> list[str]:
-    return list(dict.fromkeys(row[key] for row in rows))
+def _first_seen(rows: list[ResultRow], key: str) -> list[str]:
+    return list(dict.fromkeys(getattr(row, key) for row in rows))
 
 
-def paper_tables(rows: list[dict[str, Any]],
-                 averages: list[dict[str, Any]] | None = None) -> dict[TableKey, list[list[str]]]:
+def paper_tables(rows: list[ResultRow],
+                 averages: list[AverageRow] | None = None) -> dict[TableKey, list[list[str]]]:
     """{(model, id_data): table}, in first-seen order; replicates give mean ± std cells. With `averages`
     (collect_averages', for --ci), a table of one checkpoint shows the intervals it has (add_paper_intervals)."""
     tables = {}
@@ -138,9 +114,9 @@ def paper_tables(rows: list[dict[str, Any]],
     return tables
 
 
-def openood_benchmark(rows: list[dict[str, Any]]) -> OpenOODBenchmark | None:
+def openood_benchmark(rows: list[ResultRow]) -> OpenOODBenchmark | None:
     """The OpenOOD v1.5 benchmark whose OOD sets the rows hold results on; None if none."""
-    ood_sets = {row["ood_data"] for row in rows}
+    ood_sets = {row.ood_data for row in rows}
     return next((benchmark for benchmark in OPENOOD_BENCHMARKS if ood_sets & {*benchmark.near, *benchmark.far}),
                 None)
 
@@ -153,21 +129,21 @@ def _openood_sections(benchmark: OpenOODBenchmark, ood_sets: list[str]) -> dict[
             **{name: (name,) for name in benchmark.far}, "Far-OOD": benchmark.far, **{name: (name,) for name in others}}
 
 
-def _openood_numbers(rows: list[dict[str, Any]], sections: dict[str, tuple[str, ...]],
+def _openood_numbers(rows: list[ResultRow], sections: dict[str, tuple[str, ...]],
                      detectors: list[str]) -> NumericTable:
     """One replicate's OpenOOD-shaped lines: per detector, one per section; numbers FPR95 (OOD positive), AUROC,
     AUPR-in, AUPR-out, ID acc."""
-    cells = {(row["detector"], row["ood_data"]): row for row in rows}
+    cells = {(row.detector, row.ood_data): row for row in rows}
     lines = []
     for detector in detectors:
-        id_acc = next((row["id_acc"] for row in rows if row["detector"] == detector), None)
+        id_acc = next((row.id_acc for row in rows if row.detector == detector), None)
         for label, names in sections.items():
-            numbers = mean_cells([cells.get((detector, name)) for name in names], OPENOOD_METRICS)
+            numbers = mean_cells([cells.get((detector, name)) for name in names], OPENOOD_TABLE_METRICS)
             lines.append(([detector, label], [*numbers, id_acc]))
     return ["Detector", "OOD set", "FPR95", "AUROC", "AUPR-in", "AUPR-out", "ID Acc"], lines
 
 
-def openood_table(rows: list[dict[str, Any]], averages: list[dict[str, Any]] | None = None) -> list[list[str]]:
+def openood_table(rows: list[ResultRow], averages: list[AverageRow] | None = None) -> list[list[str]]:
     """OpenOOD's evaluator shape for one (model, id_data), two decimals, mean ± std over checkpoints; a missing
     result, and an average needing it, shows "-". With `averages` (for --ci), a table of one checkpoint shows the
     intervals it has, as paper_tables does (ID accuracy has none)."""
@@ -181,23 +157,23 @@ def openood_table(rows: list[dict[str, Any]], averages: list[dict[str, Any]] | N
         intervals = interval_index(rows, averages)
         for line in table[1:]:
             found = intervals.get((line[0], frozenset(sections[line[1]])), {})
-            for offset, metric in enumerate(OPENOOD_METRICS):
+            for offset, metric in enumerate(OPENOOD_TABLE_METRICS):
                 line[2 + offset] = with_interval(line[2 + offset], found.get(metric))
     return table
 
 
-def openood_tables(rows: list[dict[str, Any]],
-                   averages: list[dict[str, Any]] | None = None) -> dict[TableKey, list[list[str]]]:
+def openood_tables(rows: list[ResultRow],
+                   averages: list[AverageRow] | None = None) -> dict[TableKey, list[list[str]]]:
     """{(model, id_data): OpenOOD-shaped table} for the groups with a result on any OpenOOD v1.5 set."""
     tables = {key: openood_table(group, averages) for key, group in _groups(rows).items() if openood_benchmark(group)}
     if not tables:
-        sources = ", ".join(sorted({row["source"] for row in rows}))
+        sources = ", ".join(sorted({row.source for row in rows}))
         every_set = [name for benchmark in OPENOOD_BENCHMARKS for name in (*benchmark.near, *benchmark.far)]
         raise UserError(f"no results on OpenOOD v1.5's sets ({', '.join(every_set)}) in {sources}")
     return tables
 
 
-def _title(group: list[dict[str, Any]], key: TableKey) -> str:
+def _title(group: list[ResultRow], key: TableKey) -> str:
     banks = ", ".join(_first_seen(group, "train_data"))
     checkpoints = len(_replicates(group))
     replicates = f" (mean ± std over {checkpoints} checkpoints)" if checkpoints > 1 else ""
@@ -213,7 +189,7 @@ def interval_legend(table: list[list[str]], checkpoints: int, openood: bool) -> 
               "covers the sampling of the test images only.")
     if openood:  # metric columns 2 to 5; lines named by their OOD set or average
         lacking = list(dict.fromkeys(line[1] for line in table[1:] if any(
-            _lacks_interval(cell) for cell in line[2:2 + len(OPENOOD_METRICS)])))
+            _lacks_interval(cell) for cell in line[2:2 + len(OPENOOD_TABLE_METRICS)])))
     else:
         lacking = [header for column, header in enumerate(table[0]) if column > 0 and any(
             _lacks_interval(line[column]) for line in table[1:])]
@@ -227,8 +203,8 @@ def _lacks_interval(cell: str) -> bool:
     return cell != MISSING and " ± " not in cell
 
 
-def write_tables(rows: list[dict[str, Any]], output_dir: Path, openood: bool = False,
-                 averages: list[dict[str, Any]] | None = None) -> str:
+def write_tables(rows: list[ResultRow], output_dir: Path, openood: bool = False,
+                 averages: list[AverageRow] | None = None) -> str:
     """Writes <model>__<id_data>.md/.csv per table and tables.md (with `openood`: <model>__<id_data>__openood
     .md/.csv and tables_openood.md); returns all tables for the terminal. With `averages` (collect_averages', for
     --ci) the tables show intervals and each legend says where they are missing."""

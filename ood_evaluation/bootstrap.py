@@ -37,14 +37,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from ood_detectors.metrics import ArrayLike, _as_numpy, ood_metrics
+from ood_evaluation.metrics import METRIC_NAMES, METRICS as _DEFINITIONS, as_scores, ood_metrics
 
-METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc", "fpr95_ood_positive")  # ood_metrics' keys, in order
-HIGHER_IS_BETTER = {"auroc": True, "fpr95": False, "aupr_in": True, "aupr_out": True, "dtacc": True,
-                    "fpr95_ood_positive": False}
+ArrayLike = Any  # an (N,) numpy array, sequence or torch tensor of scores
+
+METRICS = METRIC_NAMES  # the distributions' columns, in ood_metrics' order
+HIGHER_IS_BETTER = {metric.name: metric.higher_is_better for metric in _DEFINITIONS}
 # Draws (ID + one OOD set's scores over resamples) handled at once, about 50 bytes each; blocks of a few resamples
 # of the paper's sizes ran fastest (2 MB arrays fit the cache). Results do not depend on it (see _draw_blocks).
 _BLOCK_DRAWS = 2 ** 18
@@ -81,7 +83,7 @@ def bootstrap_distribution(id_scores: ArrayLike, ood_scores: ArrayLike, resample
     Row r is ood_metrics of the scores repeated by row r of `resample_counts(N, M, resamples, seed)` (and the
     first rows do not depend on `resamples`).
     """
-    return _sets_distribution(_as_numpy(id_scores, "id_scores"), [_as_numpy(ood_scores, "ood_scores")], resamples,
+    return _sets_distribution(as_scores(id_scores, "id_scores"), [as_scores(ood_scores, "ood_scores")], resamples,
                               seed)[:, 0]
 
 
@@ -95,8 +97,8 @@ def bootstrap_sets_distribution(id_scores: ArrayLike, ood_scores: Sequence[Array
     """
     if not ood_scores:
         raise ValueError("ood_scores is empty: give at least one OOD set's scores")
-    return _sets_distribution(_as_numpy(id_scores, "id_scores"),
-                              [_as_numpy(scores, f"ood_scores[{index}]") for index, scores in enumerate(ood_scores)],
+    return _sets_distribution(as_scores(id_scores, "id_scores"),
+                              [as_scores(scores, f"ood_scores[{index}]") for index, scores in enumerate(ood_scores)],
                               resamples, seed)
 
 
@@ -130,8 +132,8 @@ def paired_bootstrap(id_a: ArrayLike, ood_a: ArrayLike, id_b: ArrayLike, ood_b: 
     scores. A detector against itself gives exactly zero intervals, a_better = 0 and tied = 1.
     """
     _check_level(level)
-    id_a, ood_a = _as_numpy(id_a, "id_a"), _as_numpy(ood_a, "ood_a")
-    id_b, ood_b = _as_numpy(id_b, "id_b"), _as_numpy(ood_b, "ood_b")
+    id_a, ood_a = as_scores(id_a, "id_a"), as_scores(ood_a, "ood_a")
+    id_b, ood_b = as_scores(id_b, "id_b"), as_scores(ood_b, "ood_b")
     for what, size_a, size_b in (("id", id_a.size, id_b.size), ("ood", ood_a.size, ood_b.size)):
         if size_a != size_b:
             raise ValueError(f"{what}_a has {size_a} scores and {what}_b {size_b}: paired scores must score the "
@@ -187,7 +189,7 @@ def metrics_from_counts(id_scores: ArrayLike, ood_scores: ArrayLike, id_counts: 
     id_counts (R, N) or (N,) and ood_counts (R, M) or (M,): non-negative integers, each row with at least one
     draw. Returns an array of shape (R, 6), (1, 6) for single vectors.
     """
-    layout = _ScoreLayout(_as_numpy(id_scores, "id_scores"), _as_numpy(ood_scores, "ood_scores"))
+    layout = _ScoreLayout(as_scores(id_scores, "id_scores"), as_scores(ood_scores, "ood_scores"))
     id_counts = _check_counts(id_counts, layout.id_size, "id_counts")
     ood_counts = _check_counts(ood_counts, layout.ood_size, "ood_counts")
     if id_counts.shape[0] != ood_counts.shape[0]:

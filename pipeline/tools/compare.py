@@ -1,6 +1,6 @@
 """Is detector A better than detector B on this run? Paired bootstrap differences from the run's stored scores.
 
-    python -m pipeline.compare logs/resnet50-supcon/imagenet1k nnguide knn [--metrics auroc fpr95] [--resamples 1000]
+    python -m pipeline.tools.compare logs/resnet50-supcon/imagenet1k nnguide knn [--metrics auroc fpr95] [--resamples 1000]
 
 For each OOD set and for the average over the sets: A's and B's metric, the difference A - B with its paired
 bootstrap interval (the same resampled images for both detectors) and the fraction of resamples in which A is
@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError, did_you_mean
-from ood_detectors.bootstrap import METRICS, bootstrap_sets_distribution, paired_differences
-from ood_detectors.metrics import ood_metrics
-from pipeline.report import format_terminal
-from pipeline.scores import RunScores, read_scores
+from ood_evaluation.bootstrap import METRICS, bootstrap_sets_distribution, paired_differences
+from ood_evaluation.metrics import ood_metrics
+from pipeline.report.tables import format_terminal
+from pipeline.report.scores import read_scores
+from pipeline.result import RunScores
 
 
 def compare(stored: RunScores, a: str, b: str, metrics: list[str], resamples: int = 1000, seed: int = 0,

@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader
 
 from dataloaders import build_dataset
 from models import ARCHITECTURES, ModelConfig
-from pipeline.cache import key_digest, write_atomically
-from pipeline.config import load_dataset_config
+from pipeline.features.cache import key_digest
+from pipeline.files import write_atomically
+from pipeline.config.loading import load_dataset_config
 
 log = logging.getLogger(__name__)
 

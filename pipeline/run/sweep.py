@@ -4,16 +4,19 @@ the bank's seed (`--set seed=0,1,2,3,4`) also summarises each number's spread ov
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from errors import UserError
-from pipeline.cache import write_atomically
-from pipeline.config import resolve_experiment
-from pipeline.experiment import run_experiment
-from pipeline.report import format_markdown, format_terminal, paper_table
+from pipeline.config.experiment import resolve_experiment
+from pipeline.files import write_atomically
+from pipeline.report.outputs import write_result
+from pipeline.report.tables import format_markdown, format_terminal, paper_table
+from pipeline.result import ResultRow
+from pipeline.run.experiment import run_experiment
 
 
 def split_sweep(overrides: list[str]) -> tuple[str, list[str], list[str]] | None:
@@ -41,18 +44,23 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
     output_root = Path(configs[0].output_dir)
     table: list[list[str]] = []
     csv_lines = [f"{key},ood_data,detector,auroc,fpr95"]
-    rows_by_value: dict[str, list[dict[str, Any]]] = {}
+    rows_by_value: dict[str, Sequence[ResultRow]] = {}
     for number, (value, config) in enumerate(zip(values, configs)):
         detectors = ({swept_detector: config.detectors[swept_detector]} if swept_detector else config.detectors)
         config = dataclasses.replace(config, detectors=detectors, output_dir=str(output_root / f"{key}={value}"),
                                      recompute=config.recompute and number == 0)  # re-extract once, not per value
-        rows, _ = run_experiment(config)
-        header, *lines = paper_table(rows)
+        result = run_experiment(config)
+        if result is None:  # a torchrun rank other than 0: it only helps extract
+            continue
+        write_result(result)
+        header, *lines = paper_table(result.rows)
         table = table or [[key, *header]]
         table += [[value, *line] for line in lines]
-        csv_lines += [f"{value},{row['ood_data']},{row['detector']},{row['auroc']!r},{row['fpr95']!r}"
-                      for row in rows]
-        rows_by_value[value] = rows
+        csv_lines += [f"{value},{row.ood_data},{row.detector},{row.metrics['auroc']!r},{row.metrics['fpr95']!r}"
+                      for row in result.rows]
+        rows_by_value[value] = result.rows
+    if not rows_by_value:
+        return "", output_root / "sweep.csv"
     write_atomically(output_root / "sweep.csv", lambda path: path.write_text("\n".join(csv_lines) + "\n"))
     write_atomically(output_root / "sweep.md", lambda path: path.write_text(format_markdown(table)))
     terminal = format_terminal(table)
@@ -69,15 +77,15 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
 SUMMARY_METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out", "dtacc")
 
 
-def seed_summary(rows_by_seed: dict[str, list[dict[str, Any]]]) -> tuple[list[list[str]], str]:
+def seed_summary(rows_by_seed: dict[str, Sequence[ResultRow]]) -> tuple[list[list[str]], str]:
     """Per (OOD set, detector) over the seeds' runs: a table of FPR95 and AUROC as mean ± population std [min, max],
     and CSV text with every metric's mean, std, min and max (percent, full precision)."""
     collected: dict[tuple[str, str], dict[str, list[float]]] = {}
     for rows in rows_by_seed.values():
         for row in rows:
-            per_metric = collected.setdefault((row["ood_data"], row["detector"]), {})
+            per_metric = collected.setdefault((row.ood_data, row.detector), {})
             for metric in SUMMARY_METRICS:
-                per_metric.setdefault(metric, []).append(row[metric])
+                per_metric.setdefault(metric, []).append(row.metrics[metric])
     table = [["OOD set", "Detector", "FPR95", "AUROC"]]
     csv_lines = ["ood_data,detector,seeds," + ",".join(f"{metric}_{statistic}" for metric in SUMMARY_METRICS
                                                        for statistic in ("mean", "std", "min", "max"))]

@@ -1,27 +1,20 @@
-"""Typed, validated configuration: YAML files under configs/ parsed into dataclasses, plus CLI overrides.
-
-Every mistake is a UserError naming the file, the key and the closest valid key. Nothing here is global:
-`resolve_experiment` returns a fresh ExperimentConfig that the rest of the pipeline only reads.
-"""
+"""The experiment config: defaults <- an experiment YAML <- command-line flags <- `--set key.path=value`, checked
+once. `resolve_experiment` returns a fresh, frozen ExperimentConfig that the rest of the pipeline only reads."""
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import yaml
 
-from dataloaders import DatasetConfig
 from errors import UserError, did_you_mean
-from models import ModelConfig
 from ood_detectors import OODDetector, create_detector
-
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
-Config = TypeVar("Config")
-
+from pipeline.config.loading import (from_mapping, load_dataset_config, load_detector_config, load_model_config,
+                                     load_yaml)
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
@@ -50,7 +43,6 @@ class ExperimentConfig:
     plots: bool = True                            # score histograms and ROC curves per OOD set, as PNG
     recompute: bool = False                       # delete and re-extract the cache entries this run uses
     skip_broken_images: bool = False              # skip undecodable images (listed in provenance), not stop
-    gpu_decode: bool = False                      # decode JPEGs on the GPU (nvJPEG): faster loading, last digits change
     verify_image_content: bool = False            # hash every image read; cached rows of changed images recomputed
     bootstrap: int = 1000                         # resamples of each metric's confidence interval; 0 = none
     ci_level: float = 0.95                        # the intervals' level
@@ -97,11 +89,9 @@ def display_name(name: str) -> str:
 
 
 def default_output_dir(model: str, id_data: str) -> str:
-    """logs/<model>/<ID set>: run.sh's layout, so a run's folder is its own and pipeline.aggregate reads it."""
+    """logs/<model>/<ID set>: run.sh's layout, so a run's folder is its own and pipeline.tools.aggregate reads it."""
     return str(Path("logs") / display_name(model) / display_name(id_data))
 
-
-# ---- YAML -> dataclass -----------------------------------------------------------------------------
 
 def check_device_name(name: str) -> None:
     """A device string torch knows ("auto", "cpu", "cuda", "cuda:1", ...), checked before any work starts."""
@@ -113,139 +103,17 @@ def check_device_name(name: str) -> None:
         raise UserError(f"config key 'device': unknown device {name!r}; use auto, cpu, cuda or cuda:<index>") from None
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping via safe_load; syntax errors name the file and line."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"config file {path} is a folder; give a YAML file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"config file {path} is not a text file (not UTF-8); give a YAML file") from None
-    except PermissionError:
-        raise UserError(f"config file {path} cannot be read (permission denied)") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(error, "problem", None) or str(error)
-        raise UserError(f"{where}: YAML syntax error: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
-    return data
-
-
-def from_mapping(cls: type[Config], data: Mapping[str, Any], source: str) -> Config:
-    """Build dataclass `cls` from `data`, checking unknown and missing keys and every value's type."""
-    hints = typing.get_type_hints(cls)
-    fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
-    for key in data:
-        if key not in fields:
-            raise UserError(f"{source}: unknown key '{key}'{did_you_mean(str(key), fields)}; "
-                            f"valid keys: {', '.join(fields)}")
-    missing = [name for name, field in fields.items() if name not in data
-               and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
-    if missing:
-        raise UserError(f"{source}: missing key(s): {', '.join(missing)}")
-    values = {key: _coerce(value, hints[key], f"{source}: key '{key}'") for key, value in data.items()}
-    try:
-        return cls(**values)
-    except UserError as error:  # a value the class itself rejects (its __post_init__): say which file
-        message = str(error)
-        raise UserError(message if message.startswith(source) else f"{source}: {message}") from None
-
-
-def _coerce(value: Any, expected: Any, where: str) -> Any:
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if expected is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, where)
-    if dataclasses.is_dataclass(expected):
-        if not isinstance(value, Mapping):
-            raise UserError(f"{where} must be a mapping, got {value!r}")
-        return from_mapping(expected, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"{where} must be a list, got {value!r}")
-        return [_coerce(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise UserError(f"{where} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise UserError(f"{where} must be a mapping, got {value!r}")
-        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if expected is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if expected in (str, bool) and isinstance(value, expected):
-        return value
-    raise UserError(f"{where} must be {getattr(expected, '__name__', expected)}, got {value!r}")
-
-
-# ---- named configs under configs/ --------------------------------------------------------------------
-
-def available(kind: str) -> list[str]:
-    """Names of the YAML files in configs/<kind>/."""
-    return sorted(path.stem for path in (CONFIG_ROOT / kind).glob("*.yaml"))
-
-
-def _named_config_path(kind: str, name: str, what: str) -> Path:
-    """configs/<kind>/<name>.yaml, or `name` itself when it is a path to a YAML file."""
-    if name.endswith((".yaml", ".yml")):
-        if not Path(name).is_file():
-            raise UserError(f"{what} config file not found: {name}")
-        return Path(name)
-    path = CONFIG_ROOT / kind / f"{name}.yaml"
-    if not path.is_file():
-        choices = available(kind)
-        raise UserError(f"unknown {what} '{name}'{did_you_mean(name, choices)}; valid: {', '.join(choices)} "
-                        f"(add one as {CONFIG_ROOT / kind / (name + '.yaml')})")
-    return path
-
-
-def load_model_config(name: str) -> ModelConfig:
-    path = _named_config_path("models", name, "model")
-    return from_mapping(ModelConfig, {"name": path.stem, **load_yaml(path)}, str(path))
-
-
-def load_dataset_config(name: str) -> DatasetConfig:
-    path = _named_config_path("datasets", name, "dataset")
-    return from_mapping(DatasetConfig, {"name": path.stem, **load_yaml(path)}, str(path))
-
-
-def load_detector_config(name: str) -> dict[str, Any]:
-    """{"detector": registered name, **hyper-parameters} from configs/detectors/<name>.yaml."""
-    path = _named_config_path("detectors", name, "detector")
-    data = load_yaml(path)
-    if not isinstance(data.get("detector"), str):
-        raise UserError(f"{path}: missing key 'detector' (the registered detector this config sets up)")
-    return data
-
-
-# ---- the experiment: defaults <- --config YAML <- CLI flags <- --set -------------------------------
-
-def resolve_experiment(experiment_file: Path | None, flags: Mapping[str, Any], overrides: list[str],
-                       default_subfolder: str = "") -> ExperimentConfig:
+def resolve_experiment(experiment_file: Path | str | None, flags: Mapping[str, Any] | None = None,
+                       overrides: Sequence[str] = (), default_subfolder: str = "") -> ExperimentConfig:
     """Merge an experiment YAML, the CLI flags that were given, and `--set key.path=value` overrides.
 
     Without an output_dir anywhere, results go to default_output_dir(model, ID set)/`default_subfolder`."""
     merged: dict[str, Any] = {}
     source = "command line"
     if experiment_file is not None:
-        merged.update(load_yaml(experiment_file))
+        merged.update(load_yaml(Path(experiment_file)))
         source = f"{experiment_file} + command line"
-    merged.update({key: value for key, value in flags.items() if value is not None})
+    merged.update({key: value for key, value in (flags or {}).items() if value is not None})
     merged.setdefault("detectors", list(DEFAULT_DETECTORS))
     if isinstance(merged.get("detectors"), list):
         merged["detectors"] = dict(_detector_entry(item) for item in merged["detectors"])

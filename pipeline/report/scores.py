@@ -3,43 +3,25 @@ re-scoring. Arrays only (numpy's own format, read with allow_pickle=False): the 
 (the ID set first), and per set its image ids and a (detectors, images) matrix of scores."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from errors import UserError
+from pipeline.result import RunScores
 
 SCORES_FILE = "scores.npz"
 
 
-@dataclasses.dataclass(frozen=True)
-class RunScores:
-    """A run's scores: `scores[set][detector]` (N,) float64 aligned with `image_ids[set]`; the ID set first."""
-
-    id_set: str
-    detectors: list[str]
-    image_ids: dict[str, np.ndarray]
-    scores: dict[str, dict[str, np.ndarray]]
-
-    @property
-    def ood_sets(self) -> list[str]:
-        return [name for name in self.image_ids if name != self.id_set]
-
-
-def scores_writer(id_set: str, id_scores: dict[str, np.ndarray], ood_scores: dict[str, dict[str, np.ndarray]],
-                  image_ids: dict[str, list[str]]) -> Callable[[Path], None]:
-    """write(path) of scores.npz for `write_results(extra_files=...)`: `id_scores[detector]`,
-    `ood_scores[set][detector]` and each set's `image_ids`, in the scores' order."""
-    detectors = list(id_scores)
-    per_set = {id_set: id_scores, **ood_scores}
-    arrays: dict[str, np.ndarray] = {"detectors": np.array(detectors), "sets": np.array(list(per_set))}
-    for name, by_detector in per_set.items():
-        matrix = np.stack([np.asarray(by_detector[detector], dtype=np.float64) for detector in detectors])
-        if matrix.shape[1] != len(image_ids[name]):
-            raise ValueError(f"{name}: {matrix.shape[1]} scores but {len(image_ids[name])} image ids")
-        arrays[f"ids:{name}"] = np.array(image_ids[name], dtype=str)
+def scores_writer(scores: RunScores) -> Callable[[Path], None]:
+    """write(path) of scores.npz: every set's image ids and (detectors, images) score matrix, the ID set first."""
+    arrays: dict[str, np.ndarray] = {"detectors": np.array(scores.detectors), "sets": np.array(list(scores.scores))}
+    for name, by_detector in scores.scores.items():
+        matrix = np.stack([np.asarray(by_detector[detector], dtype=np.float64) for detector in scores.detectors])
+        if matrix.shape[1] != len(scores.image_ids[name]):
+            raise ValueError(f"{name}: {matrix.shape[1]} scores but {len(scores.image_ids[name])} image ids")
+        arrays[f"ids:{name}"] = np.array(scores.image_ids[name], dtype=str)
         arrays[f"scores:{name}"] = matrix
 
     def write(path: Path) -> None:

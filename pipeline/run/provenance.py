@@ -12,7 +12,7 @@ import torchvision
 
 from ood_detectors.search import faiss_gpu_count
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 LIBRARIES = ("numpy", "scikit-learn", "scipy", "matplotlib")  # distribution names, as pip lists them
 FAISS_DISTRIBUTIONS = ("faiss-gpu", "faiss-cpu", "faiss-gpu-cu12", "faiss")
 

@@ -13,18 +13,11 @@ removes the temporary files a killed run left in it. Arrays only: everything is 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import errno
-import fcntl
 import hashlib
 import io
 import json
 import logging
-import os
 import re
-import secrets
-import shutil
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,154 +26,21 @@ from typing import Any
 import numpy as np
 
 from errors import UserError
+from pipeline.files import exclusive_lock, is_temporary, remove_unfinished_files, write_atomically
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 2  # 2: a sha256 / shape / broken-rows sidecar per rows file, and a lock file
 _ROWS_FILE = re.compile(r"rows_(\d{9})_(\d{9})\.npy")
 _SHARD_FILE = re.compile(r"shard-\d{5}\.npz")  # one torchrun rank's rows, joined by rank 0 and then deleted
-TEMPORARY_SUFFIX = ".tmp"
-
 
 def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def format_bytes(count: int) -> str:
-    """A byte count for messages: '512 bytes', '4.1 kB', '81.9 MB', '1.20 GB'."""
-    if count < 1000:
-        return f"{count} bytes"
-    for unit, size in (("kB", 1e3), ("MB", 1e6)):
-        if count < 1000 * size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count / 1e9:.2f} GB"
-
-
-@contextlib.contextmanager
-def full_disk_is_a_user_error(folder: Path, file_name: str, expected_bytes: int | None = None) -> Iterator[None]:
-    """Turn ENOSPC / EDQUOT while writing into `folder` into one UserError saying what is needed and free."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        needed = f"needs {format_bytes(expected_bytes)}, " if expected_bytes is not None else ""
-        try:
-            free = f"{format_bytes(shutil.disk_usage(folder).free)} free"
-        except OSError:
-            free = "free space unknown"
-        raise UserError(f"cannot write {file_name} in {folder}: {error.strerror} ({needed}{free}); free space "
-                        f"there or choose another folder (--cache-dir for features, --output-dir for results)"
-                        ) from error
-
-
-def _create_temporary(path: Path) -> Path:
-    """A new empty `.<name>.<random>.tmp` beside `path`, mode 0666 & ~umask as `open(path, "w")` would make it
-    (tempfile.mkstemp makes 0600, which locks out the other users and nodes of a shared cache)."""
-    while True:
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
-        try:
-            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return temporary
-        except FileExistsError:
-            continue
-
-
-def write_atomically(path: Path, write: Callable[[Path], Any], expected_bytes: int | None = None) -> None:
-    """Call write(temporary_path), then rename it to `path`: readers never see a half-written file.
-
-    The file's mode follows the umask; a full disk (or quota) is one UserError naming the folder, the space
-    needed (`expected_bytes`, when the caller knows it) and the space free."""
-    with full_disk_is_a_user_error(path.parent, path.name, expected_bytes):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = _create_temporary(path)
-        try:
-            write(temporary)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-
-
-def remove_unfinished_files(folder: Path, is_unfinished: Callable[[str], bool]) -> None:
-    """Delete the files of `folder` whose name `is_unfinished` accepts; log their number and total size.
-
-    Call it only while holding the lock that every writer of such files holds, so that a live writer's file
-    is never among them: only those a killed run left behind are."""
-    count = size = 0
-    for path in sorted(folder.iterdir()):
-        if is_unfinished(path.name) and path.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                size += path.stat().st_size
-                path.unlink()
-                count += 1
-    if count:
-        log.info("removed %d unfinished file%s (%s) that an interrupted run left in %s", count,
-                 "" if count == 1 else "s", format_bytes(size), folder)
-
-
-def is_temporary(name: str) -> bool:
-    """Whether `name` is a file `write_atomically` writes before renaming it: `.<name>.<random>.tmp`."""
-    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
-
-
 def _is_unfinished_entry_file(name: str) -> bool:
     """A killed run's file in a cache entry: a temporary file, or a torchrun rank's shard."""
     return is_temporary(name) or _SHARD_FILE.fullmatch(name) is not None
-
-
-def _lock_holder_record() -> str:
-    """The lock holder's record: pid, host name and when it took the lock (ISO 8601, UTC)."""
-    taken = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": taken})
-
-
-def _describe_lock_holder(lock_path: Path) -> str:
-    """Who holds `lock_path` and since when, from the record its holder wrote; says so when it is missing or
-    stale (a record of a process of this host that has exited)."""
-    try:
-        record = json.loads(lock_path.read_text())
-        pid, host, since = int(record["pid"]), str(record["host"]), str(record["since"])
-    except (OSError, ValueError, KeyError, TypeError):  # ValueError: empty, partial or not JSON
-        return f"its holder has not recorded itself in {lock_path} (it is starting, or runs an older version)"
-    if host == socket.gethostname() and not _is_running(pid):
-        return (f"{lock_path} still names process {pid} on {host}, since {since}, which has exited (a stale "
-                f"record: the holder is starting, or runs an older version)")
-    return f"process {pid} on {host} has held the lock since {since}"
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's process
-        pass
-    return True
-
-
-@contextlib.contextmanager
-def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive flock on `lock_path` while writing `what`; its holder's pid, host and start are in it.
-
-    Advisory and POSIX-only: it excludes other runs of this code, not other programs, and depends on the file
-    system honouring flock (local disks do; some network file systems ignore it). A run that has to wait
-    says which process holds the lock, and since when."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as lock_file:  # "a": never truncates the record of the run holding it
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another run to finish writing %s: %s", what, _describe_lock_holder(lock_path))
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-        lock_file.truncate(0)
-        lock_file.write(_lock_holder_record())
-        lock_file.flush()
-        try:
-            yield
-        finally:
-            lock_file.truncate(0)  # a released lock names no holder
-            lock_file.flush()
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

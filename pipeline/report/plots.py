@@ -4,7 +4,7 @@ The ROC's FPR axis is logarithmic down to 1/(number of OOD samples), the finest 
 linear stretch from there to 0 so curves starting at FPR 0 stay visible (matplotlib's "symlog"): at AUROCs above
 98% the low-FPR region is all that tells detectors apart. Figures are built with `matplotlib.figure.Figure` (no
 pyplot, no global state) and written atomically, on their own (`write_score_plots`) or with a run's tables as
-one set (`score_plot_writers` into `write_results`).
+one set (`score_plot_writers` into `write_result`).
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
-from ood_detectors.metrics import ood_metrics
-from pipeline.cache import write_atomically
+from ood_evaluation.metrics import ood_metrics
+from pipeline.files import write_atomically
+from pipeline.result import RunScores
 
 PANELS_PER_ROW = 3
 DPI = 100
@@ -181,21 +182,18 @@ def _png_writer(figure: Callable[[], Figure]) -> Callable[[Path], None]:
     return lambda path: figure().savefig(path, format="png", dpi=DPI)
 
 
-def score_plot_writers(id_name: str, id_scores: dict[str, np.ndarray], ood_scores: dict[str, dict[str, np.ndarray]],
-                       metrics: dict[str, dict[str, dict[str, float]]] | None = None
-                       ) -> dict[str, Callable[[Path], None]]:
-    """{file name: write(path)} per OOD set: scores_<set>.png (ID vs OOD histograms, one panel per detector),
-    then roc_<set>.png, in the dicts' order; for `write_score_plots`, or `write_results(extra_files=...)` to
-    replace them together with the tables. Inputs are checked here, the figures drawn by each write.
-
-    `metrics[ood_set][detector]`, the `ood_metrics` dicts (fractions) the caller already has, saves recomputing
-    them; None computes them."""
+def score_plot_writers(scores: RunScores) -> dict[str, Callable[[Path], None]]:
+    """{file name: write(path)} per OOD set of a run's scores: scores_<set>.png (ID vs OOD histograms, one panel per
+    detector), then roc_<set>.png; for `write_score_plots`, or `write_result`, which replaces them together with
+    the tables. Inputs are checked here, the figures drawn by each write."""
+    id_name, id_scores = scores.id_set, scores.scores[scores.id_set]
+    ood_scores = {name: scores.scores[name] for name in scores.ood_sets}
     if not id_scores:
         raise ValueError("id_scores has no detectors")
     file_names: dict[str, str] = {}
-    for ood_name, scores in ood_scores.items():
-        if set(scores) != set(id_scores):
-            raise ValueError(f"OOD set {ood_name!r} has detectors {list(scores)}, ID has {list(id_scores)}")
+    for ood_name, by_detector in ood_scores.items():
+        if set(by_detector) != set(id_scores):
+            raise ValueError(f"OOD set {ood_name!r} has detectors {list(by_detector)}, ID has {list(id_scores)}")
         file_name = safe_file_name(ood_name)
         if file_name in file_names:
             raise ValueError(f"OOD sets {file_names[file_name]!r} and {ood_name!r} share the file name {file_name!r}")
@@ -203,9 +201,8 @@ def score_plot_writers(id_name: str, id_scores: dict[str, np.ndarray], ood_score
 
     writers: dict[str, Callable[[Path], None]] = {}
     for file_name, ood_name in file_names.items():
-        set_metrics = (metrics[ood_name] if metrics is not None else
-                       {detector: ood_metrics(id_scores[detector], ood_scores[ood_name][detector])
-                        for detector in id_scores})
+        set_metrics = {detector: ood_metrics(id_scores[detector], ood_scores[ood_name][detector])
+                       for detector in id_scores}
         titles = {detector: _format_title(detector, set_metrics[detector]) for detector in id_scores}
         writers[f"scores_{file_name}.png"] = _png_writer(functools.partial(
             _histogram_figure, id_name, ood_name, id_scores, ood_scores[ood_name], titles))
@@ -214,13 +211,11 @@ def score_plot_writers(id_name: str, id_scores: dict[str, np.ndarray], ood_score
     return writers
 
 
-def write_score_plots(output_dir: Path, id_name: str, id_scores: dict[str, np.ndarray],
-                      ood_scores: dict[str, dict[str, np.ndarray]],
-                      metrics: dict[str, dict[str, dict[str, float]]] | None = None) -> list[Path]:
+def write_score_plots(output_dir: Path, scores: RunScores) -> list[Path]:
     """Write `score_plot_writers`' PNGs into `output_dir`, each atomically; returns their paths (scores, roc per
-    set). A run's results folder uses `write_results(extra_files=...)` instead, which replaces them as a set."""
+    set). A run's results folder uses `write_result` instead, which replaces them as a set."""
     written = []
-    for file_name, write in score_plot_writers(id_name, id_scores, ood_scores, metrics).items():
+    for file_name, write in score_plot_writers(scores).items():
         write_atomically(Path(output_dir) / file_name, write)
         written.append(Path(output_dir) / file_name)
     return written

@@ -1,5 +1,5 @@
 """Which OOD sets each table's averages cover: the paper's Avg-4 and Avg-all, and OpenOOD v1.5's Near-OOD and
-Far-OOD. Imports neither torch nor scikit-learn: the tables (pipeline.aggregate) and the runs share it."""
+Far-OOD. Imports neither torch nor scikit-learn: the tables (pipeline.tools.aggregate) and the runs share it."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,0 +1,243 @@
+"""A run's output folder: `write_result` writes an ExperimentResult as results.csv, results_openood.csv,
+averages.csv, results.md, config.yaml, scores.npz and the plots, replacing the previous run's files as one set;
+`read_rows` reads result rows back (for the offline tools). The CSV layouts are defined here and only here.
+
+`results-manifest.json`, written last, lists the complete set, so the folder never holds two runs' files at once.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from errors import UserError
+from ood_evaluation.metrics import METRIC_NAMES
+from pipeline.files import exclusive_lock, full_disk_is_a_user_error, remove_unfinished_files, write_atomically
+from pipeline.report.plots import score_plot_writers
+from pipeline.report.scores import SCORES_FILE, scores_writer
+from pipeline.report.tables import format_markdown, format_terminal, paper_table, paper_table_legend
+from pipeline.result import AverageRow, ExperimentResult, ResultRow
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.csv"
+OPENOOD_FILE = "results_openood.csv"  # the same rows with FPR95 in OpenOOD's convention (OOD positive)
+AVERAGES_FILE = "averages.csv"        # per detector, each average over OOD sets the run bootstrapped
+RESULTS_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc")                # results.csv's, in order
+OPENOOD_METRICS = ("auroc", "fpr95_ood_positive", "aupr_in", "aupr_out")            # results_openood.csv's
+IDENTITY_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector"]
+
+
+def _interval_columns(metrics: Sequence[str]) -> list[str]:
+    return [f"{metric}_ci_{end}" for metric in metrics for end in ("low", "high")]
+
+
+CSV_COLUMNS = [*IDENTITY_COLUMNS, *RESULTS_METRICS, "id_acc", "checkpoint", *_interval_columns(RESULTS_METRICS)]
+OPENOOD_COLUMNS = [*IDENTITY_COLUMNS, *OPENOOD_METRICS, "id_acc", "checkpoint", *_interval_columns(OPENOOD_METRICS)]
+AVERAGE_COLUMNS = ["model", "train_data", "id_data", "detector", "average", "ood_sets",
+                   *[f"{metric}{end}" for metric in METRIC_NAMES for end in ("", "_ci_low", "_ci_high")],
+                   "checkpoint"]
+OOD_SETS_SEPARATOR = ";"  # averages.csv's ood_sets column
+# the output folder's record of its result files: {"complete": bool, "files": {name: sha256}, "written": ISO UTC}
+RESULTS_MANIFEST = "results-manifest.json"
+# the keys of config.yaml that make a run another run: its results are not comparable rows of the same table
+RUN_IDENTITY = ("model", "train_data", "id_data", "ood_data", "detectors")
+_STAGING = ".results-staging"     # a run's files before they are renamed in; a killed run's is removed by the next
+_RESULTS_LOCK = ".results.lock"   # exclusive_lock: one run at a time stages and replaces a folder's results
+
+
+def _record(row: ResultRow | AverageRow) -> dict[str, Any]:
+    """A row's CSV fields: metrics and intervals as `<metric>`, `<metric>_ci_low` and `<metric>_ci_high`."""
+    fields = {name: getattr(row, name) for name in ("model", "train_data", "id_data", "detector", "checkpoint")}
+    if isinstance(row, ResultRow):
+        fields.update(ood_data=row.ood_data, id_acc=row.id_acc)
+    else:
+        fields.update(average=row.label, ood_sets=OOD_SETS_SEPARATOR.join(row.ood_sets))
+    fields.update(row.metrics)
+    for metric, (low, high) in row.intervals.items():
+        fields.update({f"{metric}_ci_low": low, f"{metric}_ci_high": high})
+    return fields
+
+
+def csv_text(rows: Sequence[ResultRow | AverageRow], columns: list[str]) -> str:
+    """Rows as CSV text; floats at full precision (repr), so equal runs give byte-identical files."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: repr(value) if isinstance(value, float) else value for key, value in _record(row).items()}
+                     for row in rows)
+    return buffer.getvalue()
+
+
+def _floats(record: dict[str, str], names: Sequence[str], where: str) -> dict[str, float]:
+    """The named fields as floats; an empty or missing one is left out."""
+    try:
+        return {name: float(record[name]) for name in names if record.get(name)}
+    except ValueError as error:
+        raise UserError(f"{where}: a metric is not a number ({error})") from None
+
+
+def read_rows(path: Path, openood: bool = False) -> list[ResultRow]:
+    """The rows of a results.csv (results_openood.csv with `openood`), `source` = the file. Files without the
+    checkpoint or interval columns (one run of the model's own checkpoint, no intervals) are read too."""
+    columns, metrics = (OPENOOD_COLUMNS, OPENOOD_METRICS) if openood else (CSV_COLUMNS, RESULTS_METRICS)
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [name for name in columns if name not in (reader.fieldnames or [])
+                   and name != "checkpoint" and "_ci_" not in name]
+        if missing:
+            raise UserError(f"{path}: missing columns {missing}")
+        rows = []
+        for line_number, record in enumerate(reader, start=2):
+            where = f"{path}, line {line_number}"
+            values = _floats(record, [*metrics, "id_acc"], where)
+            if len(values) < len(metrics) + 1:
+                raise UserError(f"{where}: a metric is missing")
+            rows.append(ResultRow(**{name: record[name] for name in IDENTITY_COLUMNS}, id_acc=values.pop("id_acc"),
+                                  metrics=values, checkpoint=record.get("checkpoint") or "",
+                                  intervals=_intervals(record, metrics, where), source=str(path)))
+    return rows
+
+
+def read_averages(path: Path, source: str) -> list[AverageRow]:
+    """The rows of an averages.csv, with `source` = the results file they belong to."""
+    with path.open(newline="") as handle:
+        records = list(csv.DictReader(handle))
+    averages = []
+    for line_number, record in enumerate(records, start=2):
+        where = f"{path}, line {line_number}"
+        try:
+            identity = {name: record[name] for name in ("model", "train_data", "id_data", "detector")}
+            label, sets = record["average"], tuple(record["ood_sets"].split(OOD_SETS_SEPARATOR))
+        except KeyError as error:
+            raise UserError(f"{where}: missing column {error}") from None
+        averages.append(AverageRow(**identity, label=label, ood_sets=sets,
+                                   metrics=_floats(record, METRIC_NAMES, where),
+                                   checkpoint=record.get("checkpoint") or "",
+                                   intervals=_intervals(record, METRIC_NAMES, where), source=source))
+    return averages
+
+
+def _intervals(record: dict[str, str], metrics: Sequence[str], where: str) -> dict[str, tuple[float, float]]:
+    bounds = _floats(record, _interval_columns(metrics), where)
+    return {metric: (bounds[f"{metric}_ci_low"], bounds[f"{metric}_ci_high"]) for metric in metrics
+            if f"{metric}_ci_low" in bounds and f"{metric}_ci_high" in bounds}
+
+
+def result_documents(result: ExperimentResult) -> tuple[dict[str, str], str]:
+    """({file name: text} of the run's text files, the terminal table). The notes (e.g. that the sets are subsets)
+    go above the table, in results.md and the terminal."""
+    rows, averages, notes = result.rows, result.averages, result.notes
+    table = paper_table(rows, averages)
+    first = rows[0]
+    title = (f"# {first.model}: ID {first.id_data}, bank from {first.train_data} "
+             f"(ID accuracy {first.id_acc:.2f}%)\n\n" + "".join(f"**{note}**\n\n" for note in notes)
+             + f"{paper_table_legend(table)}\n\n")
+    resolved = {**result.config.to_dict(), "provenance": dict(result.provenance)}
+    documents = {RESULTS_FILE: csv_text(rows, CSV_COLUMNS), OPENOOD_FILE: csv_text(rows, OPENOOD_COLUMNS),
+                 "results.md": title + format_markdown(table), "config.yaml": yaml.safe_dump(resolved, sort_keys=False),
+                 AVERAGES_FILE: csv_text(averages, AVERAGE_COLUMNS)}
+    return documents, "".join(f"{note}\n" for note in notes) + format_terminal(table)
+
+
+def write_result(result: ExperimentResult, output_dir: Path | str | None = None) -> str:
+    """Replace the previous results in `output_dir` (default: the config's) with this result's files, as one set;
+    returns the terminal table. Plots are written when the config asks for them."""
+    output_dir = Path(output_dir if output_dir is not None else result.config.output_dir)
+    documents, terminal = result_documents(result)
+    writers: dict[str, Callable[[Path], Any]] = {name: (lambda path, text=text: path.write_text(text))
+                                                 for name, text in documents.items()}
+    writers[SCORES_FILE] = scores_writer(result.scores)
+    if result.config.plots:
+        writers.update(score_plot_writers(result.scores))
+    previous = _run_identity_on_disk(output_dir)
+    replace_result_files(output_dir, writers)
+    resolved = result.config.to_dict()
+    current = yaml.safe_load(yaml.safe_dump({key: resolved.get(key) for key in RUN_IDENTITY}))
+    if previous is not None and previous != current:
+        log.warning("%s held another run's results (model %s, ID %s, OOD %s, detectors %s); replaced them whole",
+                    output_dir, previous.get("model", "?"), previous.get("id_data", "?"),
+                    previous.get("ood_data", "?"), list(previous.get("detectors") or ["?"]))
+    elif previous is not None:
+        log.info("replaced the previous results of this run in %s", output_dir)
+    return terminal
+
+
+def _run_identity_on_disk(output_dir: Path) -> dict[str, Any] | None:
+    """RUN_IDENTITY's values from the config.yaml of the results the folder holds; None without any."""
+    if "config.yaml" not in _listed_files(output_dir):
+        return None
+    try:
+        config = yaml.safe_load((output_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):  # removed or edited by hand: the results are replaced all the same
+        return {}
+    return {key: config.get(key) for key in RUN_IDENTITY} if isinstance(config, dict) else {}
+
+
+def replace_result_files(output_dir: Path, writers: Mapping[str, Callable[[Path], Any]]) -> list[Path]:
+    """Replace the files of the folder's previous run by `writers`' ({file name: write(path)}) as one set.
+
+    Under the folder's lock, every file is first written into `.results-staging/`; then the manifest is marked
+    incomplete (listing the old files and the new), the files it lists are removed, the new ones renamed in,
+    and the manifest, written last, lists them with their sha256. A run killed while writing leaves the previous
+    results whole (its staging folder is removed by the next run); one killed while renaming leaves a manifest
+    saying "complete": false, whose files the next run removes. Files the manifest never listed (the user's own,
+    a sweep's subfolders) are left alone."""
+    for name in writers:
+        if not _is_result_file_name(name):
+            raise ValueError(f"result file name {name!r} is not a plain file name, or is the manifest's")
+    output_dir = Path(output_dir)
+    with exclusive_lock(output_dir / _RESULTS_LOCK, f"the results in {output_dir}"):
+        staging = output_dir / _STAGING
+        if staging.is_dir():
+            remove_unfinished_files(staging, lambda name: True)
+        staging.mkdir(exist_ok=True)
+        checksums = {}
+        for name, write in writers.items():  # the slow part (plots): the previous results stay whole meanwhile
+            with full_disk_is_a_user_error(output_dir, name):  # the staging folder is private: no temporaries
+                write(staging / f"{name}.part")
+            checksums[name] = hashlib.sha256((staging / f"{name}.part").read_bytes()).hexdigest()
+        replaced = _listed_files(output_dir) | set(writers)
+        _write_manifest(output_dir, complete=False, files=dict.fromkeys(sorted(replaced)))
+        for name in replaced:
+            (output_dir / name).unlink(missing_ok=True)
+        for name in writers:
+            os.replace(staging / f"{name}.part", output_dir / name)
+        _write_manifest(output_dir, complete=True, files=checksums)
+        staging.rmdir()
+    return [output_dir / name for name in writers]
+
+
+def _is_result_file_name(name: str) -> bool:
+    """A name within the folder (no separator, not '.' or '..'), not hidden (those are the writer's own) and
+    not the manifest's."""
+    return bool(name) and Path(name).name == name and not name.startswith(".") and name != RESULTS_MANIFEST
+
+
+def _listed_files(output_dir: Path) -> set[str]:
+    """The file names the folder's manifest lists (a previous run's, or every file an interrupted one may
+    have left); none without a manifest. Only plain names: an edited manifest cannot reach outside."""
+    manifest = output_dir / RESULTS_MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except FileNotFoundError:
+        return set()
+    except (ValueError, KeyError, TypeError):  # ValueError: not JSON; KeyError, TypeError: not a manifest
+        log.warning("%s is not a results manifest; the files it may list are left in place", manifest)
+        return set()
+    return {name for name in files if isinstance(name, str) and _is_result_file_name(name)}
+
+
+def _write_manifest(output_dir: Path, complete: bool, files: dict[str, str | None]) -> None:
+    written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    manifest = {"complete": complete, "files": files, "written": written}
+    write_atomically(output_dir / RESULTS_MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1) + "\n"))

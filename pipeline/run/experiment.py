@@ -1,0 +1,342 @@
+"""One experiment, top to bottom: datasets -> backbone -> cached features -> detectors -> metrics -> a typed result.
+
+    result = run_experiment(resolve_experiment(Path("configs/experiments/demo.yaml")))
+
+Nothing here writes result files: `pipeline.report.outputs.write_result(result)` does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataloaders import ImageDataset, bank_indices, build_dataset, subset_indices
+from errors import UserError
+from models import Backbone, ModelConfig, apply_react, build_backbone, file_sha256, react_threshold, resolve_checkpoint
+from ood_detectors import OODDetector
+from ood_evaluation.bootstrap import bootstrap_averages
+from ood_evaluation.metrics import METRIC_NAMES, ood_metrics
+from pipeline.config.experiment import ExperimentConfig, build_detector, display_name
+from pipeline.config.loading import load_dataset_config, load_model_config
+from pipeline.features.distributed import Topology, barrier, init_from_environment
+from pipeline.features.extract import ExtractionSettings, FeatureExtractor
+from pipeline.features.training import trained_checkpoint
+from pipeline.run.averages import run_averages
+from pipeline.run.provenance import environment
+from pipeline.result import AverageRow, ExperimentResult, ResultRow, RunScores
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_SEED = 0  # the intervals' resampling: fixed, so a rerun gives the same files
+
+
+@dataclass(frozen=True)
+class RawFeatures:
+    """Cached penultimate features (before any clipping) and labels of one image set."""
+
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray    # (N,) int64, -1 = unlabelled
+    image_ids: list[str]  # (N,) the dataset's ids of these rows
+
+
+@dataclass(frozen=True)
+class ImageSetKey:
+    """What a cache entry's images are, as data: the dataset (its table name), the split, the image list's
+    fingerprint and their order ("dataset", or the bank's seeded permutation)."""
+
+    dataset: str
+    split: str
+    images: str
+    seed: int | None = None  # None: the dataset's own order
+
+    @property
+    def label(self) -> str:
+        """The entry folder's readable prefix (never parsed back)."""
+        if self.split == "test":
+            return f"{self.dataset}-test"
+        return f"{self.dataset}-train-in-order" if self.seed is None else f"{self.dataset}-train-seed{self.seed}"
+
+    def as_key(self) -> dict:
+        order = "dataset" if self.seed is None else f"RandomState({self.seed}).permutation"
+        return {"dataset": self.dataset, "split": self.split, "images": self.images, "order": order}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' was asked for but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' was asked for but this machine has {torch.cuda.device_count()} "
+                        f"CUDA device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def model_outputs(raw: RawFeatures, classifier: torch.nn.Module, clip: float | None,
+                  device: torch.device, name: str) -> dict[str, torch.Tensor]:
+    """What detectors see: L2-normalised features and logits of the (ReAct-clipped) raw features."""
+    features = torch.from_numpy(raw.features).to(device)
+    bad_rows = int((~torch.isfinite(features)).any(dim=1).sum())
+    if bad_rows:
+        raise UserError(f"{name}: {bad_rows} of {len(features)} feature rows are NaN or inf "
+                        f"(check the images and weights, then re-extract with a fresh --cache-dir)")
+    if clip is not None:
+        features = apply_react(features, clip)
+    with torch.inference_mode():
+        logits = classifier(features)
+    bad_rows = int((~torch.isfinite(logits)).any(dim=1).sum())
+    if bad_rows:
+        raise UserError(f"{name}: {bad_rows} of {len(logits)} rows of logits are NaN or inf although the features "
+                        f"are finite (check the classifier's weights in the checkpoint)")
+    return {"feas": torch.nn.functional.normalize(features, dim=1), "logits": logits,
+            "labels": torch.from_numpy(raw.labels).to(device)}
+
+
+def model_cache_key(config: ModelConfig, checkpoint_sha256: str) -> dict:
+    """What a model's cached features depend on besides the images: its name, its architecture (which fixes
+    the feature definition, e.g. the ViT's class token before or after the final LayerNorm), the weights and
+    the transform."""
+    return {"model": config.name, "architecture": config.architecture, "checkpoint_sha256": checkpoint_sha256,
+            "transform": dataclasses.asdict(config.transform)}
+
+
+@dataclass(frozen=True)
+class Model:
+    """The run's backbone with its config, the name of its weights for results.csv, and its cache key."""
+
+    config: ModelConfig
+    backbone: Backbone
+    checkpoint_name: str
+    cache_key: dict
+
+
+def load_model(config: ExperimentConfig, device: torch.device, topology: Topology) -> Model:
+    """The backbone the config names, with --checkpoint applied; a model that ships no weights is trained first
+    (by rank 0 under torchrun, the others then read its cached weights)."""
+    model_config = load_model_config(config.model)
+    if config.checkpoint:
+        model_config = dataclasses.replace(model_config, checkpoint=config.checkpoint, train=None)
+    checkpoint_name = model_config.checkpoint  # as configured: results.csv's checkpoint column
+    if model_config.train is not None:
+        if not topology.is_main:
+            barrier(topology)
+        weights = trained_checkpoint(model_config, Path(config.data_root).expanduser(), Path(config.cache_dir),
+                                     device)
+        if topology.is_main:
+            barrier(topology)
+        model_config = dataclasses.replace(model_config, checkpoint=str(weights), checkpoint_format="torchvision")
+        checkpoint_name = f"trained at start-up ({weights.name})"  # not the cache's absolute path
+    checkpoint = resolve_checkpoint(model_config, Path(config.pretrained_dir))
+    backbone = build_backbone(model_config, Path(config.pretrained_dir))
+    return Model(model_config, backbone, checkpoint_name, model_cache_key(model_config, file_sha256(checkpoint)))
+
+
+class ImageSets:
+    """The run's datasets, listed (not decoded) with the model's transform: subsets applied, and what was skipped
+    or cut recorded for the provenance."""
+
+    def __init__(self, config: ExperimentConfig, model_config: ModelConfig) -> None:
+        self.config = config
+        self.data_root = Path(config.data_root).expanduser()
+        self.transform = model_config.transform.build()
+        self.skipped_files: dict[str, int] = {}  # "<set>/<split>" -> files skipped while listing
+        self.subset_sizes: dict[tuple[str, str], tuple[int, int]] = {}  # (dataset, split) -> (kept, of) images
+
+    def dataset(self, name: str, split: str) -> ImageDataset:
+        dataset_config = load_dataset_config(name)
+        if self.config.skip_broken_images and dataset_config.format == "image_list":
+            # an image list can name files that are gone: with the flag they are skipped and counted too
+            dataset_config = dataclasses.replace(dataset_config,
+                                                 options={**dataset_config.options, "skip_missing": True})
+        try:
+            dataset = build_dataset(dataset_config, split, self.data_root, self.transform, self.config.download)
+        except UserError as error:
+            if self.data_root.is_dir():
+                raise
+            raise UserError(f"the data root {self.data_root} does not exist (set --data-root): {error}") from None
+        if dataset.skipped:
+            self.skipped_files[f"{display_name(name)}/{split}"] = len(dataset.skipped)
+        count = self.config.subsets.get(display_name(name))
+        if count is not None and count < len(dataset):
+            self.subset_sizes[(display_name(name), split)] = (count, len(dataset))
+            dataset = dataset.subset(subset_indices(dataset.labels, count))
+        return dataset
+
+    def label(self, name: str, split: str) -> str:
+        """A dataset's name in tables, plots and the cache: display_name, plus "[kept]" when cut to a subset
+        (cifar10[2000]), so a debug run's rows never pass for the full set's."""
+        sizes = self.subset_sizes.get((display_name(name), split))
+        return display_name(name) + (f"[{sizes[0]}]" if sizes else "")
+
+    def subset_notes(self) -> list[str]:
+        """One line per subset read, e.g. 'cifar10 test: 2000 of 10000 images'."""
+        return [f"{name} {split}: {kept} of {total} images"
+                for (name, split), (kept, total) in self.subset_sizes.items()]
+
+    def test_sets(self) -> tuple[dict[str, ImageDataset], str, list[str]]:
+        """{table name: test split} of the ID set and the OOD sets, the ID set's name and the OOD sets' names."""
+        config = self.config
+        given_names = list(dict.fromkeys([config.id_data, *config.ood_data]))
+        shown = [display_name(given) for given in given_names]
+        clashing = sorted(given for given, name in zip(given_names, shown) if shown.count(name) > 1)
+        if clashing:
+            raise UserError(f"datasets {', '.join(clashing)} would share one name in the table and the cache; "
+                            f"rename one of the YAML files")
+        datasets = {given: self.dataset(given, "test") for given in given_names}
+        names = {given: self.label(given, "test") for given in given_names}
+        test_sets = {names[given]: dataset for given, dataset in datasets.items()}
+        id_name, ood_names = names[config.id_data], [names[given] for given in config.ood_data]
+        for name in ood_names:
+            if name == id_name or test_sets[name].fingerprint() == test_sets[id_name].fingerprint():
+                log.warning("OOD set '%s' holds the same images as the ID set '%s': every detector will score "
+                            "about 50%% AUROC on it; was another set meant?", name, id_name)
+        return test_sets, id_name, ood_names
+
+
+def build_detectors(config: ExperimentConfig, feature_dim: int, bank_size: int,
+                    train_size: int) -> dict[str, OODDetector]:
+    """The run's unfitted detectors, each checked against the model's feature width and the bank's size, so that
+    what fit would refuse after extraction is refused before it."""
+    detectors = {}
+    for table_name, detector_config in config.detectors.items():
+        detectors[table_name] = detector = build_detector(table_name, detector_config)
+        try:
+            detector.check_feature_dim(feature_dim)
+            detector.check_bank_size(bank_size)
+        except ValueError as error:
+            raise UserError(f"detector '{table_name}': {error} (features: {feature_dim}-d; bank: {bank_size} images "
+                            f"= {config.bank_ratio} x {train_size}; lower k or raise bank_ratio)") from None
+    return detectors
+
+
+class Extraction:
+    """Raw features of the run's image sets through the cache, and the images skipped as undecodable."""
+
+    def __init__(self, config: ExperimentConfig, model: Model, device: torch.device, topology: Topology) -> None:
+        settings = ExtractionSettings(device, config.batch_size, config.num_workers, config.amp, config.channels_last,
+                                      config.chunk_size, config.recompute, config.skip_broken_images,
+                                      config.verify_image_content)
+        self.extractor = FeatureExtractor(model.backbone, model.cache_key, Path(config.cache_dir), settings, topology)
+        self.broken_images: dict[str, list[str]] = {}  # entry label -> ids of images skipped as undecodable
+
+    def bank(self, train: ImageDataset, name: str, config: ExperimentConfig, size: int) -> RawFeatures:
+        """The first `size` images of the train split in the bank's order: a RandomState(seed) permutation (the
+        paper's code), or with bank_order "list" the split's own order (OpenOOD's NNGuide). The cache entry holds
+        the whole order's features as far as extracted, so a larger bank extends a smaller one."""
+        if config.bank_order == "list":
+            return self.features(train, ImageSetKey(name, "train", train.fingerprint()), size)
+        key = ImageSetKey(name, "train", train.fingerprint(), config.seed)
+        return self.features(train.subset(bank_indices(len(train), 1.0, config.seed)), key, size)
+
+    def test_set(self, name: str, dataset: ImageDataset) -> RawFeatures:
+        return self.features(dataset, ImageSetKey(name, "test", dataset.fingerprint()), len(dataset))
+
+    def features(self, dataset: ImageDataset, key: ImageSetKey, num_rows: int) -> RawFeatures:
+        """Features and labels of dataset[:num_rows], without the images skipped as undecodable."""
+        extracted = self.extractor.extract(dataset, key.as_key(), key.label, num_rows)
+        labels = dataset.labels[:num_rows]
+        if not extracted.broken_rows:
+            return RawFeatures(extracted.features, labels, dataset.image_ids[:num_rows])
+        self.broken_images[key.label] = [dataset.image_ids[row] for row in extracted.broken_rows]
+        kept = np.setdiff1d(np.arange(num_rows), extracted.broken_rows)
+        return RawFeatures(extracted.features[kept], labels[kept], [dataset.image_ids[row] for row in kept])
+
+
+def require_writable(folder: Path, what: str) -> None:
+    """Create `folder` and a probe file in it, so an unwritable folder fails before any extraction."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"{what} {folder} is not writable ({error.strerror}); choose another folder") from None
+
+
+def run_experiment(config: ExperimentConfig) -> ExperimentResult | None:
+    """Extract what the config names (each image set once, from the cache when possible), fit and score every
+    detector, and return the result; no result file is written.
+
+    Under torchrun every rank extracts a shard and only rank 0 scores: the other ranks return None."""
+    require_writable(Path(config.cache_dir), "cache directory (--cache-dir)")
+    topology, device_name = init_from_environment(config.device)
+    if not topology.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank reports
+    config = dataclasses.replace(config, device=device_name)
+    device = resolve_device(config.device)
+    model = load_model(config, device, topology)
+    image_sets = ImageSets(config, model.config)
+    # every folder is listed before anything is extracted, so a missing OOD set fails in seconds
+    train = image_sets.dataset(config.train_data, "train")
+    test_sets, id_name, ood_names = image_sets.test_sets()
+    bank_size = len(bank_indices(len(train), config.bank_ratio, config.seed))
+    detectors = build_detectors(config, model.backbone.feature_dim, bank_size, len(train))
+
+    extraction = Extraction(config, model, device, topology)
+    train_name = image_sets.label(config.train_data, "train")
+    bank_raw = extraction.bank(train, train_name, config, bank_size)
+    test_raws = {name: extraction.test_set(name, dataset) for name, dataset in test_sets.items()}
+    if not topology.is_main:
+        return None
+
+    clip = None
+    if model.config.react_percentile is not None:
+        clip = react_threshold(bank_raw.features, model.config.react_percentile)
+        log.info("ReAct: clipping features at %.4f, the %.2f quantile of the bank", clip, model.config.react_percentile)
+    classifier = model.backbone.classifier.to(device)
+    bank = model_outputs(bank_raw, classifier, clip, device, f"{train_name} bank")
+    outputs = {name: model_outputs(raw, classifier, clip, device, name) for name, raw in test_raws.items()}
+    id_accuracy = 100 * (outputs[id_name]["logits"].argmax(dim=1) == outputs[id_name]["labels"]).float().mean().item()
+    identity = {"model": model.config.name, "train_data": train_name, "id_data": id_name,
+                "checkpoint": model.checkpoint_name}
+    scores = {name: {} for name in outputs}
+    rows: list[ResultRow] = []
+    averages: list[AverageRow] = []
+    for table_name, detector in detectors.items():
+        detector.fit(bank)
+        for name, set_outputs in outputs.items():
+            scores[name][table_name] = detector.score_samples(set_outputs).cpu().numpy()
+        detector_rows, detector_averages = score_detector(table_name, scores, id_name, ood_names, identity,
+                                                          id_accuracy, config)
+        rows += detector_rows
+        averages += detector_averages
+
+    notes = ((f"Subsets, not the full sets (a debug run; seeded, stratified by class): "
+              f"{'; '.join(image_sets.subset_notes())}.",) if image_sets.subset_sizes else ())
+    provenance = {**environment(device), "skipped_files": image_sets.skipped_files,
+                  "broken_images": extraction.broken_images, "subsets": image_sets.subset_notes()}
+    run_scores = RunScores(id_name, list(detectors), {name: np.array(raw.image_ids, dtype=str)
+                                                      for name, raw in test_raws.items()},
+                           {id_name: scores[id_name], **{name: scores[name] for name in ood_names}})
+    return ExperimentResult(config, tuple(rows), tuple(averages), run_scores, id_accuracy, provenance, notes)
+
+
+def score_detector(detector: str, scores: dict[str, dict[str, np.ndarray]], id_name: str, ood_names: list[str],
+                   identity: dict[str, str], id_accuracy: float, config: ExperimentConfig
+                   ) -> tuple[list[ResultRow], list[AverageRow]]:
+    """One detector's rows (metrics in percent, with intervals) and averages, from its scores of every set. All
+    intervals come from one set of resamples, each drawing the ID images once (ood_evaluation.bootstrap)."""
+    id_scores = scores[id_name][detector]
+    metrics = {name: {metric: 100 * value for metric, value in ood_metrics(id_scores, scores[name][detector]).items()}
+               for name in ood_names}
+    averaged = run_averages(ood_names)
+    intervals = (bootstrap_averages(id_scores, {name: scores[name][detector] for name in ood_names},
+                                    [sets for _, sets in averaged], config.bootstrap, BOOTSTRAP_SEED, config.ci_level)
+                 if config.bootstrap else {})
+
+    def in_percent(found: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        return {metric: (100 * low, 100 * high) for metric, (low, high) in found.items()}
+
+    rows = [ResultRow(ood_data=name, detector=detector, metrics=metrics[name], id_acc=id_accuracy,
+                      intervals=in_percent(intervals.get((name,), {})), **identity) for name in ood_names]
+    averages = [AverageRow(detector=detector, label=label, ood_sets=tuple(sets),
+                           metrics={metric: sum(metrics[name][metric] for name in sets) / len(sets)
+                                    for metric in METRIC_NAMES},
+                           intervals=in_percent(intervals.get(tuple(sets), {})), **identity)
+                for label, sets in averaged]
+    return rows, averages
