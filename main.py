@@ -23,6 +23,7 @@ from errors import UserError
 from pipeline.config.experiment import DEFAULT_DETECTORS, ExperimentConfig, resolve_experiment
 from pipeline.config.loading import available
 from pipeline.features.distributed import shutdown
+from pipeline.files import require_writable
 from pipeline.report.outputs import write_result
 from pipeline.run.experiment import run_experiment
 from pipeline.run.sweep import run_sweep, split_sweep
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             table, written = run_sweep(args.config, flags, args.overrides)
         else:
             config = resolve_experiment(args.config, flags, args.overrides)
+            require_writable(Path(config.output_dir), "output directory (--output-dir)")
             result = run_experiment(config)
             table = write_result(result) if result is not None else ""  # under torchrun, rank 0 has the result
             written = Path(config.output_dir) / "results.csv"

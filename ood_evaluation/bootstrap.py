@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from ood_evaluation.metrics import METRIC_NAMES, METRICS as _DEFINITIONS, as_scores, ood_metrics
+from ood_evaluation.definitions import METRIC_NAMES, METRICS as _DEFINITIONS
+from ood_evaluation.metrics import as_scores, ood_metrics
 
 ArrayLike = Any  # an (N,) numpy array, sequence or torch tensor of scores
 

@@ -1,5 +1,5 @@
-"""OOD metrics with ID as the positive class and higher score = more in-distribution, and the one definition of
-each metric (name, title, direction) that every table, CSV column and interval derives from.
+"""OOD metrics with ID as the positive class and higher score = more in-distribution (the metrics' names, titles and
+directions are defined once, in ood_evaluation.definitions).
 
 Two FPR95 conventions are reported because readers compare against both:
 - `fpr95` (the paper's code, KNN-OOD, ViM): ID positive; the FPR (OOD accepted as ID) at the ROC point
@@ -9,27 +9,10 @@ Two FPR95 conventions are reported because readers compare against both:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import auc, average_precision_score, roc_curve
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One metric: `name` is its key in ood_metrics and its results.csv column; tables show `title`, in percent."""
-
-    name: str
-    title: str
-    higher_is_better: bool
-
-
-METRICS = (Metric("auroc", "AUROC", True), Metric("fpr95", "FPR95", False), Metric("aupr_in", "AUPR-in", True),
-           Metric("aupr_out", "AUPR-out", True), Metric("dtacc", "DTACC", True),
-           Metric("fpr95_ood_positive", "FPR95 (OOD positive)", False))
-METRIC_NAMES = tuple(metric.name for metric in METRICS)  # ood_metrics' keys, in this order
-BY_NAME = {metric.name: metric for metric in METRICS}
 
 
 def as_scores(scores: Any, what: str) -> np.ndarray:

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,13 @@ def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def require_writable(folder: Path, what: str) -> None:
+    """Create `folder` and a probe file in it, so an unwritable folder fails before any extraction."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"{what} {folder} is not writable ({error.strerror}); choose another folder") from None

@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline.report.tables import CSV_COLUMNS, OPENOOD_COLUMNS  # noqa: E402
+from pipeline.report.rows import CSV_COLUMNS, OPENOOD_COLUMNS  # noqa: E402
 
 OPENOOD_SETS = ["openood-ssb-hard", "openood-ninco", "openood-inaturalist", "openood-textures",
                 "openood-openimage-o"]

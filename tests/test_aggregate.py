@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from errors import UserError
-from pipeline import report
+from ood_evaluation.definitions import METRIC_NAMES
+from pipeline.report.outputs import write_result
+from pipeline.report.rows import CSV_COLUMNS
 from pipeline.tools.aggregate import collect, main, paper_tables
-from pipeline.report.tables import CSV_COLUMNS, OOD_METRICS, average_row, interval_columns
+from tests.fake_results import average_of, fake_result, result_row
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_OOD = ["inaturalist", "sun", "places", "textures", "openimage-o"]
@@ -52,8 +54,8 @@ def results_root(tmp_path: Path) -> Path:
 def test_collect_reads_every_results_csv_as_floats(results_root):
     rows = collect(results_root)
     assert len(rows) == len(REACT_IMAGENET) + len(REACT_V2A)
-    assert {row["id_data"] for row in rows} == {"imagenet1k", "imagenet1k-v2-a"}
-    assert rows[0]["fpr95"] == 11.12 and isinstance(rows[0]["id_acc"], float)
+    assert {row.id_data for row in rows} == {"imagenet1k", "imagenet1k-v2-a"}
+    assert rows[0].metrics["fpr95"] == 11.12 and isinstance(rows[0].id_acc, float)
 
 
 def test_paper_tables_cells_and_both_averages(results_root):
@@ -213,7 +215,7 @@ def test_results_csv_without_checkpoint_and_interval_columns_still_aggregates(tm
         f"resnet50-react,imagenet1k,imagenet1k,{ood},{detector},{auroc},{fpr95},90.0,80.0,85.0,76.13\n"
         for detector, ood, fpr95, auroc in REACT_V2A))
     rows = collect(tmp_path)
-    assert [row["checkpoint"] for row in rows] == ["", ""]
+    assert [row.checkpoint for row in rows] == ["", ""]
     assert paper_tables(rows)[("resnet50-react", "imagenet1k")][1] == ["nnguide", "5.00", "99.00", "7.00", "98.00",
                                                                         "6.00", "98.50"]
 
@@ -241,26 +243,32 @@ def run_rows(results: list[tuple[str, str, float, float]], checkpoint: str = "ck
         row = {"model": "resnet50-react", "train_data": "imagenet1k", "id_data": "imagenet1k", "ood_data": ood_data,
                "detector": detector, "auroc": auroc, "fpr95": fpr95, "aupr_in": 90.0, "aupr_out": 80.0,
                "dtacc": 85.0, "fpr95_ood_positive": fpr95 + 1, "id_acc": 76.13, "checkpoint": checkpoint}
-        rows.append({**row, **(interval_columns(fractions_around(row, HALF_WIDTHS)) if intervals else {})})
+        rows.append({**row, **(interval_columns(percent_around(row, HALF_WIDTHS)) if intervals else {})})
     return rows
 
 
-def fractions_around(row: dict, half_widths: dict[str, float]) -> dict[str, tuple[float, float]]:
-    """An interval per metric, as the bootstrap gives it (fractions): the row's value ± its half width."""
-    return {metric: ((row[metric] - half_widths.get(metric, 0.5)) / 100,
-                     (row[metric] + half_widths.get(metric, 0.5)) / 100) for metric in OOD_METRICS}
+def percent_around(metrics: dict, half_widths: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """An interval per metric, in percent: the value ± its half width (0.5 unless given)."""
+    return {metric: (metrics[metric] - half_widths.get(metric, 0.5), metrics[metric] + half_widths.get(metric, 0.5))
+            for metric in METRIC_NAMES}
+
+
+def interval_columns(intervals: dict[str, tuple[float, float]]) -> dict[str, float]:
+    return {f"{metric}_ci_{end}": value for metric, bounds in intervals.items()
+            for end, value in zip(("low", "high"), bounds)}
 
 
 def write_run(folder: Path, rows: list[dict], averages: list[tuple[str, list[str]]] = ()) -> None:
-    """The run's result files as pipeline.report.tables writes them; averages.csv with the given (label, sets) averages
-    of each detector (intervals of AVERAGE_HALF_WIDTHS) unless there are none."""
+    """The run's result files as write_result writes them; averages.csv with the given (label, sets) averages of
+    each detector (intervals of AVERAGE_HALF_WIDTHS)."""
+    result_rows = [result_row(row) for row in rows]
     average_rows = []
-    for detector in dict.fromkeys(row["detector"] for row in rows):
+    for detector in dict.fromkeys(row.detector for row in result_rows):
         for label, sets in averages:
-            averaged = [row for name in sets for row in rows if (row["detector"], row["ood_data"]) == (detector, name)]
-            average = average_row(averaged, label, {})
-            average_rows.append(average_row(averaged, label, fractions_around(average, AVERAGE_HALF_WIDTHS)))
-    report.write_results(folder, rows, {}, {}, averages=average_rows or None)
+            averaged = [row for name in sets for row in result_rows if (row.detector, row.ood_data) == (detector, name)]
+            average = average_of(averaged, label, {})
+            average_rows.append(average_of(averaged, label, percent_around(average.metrics, AVERAGE_HALF_WIDTHS)))
+    write_result(fake_result(result_rows, average_rows), folder)
 
 
 def table_csv(path: Path) -> list[list[str]]:

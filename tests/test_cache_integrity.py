@@ -3,20 +3,17 @@ disks, and a results folder that always holds one run's files."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +21,12 @@ import pytest
 import torch
 
 import main
-import pipeline.report.tables
+import pipeline.report.outputs
 from errors import UserError
 from pipeline.features.cache import FeatureEntry
 from pipeline.files import exclusive_lock, is_temporary, write_atomically
-from pipeline.report.plots import score_plot_writers
-from pipeline.report.tables import RESULTS_MANIFEST, write_results
+from pipeline.report.outputs import RESULTS_MANIFEST, replace_run_files, result_documents, write_result
+from tests.fake_results import fake_result
 from tests.main_process import start_main
 from tests.test_reliability import ONE_THREAD, REPO, CountingBackbone, colour_dataset, extract, main_arguments
 
@@ -68,10 +65,15 @@ def fake_rows(run: str, ood_sets: list[str]) -> list[dict]:
 
 
 def write_run(folder: Path, run: str, ood_sets: list[str], **extra) -> None:
-    """write_results for `run`, with one placeholder plot per OOD set naming the run."""
-    plots = {f"scores_{name}.png": (lambda path, text=f"{run} plot of {name}": path.write_text(text))
-             for name in ood_sets}
-    write_results(folder, fake_rows(run, ood_sets), {"model": run}, {}, extra_files={**plots, **extra})
+    """The text files of a result of `run` with one placeholder plot per OOD set naming the run, and `extra`
+    writers, replaced in `folder` as write_result replaces a run's files."""
+    result = fake_result(fake_rows(run, ood_sets))
+    documents, _ = result_documents(result)
+    writers = {name: (lambda path, text=text: path.write_text(text)) for name, text in documents.items()
+               if name in PIPELINE_FILES}
+    writers.update({f"scores_{name}.png": (lambda path, text=f"{run} plot of {name}": path.write_text(text))
+                    for name in ood_sets})
+    replace_run_files(folder, {**writers, **extra}, result.config.to_dict())
 
 
 def runs_in(folder: Path) -> dict[str, str]:
@@ -92,12 +94,10 @@ def manifest(folder: Path) -> dict:
 
 @pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask-022", "umask-002"])
 def test_cache_and_result_files_follow_the_umask(umask, tmp_path):
-    id_scores = {"knn": np.linspace(0, 1, 20)}
-    plots = score_plot_writers("imagenet", id_scores, {"inaturalist": {"knn": np.linspace(-1, 0.5, 20)}})
     previous = os.umask(umask)
     try:
         extract(tmp_path / "cache", CountingBackbone(), colour_dataset(4))
-        write_results(tmp_path / "out", fake_rows("run-A", ["inaturalist"]), {}, {}, extra_files=plots)
+        write_result(fake_result(fake_rows("run-A", ["inaturalist"]), plots=True), tmp_path / "out")
     finally:
         os.umask(previous)
     written = list(tmp_path.rglob("*"))
@@ -167,60 +167,23 @@ def test_a_killed_runs_staged_results_are_removed_by_the_next_run(tmp_path, capl
     assert not staging.exists() and set(runs_in(tmp_path).values()) == {"run-A"}
 
 
-# ---- who holds a lock ----------------------------------------------------------------------------------
+# ---- a waiting run ---------------------------------------------------------------------------------------
 
-def take_and_release(lock: Path) -> threading.Thread:
-    """A thread that waits for `lock` (its own open file description), takes it and lets it go."""
+def test_a_waiting_run_says_what_it_waits_for_and_takes_the_lock_once_released(tmp_path, caplog):
+    lock = tmp_path / "lock"
+    taken = threading.Event()
+
     def take() -> None:
         with exclusive_lock(lock, "the entry"):
-            pass
-    thread = threading.Thread(target=take)
-    thread.start()
-    return thread
-
-
-def test_a_waiting_run_says_which_process_holds_the_lock_and_since_when(tmp_path, caplog):
-    lock = tmp_path / "lock"
+            taken.set()
     with caplog.at_level(logging.INFO):
         with exclusive_lock(lock, "the entry"):
-            record = json.loads(lock.read_text())
-            waiter = take_and_release(lock)
-            wait_for(lambda: "waiting for" in caplog.text)
-            assert waiter.is_alive()
+            waiter = threading.Thread(target=take)
+            waiter.start()
+            wait_for(lambda: "waiting for another run to finish writing the entry" in caplog.text)
+            assert not taken.is_set()
         waiter.join(timeout=10)
-    assert (record["pid"], record["host"]) == (os.getpid(), socket.gethostname())
-    taken = datetime.strptime(record["since"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    assert abs(datetime.now(timezone.utc) - taken) < timedelta(minutes=1)
-    assert (f"waiting for another run to finish writing the entry: process {os.getpid()} on "
-            f"{socket.gethostname()} has held the lock since {record['since']}") in caplog.text
-    assert lock.read_text() == ""  # released: it names no holder
-
-
-def exited_pid() -> int:
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return process.pid
-
-
-@pytest.mark.parametrize("record, message", [
-    (None, "its holder has not recorded itself in {lock} (it is starting, or runs an older version)"),
-    ("stale", "{lock} still names process {pid} on {host}, since 2026-01-02T03:04:05Z, which has exited (a stale "
-              "record: the holder is starting, or runs an older version)"),
-    ("elsewhere", "process 4242 on node-7 has held the lock since 2026-01-02T03:04:05Z"),
-], ids=["no record", "stale record", "another host"])
-def test_the_lock_message_says_when_the_holder_is_unknown_or_stale(record, message, tmp_path, caplog):
-    lock = tmp_path / "lock"
-    pid, host = (exited_pid(), socket.gethostname()) if record == "stale" else (4242, "node-7")
-    with lock.open("a") as holder:  # a holder that does not record itself, as older versions did
-        fcntl.flock(holder, fcntl.LOCK_EX)
-        if record:
-            lock.write_text(json.dumps({"pid": pid, "host": host, "since": "2026-01-02T03:04:05Z"}))
-        with caplog.at_level(logging.INFO):
-            waiter = take_and_release(lock)
-            wait_for(lambda: "waiting for" in caplog.text)
-        fcntl.flock(holder, fcntl.LOCK_UN)
-    waiter.join(timeout=10)
-    assert message.format(lock=lock, pid=pid, host=host) in caplog.text
+    assert taken.is_set() and str(lock) in caplog.text
 
 
 # ---- cache rows of another model's width ---------------------------------------------------------------
@@ -318,18 +281,18 @@ def test_results_replace_the_previous_runs_as_one_set_and_leave_other_files_alon
 
 def test_replacing_another_runs_results_is_said_and_a_rerun_of_the_same_run_is_not_a_warning(tmp_path, caplog):
     write_run(tmp_path, "run-A", ["inaturalist", "textures"])
-    with caplog.at_level(logging.INFO, logger="pipeline.report.tables"):
+    with caplog.at_level(logging.INFO, logger="pipeline.report.outputs"):
         write_run(tmp_path, "run-B", ["inaturalist"])
     (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert warning.getMessage().startswith(f"{tmp_path} held another run's results (model run-A, ")
     assert warning.getMessage().endswith("; replaced them whole")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.report.tables"):
+    with caplog.at_level(logging.INFO, logger="pipeline.report.outputs"):
         write_run(tmp_path, "run-B", ["inaturalist"])
     assert [record.getMessage() for record in caplog.records] == [
         f"replaced the previous results of this run in {tmp_path}"]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.report.tables"):
+    with caplog.at_level(logging.INFO, logger="pipeline.report.outputs"):
         write_run(tmp_path / "fresh", "run-C", ["inaturalist"])
     assert caplog.records == []  # an empty folder: nothing replaced, nothing to say
 
@@ -364,10 +327,10 @@ def test_a_run_killed_while_renaming_leaves_an_incomplete_folder_of_its_own_file
             renamed.append(Path(target).name)
         real_replace(source, target)
 
-    monkeypatch.setattr(pipeline.report.tables.os, "replace", replace_once)
+    monkeypatch.setattr(pipeline.report.outputs.os, "replace", replace_once)
     with pytest.raises(Killed):
         write_run(tmp_path, "run-B", ["inaturalist"])
-    monkeypatch.setattr(pipeline.report.tables.os, "replace", real_replace)
+    monkeypatch.setattr(pipeline.report.outputs.os, "replace", real_replace)
     assert runs_in(tmp_path) == {"results.csv": "run-B"}  # a part of run B, nothing of run A
     listed = manifest(tmp_path)
     assert listed["complete"] is False and set(listed["files"]) == {*PIPELINE_FILES, "scores_inaturalist.png",

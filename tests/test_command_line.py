@@ -15,7 +15,8 @@ from errors import UserError
 from pipeline.config.experiment import DEFAULT_DETECTORS, resolve_experiment
 from pipeline.config.loading import available
 from pipeline.run.provenance import environment, git_state
-from pipeline.report.tables import write_results
+from pipeline.report.outputs import write_result
+from tests.fake_results import fake_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,8 +84,8 @@ def rows(ood_sets: list[str]) -> list[dict]:
 
 
 def test_results_md_explains_avg_4_only_where_the_table_has_it(tmp_path):
-    write_results(tmp_path / "two", rows(["inaturalist", "openimage-o"]), {}, {})
-    write_results(tmp_path / "paper", rows(["inaturalist", "sun", "places", "textures"]), {}, {})
+    write_result(fake_result(rows(["inaturalist", "openimage-o"])), tmp_path / "two")
+    write_result(fake_result(rows(["inaturalist", "sun", "places", "textures"])), tmp_path / "paper")
     two, paper = ((tmp_path / name / "results.md").read_text() for name in ("two", "paper"))
     assert "Avg-4" not in two and "Avg-all averages every OOD column." in two
     assert "Avg-4 (iNaturalist, SUN, Places, Textures) is the paper's Average" in paper and "| Avg-4 FPR95" in paper

@@ -7,7 +7,8 @@ import pytest
 from ood_evaluation.bootstrap import HIGHER_IS_BETTER, METRICS, sets_resample_counts
 from ood_evaluation.metrics import ood_metrics
 from pipeline.tools.compare import compare, main
-from pipeline.report.scores import RunScores, read_scores, scores_writer
+from pipeline.report.scores import read_scores, scores_writer
+from pipeline.result import RunScores
 
 
 def synthetic_run(seed: int = 0) -> RunScores:
@@ -66,9 +67,7 @@ def test_every_line_restates_one_set_of_paired_resamples_that_draw_the_id_images
 
 def test_command_line_reads_the_runs_scores_and_names_unknown_detectors(tmp_path, capsys):
     stored = synthetic_run()
-    write = scores_writer("id", stored.scores["id"], {name: stored.scores[name] for name in ("near", "far")},
-                          {name: list(ids) for name, ids in stored.image_ids.items()})
-    write(tmp_path / "scores.npz")
+    scores_writer(stored)(tmp_path / "scores.npz")
     assert read_scores(tmp_path).detectors == ["good", "weak", "tied"]
     assert main([str(tmp_path), "good", "weak", "--resamples", "50"]) == 0
     printed = capsys.readouterr().out

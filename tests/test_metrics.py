@@ -1,6 +1,10 @@
 """OOD metrics on hand-checked cases, ties included, in both FPR95 conventions."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -65,3 +69,17 @@ def test_accepts_torch_and_rejects_bad_scores():
         ood_metrics(np.array([1.0]), np.array([np.nan, 0.0]))
     with pytest.raises(ValueError, match="id_scores is empty"):
         ood_metrics(np.array([]), np.array([1.0]))
+
+
+def test_the_evaluation_package_loads_no_torch():
+    """ood_evaluation scores numpy arrays and torch tensors alike without importing torch."""
+    code = ("import sys, ood_evaluation.metrics, ood_evaluation.bootstrap, ood_evaluation.definitions; "
+            "print('torch' in sys.modules)")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, check=True, timeout=120).stdout
+    assert loaded.strip() == "False"
+
+
+def test_torch_tensors_score_as_their_numpy_values():
+    id_scores, ood_scores = torch.tensor([4.0, 3.0, 1.0]), torch.tensor([2.0, 0.0])
+    assert ood_metrics(id_scores, ood_scores) == ood_metrics(id_scores.numpy(), ood_scores.numpy())

@@ -16,7 +16,8 @@ from dataloaders import build_dataset
 from dataloaders.imagelist import image_list
 from errors import UserError
 from ood_evaluation.metrics import ood_metrics
-from pipeline.tools.aggregate import OPENOOD_COLUMNS, collect, openood_tables
+from pipeline.report.rows import OPENOOD_COLUMNS
+from pipeline.tools.aggregate import collect, openood_tables
 from pipeline.tools.aggregate import main as aggregate_main
 from pipeline.config.experiment import resolve_experiment
 from pipeline.config.loading import load_dataset_config

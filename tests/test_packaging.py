@@ -1,7 +1,8 @@
-"""`pip install .` and `pip install -e .` install the library `ood_detectors` alone, importable from any folder.
+"""`pip install .` and `pip install -e .` install the libraries `ood_detectors` and `ood_evaluation` alone,
+importable from any folder.
 
 The pipeline's top-level names (pipeline, models, dataloaders, errors, registry, main, ...) are generic and run
-from the checkout, beside configs/: none of them may land in site-packages or be imported by `ood_detectors`.
+from the checkout, beside configs/: none of them may land in site-packages or be imported by the libraries.
 Everything here is offline: builds use this interpreter's setuptools (--no-build-isolation) and pip never
 reads an index (--no-index, --no-deps).
 """
@@ -26,10 +27,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = "ood_detectors"
+LIBRARIES = (LIBRARY, "ood_evaluation")  # the distribution's packages
 # the repository's other top-level modules and packages: main, errors, registry, pipeline, models, tests, ...
 OTHER_TOP_LEVEL = sorted(({path.stem for path in REPO.glob("*.py")}
-                          | {path.parent.name for path in REPO.glob("*/*.py")}) - {LIBRARY})
-# what ood_detectors imports (top-level name) -> the distribution pyproject.toml declares for it
+                          | {path.parent.name for path in REPO.glob("*/*.py")}) - set(LIBRARIES))
+# what the libraries import (top-level name) -> the distribution pyproject.toml declares for it
 DISTRIBUTIONS = {"torch": "torch", "numpy": "numpy", "sklearn": "scikit-learn", "faiss": "faiss-cpu"}
 PIP = ["-m", "pip", "--disable-pip-version-check", "--no-input"]
 PIP_OFFLINE = ["--no-deps", "--no-build-isolation", "--no-index"]
@@ -84,11 +86,12 @@ def wheel(source_tree, tmp_path_factory) -> Path:
     return built
 
 
-def third_party_imports() -> dict[str, bool]:
-    """Top-level names that ood_detectors/*.py import from outside the standard library and itself, each with
-    whether some file imports it at module level (a dependency) rather than only inside a function (optional)."""
+def third_party_imports(libraries: tuple[str, ...] = LIBRARIES) -> dict[str, bool]:
+    """Top-level names that the libraries' modules import from outside the standard library and themselves, each
+    with whether some file imports it at module level (a dependency) rather than only inside a function
+    (optional)."""
     found: dict[str, bool] = {}
-    for path in sorted((REPO / LIBRARY).glob("*.py")):
+    for path in sorted(path for library in libraries for path in (REPO / library).glob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -97,7 +100,7 @@ def third_party_imports() -> dict[str, bool]:
                 names = [node.module]
             else:
                 continue
-            for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - {LIBRARY}:
+            for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - set(LIBRARIES):
                 found[top] = found.get(top, False) or node in tree.body
     return found
 
@@ -105,9 +108,10 @@ def third_party_imports() -> dict[str, bool]:
 def test_wheel_holds_the_library_alone(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     dist_info = {name for name in names if name.split("/")[0].endswith(".dist-info")}
-    assert names - dist_info == {f"{LIBRARY}/{path.name}" for path in (REPO / LIBRARY).glob("*.py")}
+    assert names - dist_info == {f"{library}/{path.name}" for library in LIBRARIES
+                                 for path in (REPO / library).glob("*.py")}
     (top_level,) = [name for name in dist_info if name.endswith("/top_level.txt")]
-    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == [LIBRARY]
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == sorted(LIBRARIES)
 
 
 def test_wheel_declares_what_the_library_imports(wheel):
@@ -123,12 +127,13 @@ def test_wheel_declares_what_the_library_imports(wheel):
         (extras.setdefault(extra.group(1), set()) if extra else required).add(name)
 
     imports = third_party_imports()
-    assert not set(imports) & set(OTHER_TOP_LEVEL), "ood_detectors must import nothing else from the repository"
+    assert not set(imports) & set(OTHER_TOP_LEVEL), "the libraries must import nothing else from the repository"
     assert set(imports) <= set(DISTRIBUTIONS), \
-        f"ood_detectors imports {sorted(set(imports) - set(DISTRIBUTIONS))}: declare it in pyproject.toml"
+        f"the libraries import {sorted(set(imports) - set(DISTRIBUTIONS))}: declare it in pyproject.toml"
+    assert "torch" not in third_party_imports(("ood_evaluation",))
     assert required == {DISTRIBUTIONS[name] for name, at_top in imports.items() if at_top}
     assert extras == {"faiss": {DISTRIBUTIONS["faiss"]}} and imports.get("faiss") is False
-    assert metadata["Requires-Python"].startswith(">=3.10")  # `X | Y` evaluated at import in metrics.py
+    assert metadata["Requires-Python"].startswith(">=3.10")  # `X | Y` evaluated at import
 
 
 # Run in the new environment, from an empty folder, without PYTHONPATH: the README's example, and what came along.

@@ -226,29 +226,6 @@ def test_config_mistakes_name_the_key_and_the_closest_valid_one(args, message, t
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
 
 
-@pytest.mark.slow  # a second extraction of every set, with two loader workers
-def test_gpu_decode_path_gives_nearly_the_pil_features(first_run):
-    """--set gpu_decode=true decodes JPEGs with torchvision (nvJPEG on GPUs; here the same code on the CPU)
-    and resizes tensors: a separate cache entry, features equal to PIL's up to resampling differences."""
-    work, argv = first_run
-    assert main.main([*with_detectors(argv, "energy"), "--set", "gpu_decode=true",
-                      "--num-workers", "2",  # bytes cross from workers
-                      "--output-dir", str(work / "decoded"), "--no-plots"]) == 0
-    entries = sorted((work / f"cache/{MODEL}").glob("imagenet1k-test-*"))
-    assert len(entries) == 2  # PIL-decoded and tensor-decoded features are cached apart
-    first, second = (np.concatenate([np.load(path) for path in sorted(entry.glob("rows_*.npy"))])
-                     for entry in entries)
-    cosine = (first * second).sum(1) / np.linalg.norm(first, axis=1) / np.linalg.norm(second, axis=1)
-    assert cosine.min() > 0.98 and not np.array_equal(first, second)
-    # a random network's pooled features of different images are near-parallel too (cosine above 0.99): each
-    # row must be nearest to its own image's row of the other entry
-    unit_first, unit_second = (rows / np.linalg.norm(rows, axis=1, keepdims=True) for rows in (first, second))
-    assert (unit_first @ unit_second.T).argmax(axis=1).tolist() == list(range(len(first)))
-    rows = read_csv(work / "decoded/results.csv")
-    assert [(row["ood_data"], row["detector"]) for row in rows] == \
-        [(ood, "energy") for ood in OOD_SETS]  # PNGs and junk files handled as before
-
-
 def test_the_output_folder_holds_one_runs_tables_and_plots_listed_in_its_manifest(first_run):
     """The first run's folder (no plots), then a run with plots: one detector's, drawn in a fraction of the time
     of the first run's nine (tests/test_plots.py draws many detectors' figures)."""
@@ -268,10 +245,9 @@ def cached_rows(entry: Path) -> np.ndarray:
     return np.concatenate([np.load(path) for path in sorted(entry.glob("rows_*.npy"))])
 
 
-def pil_decoded_entry(cache: Path, pattern: str) -> Path:
-    """The one cache entry matching `pattern` whose images PIL decoded (the gpu_decode test adds another)."""
-    (entry,) = [entry for entry in cache.glob(pattern)
-                if not json.loads((entry / "key.json").read_text()).get("gpu_decode")]
+def cache_entry(cache: Path, pattern: str) -> Path:
+    """The one cache entry matching `pattern`."""
+    (entry,) = cache.glob(pattern)
     return entry
 
 
@@ -297,7 +273,7 @@ def test_subsets_are_stratified_marked_in_every_output_and_are_the_full_sets_row
     chosen = subset_indices(test_split.labels, 8)
     assert np.bincount(test_split.labels[chosen]).tolist() == [2, 2, 2, 2]  # 4 classes of 5: stratified
     cache = work / f"cache/{MODEL}"
-    full_entry, subset_entry = (pil_decoded_entry(cache, pattern) for pattern in ("imagenet1k-test-*",
+    full_entry, subset_entry = (cache_entry(cache, pattern) for pattern in ("imagenet1k-test-*",
                                                                                    "imagenet1k[[]8]-test-*"))
     # batched convolutions differ in float rounding only
     np.testing.assert_allclose(cached_rows(subset_entry), cached_rows(full_entry)[chosen], rtol=1e-4, atol=1e-3)
@@ -305,31 +281,26 @@ def test_subsets_are_stratified_marked_in_every_output_and_are_the_full_sets_row
 
 def test_bank_in_list_order_is_the_first_images_of_the_train_split(first_run, data_root, small_model_yaml, caplog):
     """bank_order: list (OpenOOD's NNGuide bank: the first images of its unshuffled train list): the bank is the
-    split's first int(N * bank_ratio) images. Those the seeded bank has cached are copied from its entry, row for
-    row; the others are forwarded, and equal the network's features of those images."""
+    split's first int(N * bank_ratio) images, each forwarded in its own entry (none taken from the seeded bank's),
+    and equal to the network's features of those images."""
     work, argv = first_run
     cache = work / f"cache/{MODEL}"
-    permutation = bank_indices(48, 1.0, 0)[:len(cached_rows(pil_decoded_entry(cache, "imagenet1k-train-seed0-*")))]
-    in_seeded_bank = [image for image in range(12) if image in permutation]
-    assert 3 <= len(in_seeded_bank) < 12  # both the copy and the forward pass are exercised
     argv = [*with_detectors(argv, "nnguide"), "--set", "detectors.nnguide.k=2", "--set", "bank_order=list",
             "--bank-ratio", "0.25", "--output-dir", str(work / "list-order"), "--no-plots"]
     with caplog.at_level("INFO"):
         assert main.main(argv) == 0
-    assert (f"extracting {12 - len(in_seeded_bank)} of 12 images of imagenet1k-train-in-order" in caplog.text
-            and f"{len(in_seeded_bank)} copied from imagenet1k-train-seed0" in caplog.text)
-    listed = cached_rows(pil_decoded_entry(cache, "imagenet1k-train-in-order-*"))
-    permuted = cached_rows(pil_decoded_entry(cache, "imagenet1k-train-seed0-*"))
+    assert "extracting 12 of 12 images of imagenet1k-train-in-order" in caplog.text
+    listed = cached_rows(cache_entry(cache, "imagenet1k-train-in-order-*"))
     assert listed.shape == (12, FEATURE_DIM)
-    for image in in_seeded_bank:
-        np.testing.assert_array_equal(listed[image], permuted[int(np.flatnonzero(permutation == image)[0])])
     config = load_model_config(str(small_model_yaml))
     backbone = build_backbone(config, REPO / "pretrained_models")
-    train_files = sorted((data_root / "imagenet1k/imagenet/train").glob("*/*"))
-    forwarded = next(image for image in range(12) if image not in in_seeded_bank)
-    with Image.open(train_files[forwarded]) as image:
-        expected = backbone.features(config.transform.build()(image.convert("RGB"))[None])[0]
-    np.testing.assert_allclose(listed[forwarded], expected.detach().numpy(), rtol=1e-4, atol=1e-3)
+    train_files = sorted((data_root / "imagenet1k/imagenet/train").glob("*/*"))[:12]
+    images = []
+    for path in train_files:
+        with Image.open(path) as image:
+            images.append(config.transform.build()(image.convert("RGB")))
+    expected = backbone.features(torch.stack(images)).detach().numpy()
+    np.testing.assert_allclose(listed, expected, rtol=1e-4, atol=1e-3)
 
 
 def test_scores_npz_holds_every_images_score_with_its_id_and_gives_the_tables_metrics(first_run, data_root):
@@ -360,17 +331,13 @@ def test_reading_scores_of_a_folder_without_them_is_one_clear_error(tmp_path):
 @pytest.mark.slow  # three pipeline runs, two new banks
 def test_a_bank_seed_sweep_summarises_each_numbers_spread_over_the_draws(first_run, caplog):
     work, argv = first_run
-    cache = work / f"cache/{MODEL}"
-    cached = set(bank_indices(48, 1.0, 0)[:len(cached_rows(pil_decoded_entry(cache, "imagenet1k-train-seed0-*")))])
-    if list(cache.glob("imagenet1k-train-in-order-*")):  # the list-order bank's test ran first
-        cached |= set(range(len(cached_rows(pil_decoded_entry(cache, "imagenet1k-train-in-order-*")))))
     argv = [*with_detectors(argv, "nnguide", "energy"), "--set", "detectors.nnguide.k=2", "--set", "seed=0,1,2",
             "--output-dir", str(work / "seeds"), "--no-plots"]
     with caplog.at_level("INFO"):
         assert main.main(argv) == 0
-    banks = set().union(*(bank_indices(48, 0.5, seed) for seed in (0, 1, 2)))
-    forwarded = re.findall(r"extracting (\d+) of 24 images of imagenet1k-train-seed", caplog.text)
-    assert sum(map(int, forwarded)) == len(banks - cached) < 48  # each image of the three banks forwarded once
+    # seed 0's bank is cached by the first run; the other seeds' banks are extracted in their own entries
+    assert re.findall(r"extracting (\d+) of 24 images of imagenet1k-train-seed(\d)", caplog.text) == [("24", "1"),
+                                                                                                      ("24", "2")]
     runs = {seed: {(row["ood_data"], row["detector"]): row for row in read_csv(work / f"seeds/seed={seed}/results.csv")}
             for seed in ("0", "1", "2")}
     summary = read_csv(work / "seeds/seed-summary.csv")

@@ -11,6 +11,7 @@ import pytest
 from sklearn.metrics import roc_curve
 
 from ood_evaluation.metrics import ood_metrics
+from pipeline.result import RunScores
 from pipeline.report.plots import (MAX_BINS, MIN_BINS, _histogram_figure, _roc_figure, panel_title, safe_file_name,
                             write_score_plots)
 
@@ -29,13 +30,22 @@ def synthetic_scores(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, di
     return id_scores, ood_scores
 
 
+def run_scores(id_set: str, id_scores: dict[str, np.ndarray], ood_scores: dict[str, dict[str, np.ndarray]]
+               ) -> RunScores:
+    """A run's scores of these sets, with made-up image ids."""
+    scores = {id_set: id_scores, **ood_scores}
+    image_ids = {name: np.array([str(index) for index in range(len(next(iter(by_detector.values()))))])
+                 for name, by_detector in scores.items()}
+    return RunScores(id_set, list(id_scores), image_ids, scores)
+
+
 @pytest.fixture(scope="module")
 def synthetic_plots(tmp_path_factory) -> tuple[Path, list[Path]]:
     """write_score_plots of synthetic_scores() into a folder of its own: (the folder, the paths it returned).
     Read-only: shared by the tests of the files and of precomputed metrics."""
     folder = tmp_path_factory.mktemp("synthetic") / "plots"
     id_scores, ood_scores = synthetic_scores()
-    return folder, write_score_plots(folder, "imagenet", id_scores, ood_scores)
+    return folder, write_score_plots(folder, run_scores("imagenet", id_scores, ood_scores))
 
 
 def test_writes_two_valid_pngs_per_ood_set_in_order(synthetic_plots):
@@ -61,21 +71,22 @@ def test_safe_file_name_keeps_only_portable_characters():
 def test_sets_whose_file_names_collide_are_refused(tmp_path):
     id_scores, ood_scores = synthetic_scores()
     with pytest.raises(ValueError, match="share the file name"):
-        write_score_plots(tmp_path, "imagenet", id_scores,
-                          {"a/b": ood_scores["openimage-o"], "a b": ood_scores["openimage-o"]})
+        write_score_plots(tmp_path, run_scores("imagenet", id_scores, {"a/b": ood_scores["openimage-o"],
+                                                                        "a b": ood_scores["openimage-o"]}))
 
 
 def test_mismatched_detectors_are_refused(tmp_path):
     id_scores, ood_scores = synthetic_scores()
     with pytest.raises(ValueError, match="has detectors"):
-        write_score_plots(tmp_path, "imagenet", id_scores, {"openimage-o": {"msp": ood_scores["openimage-o"]["msp"]}})
+        write_score_plots(tmp_path, run_scores("imagenet", id_scores,
+                                               {"openimage-o": {"msp": ood_scores["openimage-o"]["msp"]}}))
 
 
 def test_constant_scores_and_a_three_point_set_do_not_raise(tmp_path):
     id_scores = {"constant": np.full(50, 2.0), "tiny": np.array([0.3, 0.1, 0.2]), "normal": np.linspace(0, 1, 40)}
     ood_scores = {"same-constant": {"constant": np.full(7, 2.0), "tiny": np.array([0.0, 0.1, -0.1]),
                                     "normal": np.array([0.5])}}
-    paths = write_score_plots(tmp_path, "cifar10", id_scores, ood_scores)
+    paths = write_score_plots(tmp_path, run_scores("cifar10", id_scores, ood_scores))
     assert all(matplotlib.image.imread(path).ndim == 3 for path in paths)
 
 
@@ -87,16 +98,6 @@ def test_panel_title_of_perfect_separation():
 def test_panel_title_uses_ood_metrics_in_percent():
     # ID 4, 3, 1; OOD 2, 0: AUROC 5/6 and FPR95 1/2 (hand-checked in test_metrics).
     assert panel_title("knn", np.array([4.0, 3.0, 1.0]), np.array([2.0, 0.0])) == "knn  AUROC 83.33  FPR95 50.00"
-
-
-def test_precomputed_metrics_give_the_same_files(tmp_path, synthetic_plots):
-    id_scores, ood_scores = synthetic_scores()
-    metrics = {name: {detector: ood_metrics(id_scores[detector], scores[detector]) for detector in DETECTORS}
-               for name, scores in ood_scores.items()}
-    _, computed = synthetic_plots
-    given = write_score_plots(tmp_path / "given", "imagenet", id_scores, ood_scores, metrics=metrics)
-    for left, right in zip(computed, given):
-        assert np.array_equal(matplotlib.image.imread(left), matplotlib.image.imread(right))
 
 
 # ---- ROC figure: log FPR axis, every curve visible, FPR95 marked where ood_metrics puts it ----------------

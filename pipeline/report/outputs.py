@@ -1,136 +1,37 @@
 """A run's output folder: `write_result` writes an ExperimentResult as results.csv, results_openood.csv,
-averages.csv, results.md, config.yaml, scores.npz and the plots, replacing the previous run's files as one set;
-`read_rows` reads result rows back (for the offline tools). The CSV layouts are defined here and only here.
+averages.csv, results.md, config.yaml, scores.npz and the plots, replacing the previous run's files as one set.
 
 `results-manifest.json`, written last, lists the complete set, so the folder never holds two runs' files at once.
 """
 from __future__ import annotations
 
-import csv
 import datetime
 import hashlib
-import io
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from errors import UserError
-from ood_evaluation.metrics import METRIC_NAMES
 from pipeline.files import exclusive_lock, full_disk_is_a_user_error, remove_unfinished_files, write_atomically
 from pipeline.report.plots import score_plot_writers
+from pipeline.report.rows import (AVERAGE_COLUMNS, AVERAGES_FILE, CSV_COLUMNS, OPENOOD_COLUMNS, OPENOOD_FILE,
+                                  RESULTS_FILE, csv_text)
 from pipeline.report.scores import SCORES_FILE, scores_writer
 from pipeline.report.tables import format_markdown, format_terminal, paper_table, paper_table_legend
-from pipeline.result import AverageRow, ExperimentResult, ResultRow
+from pipeline.result import ExperimentResult
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.csv"
-OPENOOD_FILE = "results_openood.csv"  # the same rows with FPR95 in OpenOOD's convention (OOD positive)
-AVERAGES_FILE = "averages.csv"        # per detector, each average over OOD sets the run bootstrapped
-RESULTS_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc")                # results.csv's, in order
-OPENOOD_METRICS = ("auroc", "fpr95_ood_positive", "aupr_in", "aupr_out")            # results_openood.csv's
-IDENTITY_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector"]
-
-
-def _interval_columns(metrics: Sequence[str]) -> list[str]:
-    return [f"{metric}_ci_{end}" for metric in metrics for end in ("low", "high")]
-
-
-CSV_COLUMNS = [*IDENTITY_COLUMNS, *RESULTS_METRICS, "id_acc", "checkpoint", *_interval_columns(RESULTS_METRICS)]
-OPENOOD_COLUMNS = [*IDENTITY_COLUMNS, *OPENOOD_METRICS, "id_acc", "checkpoint", *_interval_columns(OPENOOD_METRICS)]
-AVERAGE_COLUMNS = ["model", "train_data", "id_data", "detector", "average", "ood_sets",
-                   *[f"{metric}{end}" for metric in METRIC_NAMES for end in ("", "_ci_low", "_ci_high")],
-                   "checkpoint"]
-OOD_SETS_SEPARATOR = ";"  # averages.csv's ood_sets column
 # the output folder's record of its result files: {"complete": bool, "files": {name: sha256}, "written": ISO UTC}
 RESULTS_MANIFEST = "results-manifest.json"
 # the keys of config.yaml that make a run another run: its results are not comparable rows of the same table
 RUN_IDENTITY = ("model", "train_data", "id_data", "ood_data", "detectors")
 _STAGING = ".results-staging"     # a run's files before they are renamed in; a killed run's is removed by the next
 _RESULTS_LOCK = ".results.lock"   # exclusive_lock: one run at a time stages and replaces a folder's results
-
-
-def _record(row: ResultRow | AverageRow) -> dict[str, Any]:
-    """A row's CSV fields: metrics and intervals as `<metric>`, `<metric>_ci_low` and `<metric>_ci_high`."""
-    fields = {name: getattr(row, name) for name in ("model", "train_data", "id_data", "detector", "checkpoint")}
-    if isinstance(row, ResultRow):
-        fields.update(ood_data=row.ood_data, id_acc=row.id_acc)
-    else:
-        fields.update(average=row.label, ood_sets=OOD_SETS_SEPARATOR.join(row.ood_sets))
-    fields.update(row.metrics)
-    for metric, (low, high) in row.intervals.items():
-        fields.update({f"{metric}_ci_low": low, f"{metric}_ci_high": high})
-    return fields
-
-
-def csv_text(rows: Sequence[ResultRow | AverageRow], columns: list[str]) -> str:
-    """Rows as CSV text; floats at full precision (repr), so equal runs give byte-identical files."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: repr(value) if isinstance(value, float) else value for key, value in _record(row).items()}
-                     for row in rows)
-    return buffer.getvalue()
-
-
-def _floats(record: dict[str, str], names: Sequence[str], where: str) -> dict[str, float]:
-    """The named fields as floats; an empty or missing one is left out."""
-    try:
-        return {name: float(record[name]) for name in names if record.get(name)}
-    except ValueError as error:
-        raise UserError(f"{where}: a metric is not a number ({error})") from None
-
-
-def read_rows(path: Path, openood: bool = False) -> list[ResultRow]:
-    """The rows of a results.csv (results_openood.csv with `openood`), `source` = the file. Files without the
-    checkpoint or interval columns (one run of the model's own checkpoint, no intervals) are read too."""
-    columns, metrics = (OPENOOD_COLUMNS, OPENOOD_METRICS) if openood else (CSV_COLUMNS, RESULTS_METRICS)
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [name for name in columns if name not in (reader.fieldnames or [])
-                   and name != "checkpoint" and "_ci_" not in name]
-        if missing:
-            raise UserError(f"{path}: missing columns {missing}")
-        rows = []
-        for line_number, record in enumerate(reader, start=2):
-            where = f"{path}, line {line_number}"
-            values = _floats(record, [*metrics, "id_acc"], where)
-            if len(values) < len(metrics) + 1:
-                raise UserError(f"{where}: a metric is missing")
-            rows.append(ResultRow(**{name: record[name] for name in IDENTITY_COLUMNS}, id_acc=values.pop("id_acc"),
-                                  metrics=values, checkpoint=record.get("checkpoint") or "",
-                                  intervals=_intervals(record, metrics, where), source=str(path)))
-    return rows
-
-
-def read_averages(path: Path, source: str) -> list[AverageRow]:
-    """The rows of an averages.csv, with `source` = the results file they belong to."""
-    with path.open(newline="") as handle:
-        records = list(csv.DictReader(handle))
-    averages = []
-    for line_number, record in enumerate(records, start=2):
-        where = f"{path}, line {line_number}"
-        try:
-            identity = {name: record[name] for name in ("model", "train_data", "id_data", "detector")}
-            label, sets = record["average"], tuple(record["ood_sets"].split(OOD_SETS_SEPARATOR))
-        except KeyError as error:
-            raise UserError(f"{where}: missing column {error}") from None
-        averages.append(AverageRow(**identity, label=label, ood_sets=sets,
-                                   metrics=_floats(record, METRIC_NAMES, where),
-                                   checkpoint=record.get("checkpoint") or "",
-                                   intervals=_intervals(record, METRIC_NAMES, where), source=source))
-    return averages
-
-
-def _intervals(record: dict[str, str], metrics: Sequence[str], where: str) -> dict[str, tuple[float, float]]:
-    bounds = _floats(record, _interval_columns(metrics), where)
-    return {metric: (bounds[f"{metric}_ci_low"], bounds[f"{metric}_ci_high"]) for metric in metrics
-            if f"{metric}_ci_low" in bounds and f"{metric}_ci_high" in bounds}
 
 
 def result_documents(result: ExperimentResult) -> tuple[dict[str, str], str]:
@@ -150,26 +51,31 @@ def result_documents(result: ExperimentResult) -> tuple[dict[str, str], str]:
 
 
 def write_result(result: ExperimentResult, output_dir: Path | str | None = None) -> str:
-    """Replace the previous results in `output_dir` (default: the config's) with this result's files, as one set;
-    returns the terminal table. Plots are written when the config asks for them."""
-    output_dir = Path(output_dir if output_dir is not None else result.config.output_dir)
+    """Replace the previous results in `output_dir` (default: the config's) with this result's files, as one set:
+    the tables, config.yaml, scores.npz and, when the config asks for them, the plots. Returns the terminal table."""
     documents, terminal = result_documents(result)
     writers: dict[str, Callable[[Path], Any]] = {name: (lambda path, text=text: path.write_text(text))
                                                  for name, text in documents.items()}
     writers[SCORES_FILE] = scores_writer(result.scores)
     if result.config.plots:
         writers.update(score_plot_writers(result.scores))
+    replace_run_files(Path(output_dir if output_dir is not None else result.config.output_dir), writers,
+                      result.config.to_dict())
+    return terminal
+
+
+def replace_run_files(output_dir: Path, writers: Mapping[str, Callable[[Path], Any]],
+                      resolved_config: Mapping[str, Any]) -> None:
+    """`replace_result_files`, saying in the log when the folder held another run's results (RUN_IDENTITY)."""
     previous = _run_identity_on_disk(output_dir)
     replace_result_files(output_dir, writers)
-    resolved = result.config.to_dict()
-    current = yaml.safe_load(yaml.safe_dump({key: resolved.get(key) for key in RUN_IDENTITY}))
+    current = yaml.safe_load(yaml.safe_dump({key: resolved_config.get(key) for key in RUN_IDENTITY}))
     if previous is not None and previous != current:
         log.warning("%s held another run's results (model %s, ID %s, OOD %s, detectors %s); replaced them whole",
                     output_dir, previous.get("model", "?"), previous.get("id_data", "?"),
                     previous.get("ood_data", "?"), list(previous.get("detectors") or ["?"]))
     elif previous is not None:
         log.info("replaced the previous results of this run in %s", output_dir)
-    return terminal
 
 
 def _run_identity_on_disk(output_dir: Path) -> dict[str, Any] | None:

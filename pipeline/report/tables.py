@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ood_evaluation.metrics import BY_NAME
+from ood_evaluation.definitions import BY_NAME
 from pipeline.run.averages import paper_averages
 from pipeline.result import AverageRow, Interval, ResultRow
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +19,14 @@ from errors import UserError
 from models import Backbone, ModelConfig, apply_react, build_backbone, file_sha256, react_threshold, resolve_checkpoint
 from ood_detectors import OODDetector
 from ood_evaluation.bootstrap import bootstrap_averages
-from ood_evaluation.metrics import METRIC_NAMES, ood_metrics
+from ood_evaluation.definitions import METRIC_NAMES
+from ood_evaluation.metrics import ood_metrics
 from pipeline.config.experiment import ExperimentConfig, build_detector, display_name
 from pipeline.config.loading import load_dataset_config, load_model_config
 from pipeline.features.distributed import Topology, barrier, init_from_environment
 from pipeline.features.extract import ExtractionSettings, FeatureExtractor
 from pipeline.features.training import trained_checkpoint
+from pipeline.files import require_writable
 from pipeline.run.averages import run_averages
 from pipeline.run.provenance import environment
 from pipeline.result import AverageRow, ExperimentResult, ResultRow, RunScores
@@ -199,19 +200,20 @@ class ImageSets:
         return test_sets, id_name, ood_names
 
 
-def build_detectors(config: ExperimentConfig, feature_dim: int, bank_size: int,
-                    train_size: int) -> dict[str, OODDetector]:
+def build_detectors(config: ExperimentConfig, model: Model, bank_size: int, train_size: int
+                    ) -> dict[str, OODDetector]:
     """The run's unfitted detectors, each checked against the model's feature width and the bank's size, so that
     what fit would refuse after extraction is refused before it."""
     detectors = {}
     for table_name, detector_config in config.detectors.items():
         detectors[table_name] = detector = build_detector(table_name, detector_config)
         try:
-            detector.check_feature_dim(feature_dim)
+            detector.check_feature_dim(model.backbone.feature_dim)
             detector.check_bank_size(bank_size)
         except ValueError as error:
-            raise UserError(f"detector '{table_name}': {error} (features: {feature_dim}-d; bank: {bank_size} images "
-                            f"= {config.bank_ratio} x {train_size}; lower k or raise bank_ratio)") from None
+            raise UserError(f"detector '{table_name}': {error} (model '{model.config.name}': "
+                            f"{model.backbone.feature_dim}-d features; bank: {bank_size} images = "
+                            f"{config.bank_ratio} x {train_size})") from None
     return detectors
 
 
@@ -248,16 +250,6 @@ class Extraction:
         return RawFeatures(extracted.features[kept], labels[kept], [dataset.image_ids[row] for row in kept])
 
 
-def require_writable(folder: Path, what: str) -> None:
-    """Create `folder` and a probe file in it, so an unwritable folder fails before any extraction."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise UserError(f"{what} {folder} is not writable ({error.strerror}); choose another folder") from None
-
-
 def run_experiment(config: ExperimentConfig) -> ExperimentResult | None:
     """Extract what the config names (each image set once, from the cache when possible), fit and score every
     detector, and return the result; no result file is written.
@@ -275,7 +267,7 @@ def run_experiment(config: ExperimentConfig) -> ExperimentResult | None:
     train = image_sets.dataset(config.train_data, "train")
     test_sets, id_name, ood_names = image_sets.test_sets()
     bank_size = len(bank_indices(len(train), config.bank_ratio, config.seed))
-    detectors = build_detectors(config, model.backbone.feature_dim, bank_size, len(train))
+    detectors = build_detectors(config, model, bank_size, len(train))
 
     extraction = Extraction(config, model, device, topology)
     train_name = image_sets.label(config.train_data, "train")

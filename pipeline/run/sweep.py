@@ -12,7 +12,7 @@ import numpy as np
 
 from errors import UserError
 from pipeline.config.experiment import resolve_experiment
-from pipeline.files import write_atomically
+from pipeline.files import require_writable, write_atomically
 from pipeline.report.outputs import write_result
 from pipeline.report.tables import format_markdown, format_terminal, paper_table
 from pipeline.result import ResultRow
@@ -42,6 +42,7 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
                for value in values]
     swept_detector = key.split(".")[1] if key.startswith("detectors.") and key.count(".") >= 2 else None
     output_root = Path(configs[0].output_dir)
+    require_writable(output_root, "output directory (--output-dir)")
     table: list[list[str]] = []
     csv_lines = [f"{key},ood_data,detector,auroc,fpr95"]
     rows_by_value: dict[str, Sequence[ResultRow]] = {}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from errors import UserError
 from pipeline.files import write_atomically
-from pipeline.report.outputs import AVERAGES_FILE, OPENOOD_FILE, RESULTS_FILE, read_averages, read_rows
+from pipeline.report.rows import AVERAGES_FILE, OPENOOD_FILE, RESULTS_FILE, read_averages, read_rows
 from pipeline.report.tables import (MISSING, NumericTable, add_paper_intervals, format_markdown, format_table,
                                     format_terminal, interval_index, mean_cells, paper_table_legend,
                                     paper_table_numbers, with_interval)
