@@ -404,3 +404,34 @@ def test_user_errors_are_one_line_with_exit_code_2(user_error_run):
         f"error: {bad_yaml} + command line: unknown key 'bank_ratoi' (did you mean 'bank_ratio'?); "
         "valid keys: " + stderr.split("valid keys: ")[1].strip()]
     assert "Traceback" not in stderr
+
+
+def test_the_python_api_returns_what_the_files_hold(first_run, data_root, small_model_yaml, tmp_path):
+    """resolve_experiment + run_experiment return the typed result of the command line's run, with nothing
+    written; write_result writes from it the same results.csv, byte for byte, and the same scores.npz."""
+    from pipeline.api import ExperimentResult, resolve_experiment, run_experiment, write_result
+    work, _ = first_run
+    flags = {"model": str(small_model_yaml), "train_data": "imagenet1k", "id_data": "imagenet1k",
+             "ood_data": OOD_SETS, "detectors": DETECTORS, "data_root": str(data_root),
+             "output_dir": str(tmp_path / "api"), "cache_dir": str(work / "cache"), "device": "cpu",
+             "batch_size": 8, "num_workers": 0, "bank_ratio": 0.5, "plots": False}
+    config = resolve_experiment(None, flags, ["chunk_size=7", VIM_PRINCIPAL_DIM])
+    result = run_experiment(config)
+    assert isinstance(result, ExperimentResult) and not (tmp_path / "api").exists()
+    written = {(row["ood_data"], row["detector"]): row for row in read_csv(work / "out/results.csv")}
+    assert [(row.ood_data, row.detector) for row in result.rows] == list(written)
+    for row in result.rows:
+        fields = written[row.ood_data, row.detector]
+        assert {metric: float(fields[metric]) for metric in ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc")} \
+            == {metric: row.metrics[metric] for metric in ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc")}
+        assert (float(fields["auroc_ci_low"]), float(fields["auroc_ci_high"])) == row.intervals["auroc"]
+        assert float(fields["id_acc"]) == row.id_acc == result.id_accuracy
+    stored = read_scores(work / "out")
+    assert result.scores.id_set == stored.id_set == "imagenet1k" and result.scores.detectors == DETECTORS
+    for name in [stored.id_set, *OOD_SETS]:
+        assert result.scores.image_ids[name].tolist() == stored.image_ids[name].tolist()
+        for detector in DETECTORS:
+            np.testing.assert_array_equal(result.scores.scores[name][detector], stored.scores[name][detector])
+    write_result(result)
+    assert (tmp_path / "api/results.csv").read_bytes() == (work / "out/results.csv").read_bytes()
+    assert (tmp_path / "api/averages.csv").read_bytes() == (work / "out/averages.csv").read_bytes()
