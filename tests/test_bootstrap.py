@@ -8,11 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from ood_evaluation import bootstrap
-from ood_evaluation.bootstrap import (METRICS, bootstrap_averages, bootstrap_distribution, bootstrap_metrics,
-                                     bootstrap_sets_distribution, metrics_from_counts, paired_bootstrap,
-                                     resample_counts, sets_resample_counts)
+from ood_evaluation import bootstrap, resampling
+from ood_evaluation.bootstrap import (METRICS, bootstrap_averages, bootstrap_metrics, bootstrap_sets_distribution,
+                                     paired_bootstrap)
 from ood_evaluation.metrics import ood_metrics
+from ood_evaluation.resampling import metrics_from_counts, sets_resample_counts
+
+
+def bootstrap_distribution(id_scores, ood_scores, resamples: int, seed: int) -> np.ndarray:
+    """The metrics of each resample of one OOD set: (resamples, 6)."""
+    return bootstrap_sets_distribution(id_scores, [ood_scores], resamples, seed)[:, 0]
+
+
+def resample_counts(id_size: int, ood_size: int, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-image draw counts of those resamples: (resamples, id_size) and (resamples, ood_size)."""
+    id_counts, (ood_counts,) = sets_resample_counts(id_size, [ood_size], resamples, seed)
+    return id_counts, ood_counts
 
 
 def sklearn_metrics(id_scores, ood_scores, id_counts, ood_counts) -> np.ndarray:
@@ -151,9 +162,9 @@ def test_seeds_and_blocks():
     # How many resamples are handled at once changes neither the draws nor the numbers.
     distribution, (id_counts, ood_counts) = (bootstrap_distribution(id_scores, ood_scores, 200, seed=1),
                                              resample_counts(120, 70, 200, seed=1))
-    assert bootstrap._BLOCK_DRAWS // (120 + 70) >= 200                     # by default, all 200 in one block
+    assert resampling._BLOCK_DRAWS // (120 + 70) >= 200                    # by default, all 200 in one block
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bootstrap, "_BLOCK_DRAWS", 7 * (120 + 70))        # blocks of 7 resamples, the last of 4
+        patch.setattr(resampling, "_BLOCK_DRAWS", 7 * (120 + 70))       # blocks of 7 resamples, the last of 4
         assert np.array_equal(bootstrap_distribution(id_scores, ood_scores, 200, seed=1), distribution)
         blocked_id_counts, blocked_ood_counts = resample_counts(120, 70, 200, seed=1)
     assert np.array_equal(blocked_id_counts, id_counts) and np.array_equal(blocked_ood_counts, ood_counts)
@@ -183,7 +194,7 @@ def test_several_sets_draw_the_id_images_once_per_resample_and_averages_average_
     # One set's resamples are those of the first of several; the block size changes nothing.
     assert np.array_equal(distribution[:, 0], bootstrap_distribution(id_scores, ood_sets["near"], resamples, seed))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bootstrap, "_BLOCK_DRAWS", 7 * (50 + 30))   # blocks of 7 resamples
+        patch.setattr(resampling, "_BLOCK_DRAWS", 7 * (50 + 30))  # blocks of 7 resamples
         assert np.array_equal(bootstrap_sets_distribution(id_scores, list(ood_sets.values()), resamples, seed),
                               distribution)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ood_evaluation.bootstrap import HIGHER_IS_BETTER, METRICS, sets_resample_counts
+from ood_evaluation.bootstrap import HIGHER_IS_BETTER, METRICS
+from ood_evaluation.resampling import sets_resample_counts
 from ood_evaluation.metrics import ood_metrics
 from pipeline.tools.compare import compare, main
 from pipeline.report.scores import read_scores, scores_writer

@@ -21,7 +21,8 @@ import main
 from dataloaders import bank_indices, build_dataset, subset_indices
 from errors import UserError
 from models import build_backbone
-from ood_evaluation.bootstrap import METRICS, metrics_from_counts, sets_resample_counts
+from ood_evaluation.bootstrap import METRICS
+from ood_evaluation.resampling import metrics_from_counts, sets_resample_counts
 from ood_evaluation.metrics import ood_metrics
 from pipeline.config.experiment import resolve_experiment
 from pipeline.config.loading import load_dataset_config, load_model_config
