@@ -15,8 +15,8 @@ from pipeline.result import AverageRow, ResultRow
 RESULTS_FILE = "results.csv"
 OPENOOD_FILE = "results_openood.csv"  # the same rows with FPR95 in OpenOOD's convention (OOD positive)
 AVERAGES_FILE = "averages.csv"        # per detector, each average over OOD sets the run bootstrapped
-RESULTS_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "dtacc")                # results.csv's, in order
-OPENOOD_METRICS = ("auroc", "fpr95_ood_positive", "aupr_in", "aupr_out")            # results_openood.csv's
+RESULTS_METRICS = tuple(name for name in METRIC_NAMES if name != "fpr95_ood_positive")  # results.csv's, in order
+OPENOOD_METRICS = ("auroc", "fpr95_ood_positive", "aupr_in", "aupr_out")  # results_openood.csv's: OpenOOD's four
 IDENTITY_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector"]
 
 

@@ -276,13 +276,7 @@ def run_experiment(config: ExperimentConfig) -> ExperimentResult | None:
     if not topology.is_main:
         return None
 
-    clip = None
-    if model.config.react_percentile is not None:
-        clip = react_threshold(bank_raw.features, model.config.react_percentile)
-        log.info("ReAct: clipping features at %.4f, the %.2f quantile of the bank", clip, model.config.react_percentile)
-    classifier = model.backbone.classifier.to(device)
-    bank = model_outputs(bank_raw, classifier, clip, device, f"{train_name} bank")
-    outputs = {name: model_outputs(raw, classifier, clip, device, name) for name, raw in test_raws.items()}
+    bank, outputs = detector_inputs(model, bank_raw, test_raws, device, f"{train_name} bank")
     id_accuracy = 100 * (outputs[id_name]["logits"].argmax(dim=1) == outputs[id_name]["labels"]).float().mean().item()
     identity = {"model": model.config.name, "train_data": train_name, "id_data": id_name,
                 "checkpoint": model.checkpoint_name}
@@ -306,6 +300,19 @@ def run_experiment(config: ExperimentConfig) -> ExperimentResult | None:
                                                       for name, raw in test_raws.items()},
                            {id_name: scores[id_name], **{name: scores[name] for name in ood_names}})
     return ExperimentResult(config, tuple(rows), tuple(averages), run_scores, id_accuracy, provenance, notes)
+
+
+def detector_inputs(model: Model, bank_raw: RawFeatures, test_raws: dict[str, RawFeatures], device: torch.device,
+                    bank_name: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """`model_outputs` of the bank and of every test set, with ReAct's clip (a quantile of the bank's raw
+    features) when the model config asks for it."""
+    clip = None
+    if model.config.react_percentile is not None:
+        clip = react_threshold(bank_raw.features, model.config.react_percentile)
+        log.info("ReAct: clipping features at %.4f, the %.2f quantile of the bank", clip, model.config.react_percentile)
+    classifier = model.backbone.classifier.to(device)
+    return (model_outputs(bank_raw, classifier, clip, device, bank_name),
+            {name: model_outputs(raw, classifier, clip, device, name) for name, raw in test_raws.items()})
 
 
 def score_detector(detector: str, scores: dict[str, dict[str, np.ndarray]], id_name: str, ood_names: list[str],

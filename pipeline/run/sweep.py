@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 
 from errors import UserError
+from ood_evaluation.definitions import BY_NAME
 from pipeline.config.experiment import resolve_experiment
 from pipeline.files import require_writable, write_atomically
 from pipeline.report.outputs import write_result
-from pipeline.report.tables import format_markdown, format_terminal, paper_table
+from pipeline.report.rows import RESULTS_METRICS
+from pipeline.report.tables import TABLE_METRICS, format_markdown, format_terminal, paper_table
 from pipeline.result import ResultRow
 from pipeline.run.experiment import run_experiment
 
@@ -75,9 +77,6 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
     return terminal, output_root / "sweep.csv"
 
 
-SUMMARY_METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out", "dtacc")
-
-
 def seed_summary(rows_by_seed: dict[str, Sequence[ResultRow]]) -> tuple[list[list[str]], str]:
     """Per (OOD set, detector) over the seeds' runs: a table of FPR95 and AUROC as mean ± population std [min, max],
     and CSV text with every metric's mean, std, min and max (percent, full precision)."""
@@ -85,16 +84,16 @@ def seed_summary(rows_by_seed: dict[str, Sequence[ResultRow]]) -> tuple[list[lis
     for rows in rows_by_seed.values():
         for row in rows:
             per_metric = collected.setdefault((row.ood_data, row.detector), {})
-            for metric in SUMMARY_METRICS:
+            for metric in RESULTS_METRICS:
                 per_metric.setdefault(metric, []).append(row.metrics[metric])
-    table = [["OOD set", "Detector", "FPR95", "AUROC"]]
-    csv_lines = ["ood_data,detector,seeds," + ",".join(f"{metric}_{statistic}" for metric in SUMMARY_METRICS
+    table = [["OOD set", "Detector", *[BY_NAME[metric].title for metric in TABLE_METRICS]]]
+    csv_lines = ["ood_data,detector,seeds," + ",".join(f"{metric}_{statistic}" for metric in RESULTS_METRICS
                                                        for statistic in ("mean", "std", "min", "max"))]
     for (ood_data, detector), per_metric in collected.items():
         table.append([ood_data, detector, *[f"{np.mean(per_metric[metric]):.2f} ± {np.std(per_metric[metric]):.2f} "
                                             f"[{min(per_metric[metric]):.2f}, {max(per_metric[metric]):.2f}]"
-                                            for metric in ("fpr95", "auroc")]])
-        statistics = [statistic(per_metric[metric]) for metric in SUMMARY_METRICS
+                                            for metric in TABLE_METRICS]])
+        statistics = [statistic(per_metric[metric]) for metric in RESULTS_METRICS
                       for statistic in (np.mean, np.std, np.min, np.max)]
         csv_lines.append(f"{ood_data},{detector},{len(per_metric['auroc'])},"
                          + ",".join(repr(float(value)) for value in statistics))
