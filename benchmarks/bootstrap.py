@@ -24,8 +24,9 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits  # scikit-learn's own dependency
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ood_evaluation.bootstrap import METRICS, bootstrap_distribution, bootstrap_metrics, resample_counts  # noqa: E402
+from ood_evaluation.bootstrap import METRICS, bootstrap_metrics, bootstrap_sets_distribution  # noqa: E402
 from ood_evaluation.metrics import ood_metrics  # noqa: E402
+from ood_evaluation.resampling import sets_resample_counts  # noqa: E402
 
 
 def main() -> None:
@@ -67,16 +68,16 @@ def run(args: argparse.Namespace) -> None:
         cpu_seconds.append(time.process_time() - cpu_start)
     best = min(seconds)
     tracemalloc.start()
-    distribution = bootstrap_distribution(id_scores, ood_scores, args.resamples, seed=args.seed)
+    distribution = bootstrap_sets_distribution(id_scores, [ood_scores], args.resamples, seed=args.seed)[:, 0]
     peak_bytes = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     print(f"bootstrap_metrics: {best:.3f} s (best of {args.repeats}; median {statistics.median(seconds):.3f} s, "
           f"CPU time {min(cpu_seconds):.3f} s), {1000 * best / args.resamples:.3f} ms per resample; "
           f"peak memory {peak_bytes / 2 ** 20:.1f} MiB (tracemalloc)")
 
-    # scikit-learn on the first resamples: bootstrap_distribution's rows, from the same counts.
+    # scikit-learn on the first resamples: the distribution's rows, from the same counts.
     checked = min(args.sklearn_resamples, args.resamples)
-    id_counts, ood_counts = resample_counts(id_size, ood_size, checked, seed=args.seed)
+    id_counts, (ood_counts,) = sets_resample_counts(id_size, [ood_size], checked, seed=args.seed)
     start = time.perf_counter()
     reference = np.array([[metrics[name] for name in METRICS] for metrics in (
         ood_metrics(np.repeat(id_scores, id_counts[row]), np.repeat(ood_scores, ood_counts[row]))

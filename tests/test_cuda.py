@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 
-import numpy as np
 import pytest
 import torch
 
@@ -32,8 +31,7 @@ def test_pipeline_on_cuda_matches_cpu(data_root, tiny_model_yaml, tmp_path):
               "--ood-data", "inaturalist", "textures", "--detectors", "nnguide", "knn", "energy",
               "--data-root", str(data_root), "--batch-size", "8", "--num-workers", "2", "--bank-ratio", "0.5"]
     results = {}
-    for run, extra in [("cpu", ["--device", "cpu"]), ("cuda", ["--device", "cuda"]),
-                       ("nvjpeg", ["--device", "cuda", "--set", "gpu_decode=true"])]:
+    for run, extra in [("cpu", ["--device", "cpu"]), ("cuda", ["--device", "cuda"])]:
         output = tmp_path / run
         assert main.main([*common, *extra, "--output-dir", str(output),
                           "--cache-dir", str(tmp_path / f"cache-{run}")]) == 0
@@ -42,12 +40,6 @@ def test_pipeline_on_cuda_matches_cpu(data_root, tiny_model_yaml, tmp_path):
     for cpu_row, cuda_row in zip(results["cpu"], results["cuda"]):
         # cuDNN convolutions (TF32 by default) round differently; rankings, hence metrics, barely move
         assert abs(float(cpu_row["auroc"]) - float(cuda_row["auroc"])) < 1.0
-    # nvJPEG and tensor resizing change pixels slightly: compare the features themselves
-    cached = {run: np.concatenate([np.load(path) for path in sorted(
-        next((tmp_path / f"cache-{run}").rglob("imagenet1k-test-*")).glob("rows_*.npy"))]) for run in ("cpu", "nvjpeg")}
-    cosine = (cached["cpu"] * cached["nvjpeg"]).sum(1) / (
-        np.linalg.norm(cached["cpu"], axis=1) * np.linalg.norm(cached["nvjpeg"], axis=1))
-    assert cosine.min() > 0.98
 
 
 def test_a_bank_too_large_for_the_gpu_is_streamed_from_host_memory(monkeypatch):
