@@ -142,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         if split_sweep(args.overrides):
             table, written = run_sweep(args.config, flags, args.overrides)
         else:
-            config = resolve_experiment(args.config, flags, args.overrides)
-            require_writable(Path(config.output_dir), "output directory (--output-dir)")
-            result = run_experiment(config)
+            experiment = resolve_experiment(args.config, flags, args.overrides)
+            written = Path(experiment.config.output_dir) / "results.csv"
+            require_writable(written.parent, "output directory (--output-dir)")
+            result = run_experiment(experiment)
             table = write_result(result) if result is not None else ""  # under torchrun, rank 0 has the result
-            written = Path(config.output_dir) / "results.csv"
         shutdown()
     except UserError as error:
         if args.debug:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from errors import UserError  # noqa: E402
 from models import ARCHITECTURES, Backbone, ModelConfig, apply_react, react_threshold  # noqa: E402
 from ood_detectors import OODDetector  # noqa: E402
-from pipeline.config.experiment import build_detector  # noqa: E402
+from pipeline.config.experiment import detector_spec  # noqa: E402
 from pipeline.config.loading import load_detector_config, load_model_config  # noqa: E402
 from pipeline.run.experiment import resolve_device  # noqa: E402
 
@@ -138,7 +138,7 @@ def fitted_detector(name: str, bank: dict[str, torch.Tensor], feature_dim: int,
     if backend is not None and detector_config["detector"] in SEARCHING_DETECTORS:
         detector_config = {**detector_config, "backend": backend}
     try:  # fit checks the feature width and bank size first
-        return build_detector(name, detector_config).fit(bank)
+        return detector_spec(name, detector_config).build().fit(bank)
     except ValueError as error:
         raise UserError(f"detector '{name}': {error} ({feature_dim}-d features, bank of {len(bank['feas'])})") from None
 

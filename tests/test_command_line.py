@@ -44,8 +44,8 @@ def test_flags_without_a_model_or_config_are_an_error_not_the_demo(argv, tmp_pat
         main.main(argv)
     assert stopped.value.code == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and error.startswith("error: no experiment given: add --model NAME")
-    assert "`python main.py` alone runs the demo" in error
+    assert error.count("\n") == 1 and error.startswith("error: ")
+    assert "--model" in error and "--config" in error and "`python main.py`" in error  # the ways to start a run
     assert list(tmp_path.iterdir()) == []  # nothing ran: no logs/demo, no cache
 
 
@@ -58,23 +58,23 @@ def test_default_detectors_are_run_sh_s_and_fill_a_run_that_names_none():
     run_sh = (REPO / "run.sh").read_text()
     (default,) = re.findall(r'^DETECTORS="\$\{DETECTORS:-([^}]*)\}"$', run_sh, flags=re.MULTILINE)
     assert tuple(default.split()) == DEFAULT_DETECTORS
-    config = resolve_experiment(None, {"model": "resnet50-supcon", "train_data": "imagenet1k",
-                                       "id_data": "imagenet1k", "ood_data": ["inaturalist"]}, [])
-    assert tuple(config.detectors) == DEFAULT_DETECTORS
+    resolved = resolve_experiment(None, {"model": "resnet50-supcon", "train_data": "imagenet1k",
+                                         "id_data": "imagenet1k", "ood_data": ["inaturalist"]}, [])
+    assert tuple(resolved.config.detectors) == tuple(resolved.detectors) == DEFAULT_DETECTORS
 
 
 def test_a_run_without_output_dir_writes_to_its_own_folder(tmp_path):
     flags = {"model": "resnet50-supcon", "train_data": "imagenet1k", "id_data": "imagenet1k-v2-a",
              "ood_data": ["inaturalist"], "detectors": ["knn"]}
-    assert resolve_experiment(None, flags, []).output_dir == "logs/resnet50-supcon/imagenet1k-v2-a"
+    assert resolve_experiment(None, flags, []).config.output_dir == "logs/resnet50-supcon/imagenet1k-v2-a"
     model_yaml = tmp_path / "my-model.yaml"
     model_yaml.write_text((REPO / "configs/models/resnet50-supcon.yaml").read_text())
-    assert resolve_experiment(None, {**flags, "model": str(model_yaml)}, []).output_dir == \
+    assert resolve_experiment(None, {**flags, "model": str(model_yaml)}, []).config.output_dir == \
         "logs/my-model/imagenet1k-v2-a"
     sweep = resolve_experiment(None, flags, ["detectors.knn.k=5"], default_subfolder="sweep-detectors.knn.k")
-    assert sweep.output_dir == "logs/resnet50-supcon/imagenet1k-v2-a/sweep-detectors.knn.k"
+    assert sweep.config.output_dir == "logs/resnet50-supcon/imagenet1k-v2-a/sweep-detectors.knn.k"
     given = resolve_experiment(None, {**flags, "output_dir": "mine"}, [], default_subfolder="sweep-k")
-    assert given.output_dir == "mine"
+    assert given.config.output_dir == "mine"
 
 
 def rows(ood_sets: list[str]) -> list[dict]:
@@ -126,11 +126,14 @@ def test_git_state_is_the_commit_and_whether_files_differ_from_it(tmp_path):
 def test_subsets_name_datasets_of_the_run_and_positive_counts():
     flags = {"model": "resnet50-supcon", "train_data": "cifar10", "id_data": "cifar10", "ood_data": ["svhn"],
              "detectors": ["knn"]}
-    assert resolve_experiment(None, flags, ["subsets.svhn=500"]).subsets == {"svhn": 500}
-    with pytest.raises(UserError, match=r"config key 'subsets': 'svhm' is not a dataset of this run "
-                                        r"\(did you mean 'svhn'\?\); its datasets: cifar10, svhn"):
+    assert resolve_experiment(None, flags, ["subsets.svhn=500"]).config.subsets == {"svhn": 500}
+    with pytest.raises(UserError) as misspelt:
         resolve_experiment(None, flags, ["subsets.svhm=500"])
-    with pytest.raises(UserError, match=r"config key 'subsets.svhn' must be a positive integer, got 0"):
+    for value in ("'subsets'", "'svhm'", "'svhn'", "cifar10"):  # the key, the typo, the suggestion, a valid one
+        assert value in str(misspelt.value)
+    with pytest.raises(UserError) as zero:
         resolve_experiment(None, flags, ["subsets.svhn=0"])
-    with pytest.raises(UserError, match=r"key 'subsets'.svhn must be int, got 0.5"):
+    assert "'subsets.svhn'" in str(zero.value) and "got 0" in str(zero.value)
+    with pytest.raises(UserError) as fraction:
         resolve_experiment(None, flags, ["subsets.svhn=0.5"])
+    assert "'subsets'.svhn" in str(fraction.value) and "int" in str(fraction.value) and "0.5" in str(fraction.value)

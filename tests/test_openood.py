@@ -125,7 +125,8 @@ def test_openood_dataset_configs_read_openood_layout(openood_root):
 
 
 def test_openood_experiment_resolves_with_any_model_and_k_100():
-    config = resolve_experiment(EXPERIMENT, {"model": "regnet-y-16gf-swag-e2e-v1"}, ["detectors.nnguide.k=100"])
+    config = resolve_experiment(EXPERIMENT, {"model": "regnet-y-16gf-swag-e2e-v1"},
+                                ["detectors.nnguide.k=100"]).config
     assert (config.model, config.train_data, config.id_data) == ("regnet-y-16gf-swag-e2e-v1", "imagenet1k",
                                                                   "openood-imagenet-test")
     assert config.ood_data == OOD_SETS

@@ -202,8 +202,9 @@ def user_error_run(request, tmp_path_factory):
                          ids=lambda path: path.stem)
 def test_every_shipped_experiment_resolves(experiment):
     """Every model, dataset and detector an experiment YAML names exists, with valid hyper-parameters."""
-    config = resolve_experiment(experiment, {}, [])
-    assert config.ood_data and config.detectors
+    resolved = resolve_experiment(experiment, {}, [])
+    assert resolved.config.ood_data and list(resolved.detectors) == list(resolved.config.detectors)
+    assert set(resolved.datasets) == {resolved.config.train_data, resolved.config.id_data, *resolved.config.ood_data}
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -416,8 +417,7 @@ def test_the_python_api_returns_what_the_files_hold(first_run, data_root, small_
              "ood_data": OOD_SETS, "detectors": DETECTORS, "data_root": str(data_root),
              "output_dir": str(tmp_path / "api"), "cache_dir": str(work / "cache"), "device": "cpu",
              "batch_size": 8, "num_workers": 0, "bank_ratio": 0.5, "plots": False}
-    config = resolve_experiment(None, flags, ["chunk_size=7", VIM_PRINCIPAL_DIM])
-    result = run_experiment(config)
+    result = run_experiment(resolve_experiment(None, flags, ["chunk_size=7", VIM_PRINCIPAL_DIM]))
     assert isinstance(result, ExperimentResult) and not (tmp_path / "api").exists()
     written = {(row["ood_data"], row["detector"]): row for row in read_csv(work / "out/results.csv")}
     assert [(row.ood_data, row.detector) for row in result.rows] == list(written)

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 import yaml
 
+from dataloaders import DatasetConfig
 from errors import UserError, did_you_mean
+from models import ModelConfig
 from ood_detectors import OODDetector, create_detector
 from pipeline.config.loading import (from_mapping, load_dataset_config, load_detector_config, load_model_config,
                                      load_yaml)
@@ -103,9 +105,51 @@ def check_device_name(name: str) -> None:
         raise UserError(f"config key 'device': unknown device {name!r}; use auto, cpu, cuda or cuda:<index>") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class DetectorSpec:
+    """One detector of a run: its name in the tables, the registered detector, and its hyper-parameters, which
+    `resolve` has checked by building it."""
+
+    name: str
+    detector: str
+    hyper_parameters: Mapping[str, Any]
+
+    def build(self) -> OODDetector:
+        """A new, unfitted detector."""
+        return create_detector(self.detector, **self.hyper_parameters)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedExperiment:
+    """An ExperimentConfig with every name resolved to its typed config and every hyper-parameter checked, before
+    any image is read; the run uses these as they are. `config` is what the user set (config.yaml records it)."""
+
+    config: ExperimentConfig
+    model: ModelConfig                       # the model's YAML, with the config's `checkpoint` applied
+    datasets: Mapping[str, DatasetConfig]    # the train, ID and OOD datasets, by the name the config gives
+    detectors: Mapping[str, DetectorSpec]    # by table name, in table order
+
+    def replace(self, **changes: Any) -> ResolvedExperiment:
+        """The experiment of the config with `changes` applied, resolved again."""
+        return resolve(dataclasses.replace(self.config, **changes))
+
+
+def resolve(config: ExperimentConfig) -> ResolvedExperiment:
+    """Every name of `config` resolved (a UserError names one that does not exist) and every detector built once
+    to check its hyper-parameters: what can fail before extraction fails now, not after hours of it."""
+    model = load_model_config(config.model)
+    if config.checkpoint:
+        model = dataclasses.replace(model, checkpoint=config.checkpoint, train=None)
+    datasets = {name: load_dataset_config(name)
+                for name in dict.fromkeys([config.train_data, config.id_data, *config.ood_data])}
+    return ResolvedExperiment(config, model, datasets, {name: detector_spec(name, entry)
+                                                        for name, entry in config.detectors.items()})
+
+
 def resolve_experiment(experiment_file: Path | str | None, flags: Mapping[str, Any] | None = None,
-                       overrides: Sequence[str] = (), default_subfolder: str = "") -> ExperimentConfig:
-    """Merge an experiment YAML, the CLI flags that were given, and `--set key.path=value` overrides.
+                       overrides: Sequence[str] = (), default_subfolder: str = "") -> ResolvedExperiment:
+    """Merge an experiment YAML, the CLI flags that were given, and `--set key.path=value` overrides, and resolve
+    the result.
 
     Without an output_dir anywhere, results go to default_output_dir(model, ID set)/`default_subfolder`."""
     merged: dict[str, Any] = {}
@@ -122,14 +166,7 @@ def resolve_experiment(experiment_file: Path | str | None, flags: Mapping[str, A
     if default_subfolder and not merged.get("output_dir") and all(
             isinstance(merged.get(key), str) for key in ("model", "id_data")):
         merged["output_dir"] = str(Path(default_output_dir(merged["model"], merged["id_data"])) / default_subfolder)
-    config = from_mapping(ExperimentConfig, merged, source)
-    # fail now, not after hours of extraction: every name must exist and every hyper-parameter be valid
-    for table_name, detector_config in config.detectors.items():
-        build_detector(table_name, detector_config)
-    load_model_config(config.model)
-    for name in dict.fromkeys([config.train_data, config.id_data, *config.ood_data]):
-        load_dataset_config(name)
-    return config
+    return resolve(from_mapping(ExperimentConfig, merged, source))
 
 
 def _detector_entry(item: Any) -> tuple[str, dict[str, Any]]:
@@ -143,16 +180,18 @@ def _detector_entry(item: Any) -> tuple[str, dict[str, Any]]:
     raise UserError(f"detectors: expected a name or {{name: {{hyper-parameter: value}}}}, got {item!r}")
 
 
-def build_detector(table_name: str, detector_config: dict[str, Any]) -> OODDetector:
-    """An unfitted detector from its config entry {"detector": registered name, **hyper-parameters}."""
-    if not isinstance(detector_config, dict) or not isinstance(detector_config.get("detector"), str):
+def detector_spec(table_name: str, detector_config: Mapping[str, Any]) -> DetectorSpec:
+    """The spec of a config entry {"detector": registered name, **hyper-parameters}, checked by building it."""
+    if not isinstance(detector_config, Mapping) or not isinstance(detector_config.get("detector"), str):
         raise UserError(f"detector '{table_name}': expected a mapping with a 'detector' key, got {detector_config!r}")
-    hyper_parameters = {key: value for key, value in detector_config.items() if key != "detector"}
+    spec = DetectorSpec(table_name, detector_config["detector"],
+                        {key: value for key, value in detector_config.items() if key != "detector"})
     try:
-        return create_detector(detector_config["detector"], **hyper_parameters)
+        spec.build()
     except ValueError as error:
-        where = "" if table_name == detector_config["detector"] else f"detector '{table_name}': "
+        where = "" if table_name == spec.detector else f"detector '{table_name}': "
         raise UserError(f"{where}{error}") from None
+    return spec
 
 
 def _apply_override(merged: dict[str, Any], override: str) -> None:

@@ -1,6 +1,6 @@
 """One experiment, top to bottom: datasets -> backbone -> cached features -> detectors -> metrics -> a typed result.
 
-    result = run_experiment(resolve_experiment(Path("configs/experiments/demo.yaml")))
+    result = run_experiment(resolve_experiment("configs/experiments/demo.yaml"))
 
 Nothing here writes result files: `pipeline.report.outputs.write_result(result)` does.
 """
@@ -21,8 +21,7 @@ from ood_detectors import OODDetector
 from ood_evaluation.bootstrap import bootstrap_averages
 from ood_evaluation.definitions import METRIC_NAMES
 from ood_evaluation.metrics import ood_metrics
-from pipeline.config.experiment import ExperimentConfig, build_detector, display_name
-from pipeline.config.loading import load_dataset_config, load_model_config
+from pipeline.config.experiment import ExperimentConfig, ResolvedExperiment, display_name
 from pipeline.features.distributed import Topology, barrier, init_from_environment
 from pipeline.features.extract import ExtractionSettings, FeatureExtractor
 from pipeline.features.training import trained_checkpoint
@@ -117,12 +116,10 @@ class Model:
     cache_key: dict
 
 
-def load_model(config: ExperimentConfig, device: torch.device, topology: Topology) -> Model:
-    """The backbone the config names, with --checkpoint applied; a model that ships no weights is trained first
-    (by rank 0 under torchrun, the others then read its cached weights)."""
-    model_config = load_model_config(config.model)
-    if config.checkpoint:
-        model_config = dataclasses.replace(model_config, checkpoint=config.checkpoint, train=None)
+def load_model(experiment: ResolvedExperiment, device: torch.device, topology: Topology) -> Model:
+    """The experiment's backbone; a model that ships no weights is trained first (by rank 0 under torchrun, the
+    others then read its cached weights)."""
+    config, model_config = experiment.config, experiment.model
     checkpoint_name = model_config.checkpoint  # as configured: results.csv's checkpoint column
     if model_config.train is not None:
         if not topology.is_main:
@@ -142,15 +139,16 @@ class ImageSets:
     """The run's datasets, listed (not decoded) with the model's transform: subsets applied, and what was skipped
     or cut recorded for the provenance."""
 
-    def __init__(self, config: ExperimentConfig, model_config: ModelConfig) -> None:
-        self.config = config
+    def __init__(self, experiment: ResolvedExperiment) -> None:
+        self.config = config = experiment.config
+        self.dataset_configs = experiment.datasets
         self.data_root = Path(config.data_root).expanduser()
-        self.transform = model_config.transform.build()
+        self.transform = experiment.model.transform.build()
         self.skipped_files: dict[str, int] = {}  # "<set>/<split>" -> files skipped while listing
         self.subset_sizes: dict[tuple[str, str], tuple[int, int]] = {}  # (dataset, split) -> (kept, of) images
 
     def dataset(self, name: str, split: str) -> ImageDataset:
-        dataset_config = load_dataset_config(name)
+        dataset_config = self.dataset_configs[name]
         if self.config.skip_broken_images and dataset_config.format == "image_list":
             # an image list can name files that are gone: with the flag they are skipped and counted too
             dataset_config = dataclasses.replace(dataset_config,
@@ -200,13 +198,14 @@ class ImageSets:
         return test_sets, id_name, ood_names
 
 
-def build_detectors(config: ExperimentConfig, model: Model, bank_size: int, train_size: int
+def build_detectors(experiment: ResolvedExperiment, model: Model, bank_size: int, train_size: int
                     ) -> dict[str, OODDetector]:
     """The run's unfitted detectors, each checked against the model's feature width and the bank's size, so that
     what fit would refuse after extraction is refused before it."""
+    config = experiment.config
     detectors = {}
-    for table_name, detector_config in config.detectors.items():
-        detectors[table_name] = detector = build_detector(table_name, detector_config)
+    for table_name, spec in experiment.detectors.items():
+        detectors[table_name] = detector = spec.build()
         try:
             detector.check_feature_dim(model.backbone.feature_dim)
             detector.check_bank_size(bank_size)
@@ -250,24 +249,24 @@ class Extraction:
         return RawFeatures(extracted.features[kept], labels[kept], [dataset.image_ids[row] for row in kept])
 
 
-def run_experiment(config: ExperimentConfig) -> ExperimentResult | None:
+def run_experiment(experiment: ResolvedExperiment) -> ExperimentResult | None:
     """Extract what the config names (each image set once, from the cache when possible), fit and score every
     detector, and return the result; no result file is written.
 
     Under torchrun every rank extracts a shard and only rank 0 scores: the other ranks return None."""
+    config = experiment.config
     require_writable(Path(config.cache_dir), "cache directory (--cache-dir)")
     topology, device_name = init_from_environment(config.device)
     if not topology.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one rank reports
-    config = dataclasses.replace(config, device=device_name)
-    device = resolve_device(config.device)
-    model = load_model(config, device, topology)
-    image_sets = ImageSets(config, model.config)
+    device = resolve_device(device_name)
+    model = load_model(experiment, device, topology)
+    image_sets = ImageSets(experiment)
     # every folder is listed before anything is extracted, so a missing OOD set fails in seconds
     train = image_sets.dataset(config.train_data, "train")
     test_sets, id_name, ood_names = image_sets.test_sets()
     bank_size = len(bank_indices(len(train), config.bank_ratio, config.seed))
-    detectors = build_detectors(config, model, bank_size, len(train))
+    detectors = build_detectors(experiment, model, bank_size, len(train))
 
     extraction = Extraction(config, model, device, topology)
     train_name = image_sets.label(config.train_data, "train")

@@ -3,7 +3,6 @@ once per value, re-using every cached feature, and writes one table of the metri
 the bank's seed (`--set seed=0,1,2,3,4`) also summarises each number's spread over the draws (seed-summary.md)."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,19 +39,20 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
     Returns the terminal table and the path of sweep.csv."""
     key, values, others = split_sweep(overrides)
     # resolve every value first, so a bad one fails before anything runs
-    configs = [resolve_experiment(experiment_file, flags, [*others, f"{key}={value}"], default_subfolder=f"sweep-{key}")
-               for value in values]
+    experiments = [resolve_experiment(experiment_file, flags, [*others, f"{key}={value}"],
+                                      default_subfolder=f"sweep-{key}") for value in values]
     swept_detector = key.split(".")[1] if key.startswith("detectors.") and key.count(".") >= 2 else None
-    output_root = Path(configs[0].output_dir)
+    output_root = Path(experiments[0].config.output_dir)
     require_writable(output_root, "output directory (--output-dir)")
     table: list[list[str]] = []
     csv_lines = [f"{key},ood_data,detector,auroc,fpr95"]
     rows_by_value: dict[str, Sequence[ResultRow]] = {}
-    for number, (value, config) in enumerate(zip(values, configs)):
+    for number, (value, experiment) in enumerate(zip(values, experiments)):
+        config = experiment.config
         detectors = ({swept_detector: config.detectors[swept_detector]} if swept_detector else config.detectors)
-        config = dataclasses.replace(config, detectors=detectors, output_dir=str(output_root / f"{key}={value}"),
-                                     recompute=config.recompute and number == 0)  # re-extract once, not per value
-        result = run_experiment(config)
+        result = run_experiment(experiment.replace(  # re-extract once, not per value
+            detectors=detectors, output_dir=str(output_root / f"{key}={value}"),
+            recompute=config.recompute and number == 0))
         if result is None:  # a torchrun rank other than 0: it only helps extract
             continue
         write_result(result)
