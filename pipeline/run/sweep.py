@@ -77,6 +77,10 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
     return terminal, output_root / "sweep.csv"
 
 
+# the seed summary's metrics: the table's two first, then the rest of results.csv's
+SUMMARY_METRICS = (*TABLE_METRICS, *[metric for metric in RESULTS_METRICS if metric not in TABLE_METRICS])
+
+
 def seed_summary(rows_by_seed: dict[str, Sequence[ResultRow]]) -> tuple[list[list[str]], str]:
     """Per (OOD set, detector) over the seeds' runs: a table of FPR95 and AUROC as mean ± population std [min, max],
     and CSV text with every metric's mean, std, min and max (percent, full precision)."""
@@ -84,16 +88,16 @@ def seed_summary(rows_by_seed: dict[str, Sequence[ResultRow]]) -> tuple[list[lis
     for rows in rows_by_seed.values():
         for row in rows:
             per_metric = collected.setdefault((row.ood_data, row.detector), {})
-            for metric in RESULTS_METRICS:
+            for metric in SUMMARY_METRICS:
                 per_metric.setdefault(metric, []).append(row.metrics[metric])
     table = [["OOD set", "Detector", *[BY_NAME[metric].title for metric in TABLE_METRICS]]]
-    csv_lines = ["ood_data,detector,seeds," + ",".join(f"{metric}_{statistic}" for metric in RESULTS_METRICS
+    csv_lines = ["ood_data,detector,seeds," + ",".join(f"{metric}_{statistic}" for metric in SUMMARY_METRICS
                                                        for statistic in ("mean", "std", "min", "max"))]
     for (ood_data, detector), per_metric in collected.items():
         table.append([ood_data, detector, *[f"{np.mean(per_metric[metric]):.2f} ± {np.std(per_metric[metric]):.2f} "
                                             f"[{min(per_metric[metric]):.2f}, {max(per_metric[metric]):.2f}]"
                                             for metric in TABLE_METRICS]])
-        statistics = [statistic(per_metric[metric]) for metric in RESULTS_METRICS
+        statistics = [statistic(per_metric[metric]) for metric in SUMMARY_METRICS
                       for statistic in (np.mean, np.std, np.min, np.max)]
         csv_lines.append(f"{ood_data},{detector},{len(per_metric['auroc'])},"
                          + ",".join(repr(float(value)) for value in statistics))
