@@ -9,8 +9,8 @@ class UserError(Exception):
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close: the library's rule
-    (ood_detectors.base.did_you_mean), imported only here, on the error path, so that light tools importing this
-    module (pipeline.tools.aggregate) do not load torch and scikit-learn with it."""
+    """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close (ood_detectors.base's rule)."""
+    # imported here, on the error path, so that light tools importing this module (pipeline.tools.aggregate)
+    # do not load torch and scikit-learn
     from ood_detectors.base import did_you_mean as library_rule
     return library_rule(name, choices)

@@ -123,8 +123,7 @@ def best_matmul_rate(queries: torch.Tensor, bank: torch.Tensor, repeats: int) ->
 
 def official_cells(name: str, bank, queries, scores: torch.Tensor, our_seconds: float) -> str:
     """'official seconds | ours/official' for the detectors the official code has, after checking it computes
-    our scores (SSD's official score is exp(-d / 4096) of our -d, unless that saturates: on banks smaller than
-    the feature width the distances reach 1e5 and more)."""
+    our scores (SSD's official score is exp(-d / 4096) of our -d; the check is skipped where that saturates)."""
     if name not in OFFICIAL:
         return "- | -"
     start = time.perf_counter()

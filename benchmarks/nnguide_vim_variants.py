@@ -1,8 +1,8 @@
 """FPR95 / AUROC of the ways nnguide can combine its guidance with ViM, side by side on synthetic outputs.
 
-The paper's ViT-B/16 row is "NNGuide-ViM" without a formula; ViM scores are negative for about half of a
-bank, so "ViM in both places" (confidence="raw") flips bank features. This compares that with the other
-readings (see ood_detectors/nnguide.py) next to energy, ViM, KNN and plain NNGuide.
+ViM scores are negative for much of a bank, so "ViM in both places" (confidence="raw") flips bank features.
+This compares that with the other readings (see docs/differences.md, "NNGuide-ViM") next to energy, ViM, KNN
+and plain NNGuide.
 
 Synthetic outputs, seeded: class means in a `rank`-dimensional class subspace, a nuisance subspace of the
 same rank that the head ignores, small isotropic noise elsewhere; logits from a linear head aligned with the
@@ -11,9 +11,9 @@ class means plus random weights; features L2-normalised after the logits are tak
   far-principal  ID means under a 2.5x larger nuisance: as confident as ID but far in angle, no extra
                  residual (the classifier and ViM do not see it, the nearest neighbours do);
   far-residual   ID means 1.1x stronger plus about 3x more isotropic noise: over-confident, large ViM residual.
-Default shapes (a few seconds on 2 CPU cores): bank 5,000 x 512, 200 classes, ViM principal_dim 128,
-2,000 ID and 1,000 per OOD set. --imagenet: the paper's shapes, bank 12,811 x 2048, 1000 classes,
-principal_dim 500, 5,000 ID and 2,000 per OOD set (a few minutes).
+Default shapes: bank 5,000 x 512, 200 classes, ViM principal_dim 128, 2,000 ID and 1,000 per OOD set.
+--imagenet: the paper's shapes, bank 12,811 x 2048, 1000 classes, principal_dim 500, 5,000 ID and 2,000 per
+OOD set. Run times: docs/benchmarks.md.
 Usage: python benchmarks/nnguide_vim_variants.py [--imagenet] [--seed 0]
 """
 from __future__ import annotations
@@ -36,11 +36,11 @@ VARIANTS = {
     "vim": ("vim", {}),
     "knn": ("knn", {}),
     "nnguide (energy, the paper)": ("nnguide", {}),
-    "nnguide-vim raw (the old default)": ("nnguide", {"base": "vim", "confidence": "raw"}),
+    "nnguide-vim raw (the paper's formula as written)": ("nnguide", {"base": "vim", "confidence": "raw"}),
     "nnguide-vim raw, energy bank": ("nnguide", {"base": "vim", "confidence": "raw", "bank_confidence": "energy"}),
     "nnguide-vim softplus, energy bank": ("nnguide", {"base": "vim", "confidence": "softplus",
                                                        "bank_confidence": "energy"}),
-    "nnguide-vim softplus (new default)": ("nnguide", {"base": "vim", "confidence": "softplus"}),
+    "nnguide-vim softplus (the default)": ("nnguide", {"base": "vim", "confidence": "softplus"}),
     "nnguide-vim shift": ("nnguide", {"base": "vim", "confidence": "shift"}),
     "nnguide-vim exp": ("nnguide", {"base": "vim", "confidence": "exp"}),
 }

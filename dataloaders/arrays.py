@@ -20,11 +20,9 @@ SVHN_SPLITS = ("train", "test")
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, lists and dicts only.
-
-    We read the batches ourselves because torchvision's CIFAR class checks the md5 of the official
-    files (so it refuses generated test data) and unpickles without restriction (a crafted file
-    could run code). Python 3 writes bytes at protocol 2 as `_codecs.encode(text, 'latin1')`.
+    """Unpickles numpy arrays, lists and dicts only; any other global is a UserError (see docs/design.md,
+    "Data loading"). `_codecs.encode` is allowed: Python 3 writes bytes at protocol 2 as
+    `_codecs.encode(text, 'latin1')`.
     """
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),

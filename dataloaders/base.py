@@ -55,16 +55,10 @@ FILES_PER_TASK = 256  # files one thread stats or hashes per task: few futures, 
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """`image` as 8-bit RGB. 16-bit and 32-bit integer grey (modes I;16*, I) and float grey (F) are scaled to 8
-    bits first: `convert("RGB")` clips them at 255, which turns a 16-bit photograph nearly white.
-
-    Integer grey keeps its high byte (value >> 8, after clipping to [0, 65535]): that is what Pillow itself does
-    to 16-bit RGB and grey-with-alpha PNGs and 16-bit PPMs, so a picture decodes to the same pixels whichever
-    16-bit layout stored it, and an 8-bit image widened to 16 bits (v * 257) comes back exactly. Mode I is read
-    as 16-bit data because that is what Pillow gives for 16-bit PGM files (and gave for 16-bit PNGs before
-    Pillow 10); 32-bit integer images are rare. Float images are taken as intensities in [0, 1], the convention
-    of float image files (float TIFF, PFM) and of torchvision, rounded to the nearest level, clipped (NaN = 0).
-    Every 8-bit mode (L, P, RGB, RGBA, CMYK, LA, 1, ...) is converted exactly as `convert("RGB")` does."""
+    """`image` as 8-bit RGB. Integer grey (modes I;16*, I, read as 16-bit values clipped to [0, 65535]) keeps
+    its high byte; float grey (F) is read as intensities in [0, 1], rounded, clipped, NaN as 0; every 8-bit mode
+    is converted exactly as `convert("RGB")` does, which would clip wider values at 255 (see docs/datasets.md,
+    "How images are read")."""
     if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
         values = np.asarray(image).astype(np.int32)  # (H, W); I;16B arrives big-endian, I as int32
         image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
@@ -135,14 +129,11 @@ class ImageDataset(Dataset):
         return image, int(self.labels[index])
 
     def fingerprint(self) -> str:
-        """sha256 hex of the format name, the ids in order and, per image file, its size and modification time
-        (st_mtime_ns, links followed: what make and rsync compare); array formats hash their data files' bytes.
-        The feature cache's key; memoised. One stat per file, no reads.
+        """sha256 hex of the format name, the ids in order and, per image file, its size and st_mtime_ns (links
+        followed); array formats hash their data files' bytes. The feature cache's key; memoised; no file reads.
 
-        It changes when a file is added, removed, renamed, resized or rewritten. It misses a file replaced by
-        another of the same size whose modification time is the old one: set back (os.utime, `cp -p`, `tar x`
-        of another archive), or written within the file system's timestamp resolution (a few ms; 1-2 s on
-        FAT and some network file systems). `content_fingerprint` catches those."""
+        Blind to a file replaced by one of the same size and modification time, which `content_fingerprint`
+        catches (see docs/cache.md, "The image-set fingerprint")."""
         if self._fingerprint is None:
             digest = self._new_digest()
             self._hash_contents(digest)
@@ -153,13 +144,9 @@ class ImageDataset(Dataset):
         """sha256 hex of the format name and, in row order, each image's id and the sha256 of its bytes (pixels
         for arrays), for the images at `rows` (all when None; memoised then). Reads every byte.
 
-        A check on the cache key, not a second key: cached features stay under `fingerprint()`, so runs that
-        verify content and runs that do not share one entry. To verify, record this value beside the features
-        of the rows it covers when they are written, and recompute and compare it before reusing them (per rows
-        file, so a 1% bank reads only its own images); a mismatch, or no recorded value, means re-extracting
-        those rows. A separate key would keep a stale entry alive for the runs that do not verify, and would
-        re-extract everything merely to start verifying. Row order is the dataset's (its sorted listing), never
-        the OS's; file times do not enter, so `touch` or a copy to another disk leaves it unchanged."""
+        A check on the cache key, not a second key: record it beside the features of the rows it covers, and
+        recompute and compare it before reusing them (see docs/design.md, "Extract once, cache raw features").
+        Row order is the dataset's; file times do not enter, so `touch` or a copy leaves it unchanged."""
         if rows is None and self._content_fingerprint is not None:
             return self._content_fingerprint
         selected = range(len(self)) if rows is None else [int(row) for row in rows]

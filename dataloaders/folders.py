@@ -69,15 +69,11 @@ def unreadable_path_error(path: Path, error: OSError) -> UserError:
 
 
 class FolderWalk:
-    """Lists the folders of one dataset tree, following symbolic links, so that symlink farms work, and stops
-    at the listing (before anything is extracted) on what would otherwise corrupt the image list silently.
+    """Lists the folders of one dataset tree, following symbolic links, so that symlink farms work.
 
-    torchvision's make_dataset walks with os.walk(followlinks=True): a link such as `a/again -> .` repeats the
-    folder until the system stops resolving the path (a class of 4 images became 164 on Linux), a dangling link
-    is listed as an image, and a folder it cannot read is skipped without a word. Here each is a UserError
-    naming the path: a folder reached a second time, compared by (st_dev, st_ino) (a link loop, or two links to
-    one folder, whose images would be listed twice); a link whose target is missing (a folder or an image gone);
-    a folder that cannot be listed."""
+    A UserError naming the path, raised while listing: a folder reached a second time, compared by
+    (st_dev, st_ino) (a link loop, or two links to one folder); a link whose target is missing; a folder that
+    cannot be listed. Why, where torchvision's make_dataset lists silently: docs/design.md ("Data loading")."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

@@ -61,10 +61,9 @@ def image_list(path: Path, split: str, transform: Callable | None, download: boo
                image_root: str = ".", skip_missing: bool = False) -> FileImageDataset:
     """The images `path` (a list file) names, in its order, with its labels (OOD lists often say -1).
 
-    `image_root` is relative to the list file's folder (or absolute): base.py hands builders the split's
-    path only, and this keeps every split's list and images described without knowing the data root.
-    A listed file that does not exist (or is a dangling link) is an error, or with `skip_missing` skipped and
-    counted in `skipped`; a listed path that cannot be looked at (permission denied) is always an error."""
+    `image_root` is relative to the list file's folder, or absolute. A listed file that does not exist (or is a
+    dangling link) is a UserError, or with `skip_missing` skipped and listed in `skipped`; a listed path that
+    cannot be looked at (permission denied) is always a UserError."""
     image_paths, labels = read_image_list(path)
     root = (path.parent / Path(image_root).expanduser()).resolve()  # an absolute image_root replaces the parent
     if not root.is_dir():

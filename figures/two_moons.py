@@ -4,11 +4,11 @@ confidence and NNGuide on that confidence.
 A small MLP is trained on scikit-learn's two moons; each detector is fitted on the training points' outputs
 and scored on a grid reaching well beyond the data, one panel per score. The confidence is the maximum softmax
 probability by default, as in the paper's own plotting script (`--base energy` shows the energy instead, whose
-growth far from the data this toy's guidance cannot cancel; see the README). Each panel shades the region its
-detector accepts at the threshold that accepts 95% of the training points (their 5th-percentile score), outlines
-it, and colours it by a scale shared by all panels: the share of training points scoring lower. Points farther
-than FAR_DISTANCE from every training point lie outside the dashed line; each title gives the share of them
-accepted.
+growth far from the data this toy's guidance cannot cancel; see docs/two-moons.md). Each panel shades the
+region its detector accepts at the threshold that accepts 95% of the training points (their 5th-percentile
+score), outlines it, and colours it by a scale shared by all panels: the share of training points scoring lower.
+Points farther than FAR_DISTANCE from every training point lie outside the dashed line; each title gives the
+share of them accepted.
 Usage: python figures/two_moons.py [--output assets/two_moons.png] [--grid 200] [--seed 0] [--k 10] [--base msp]
 """
 from __future__ import annotations
@@ -41,10 +41,10 @@ def panels(base: str) -> list[tuple[str, str, dict]]:
 
 
 class MoonsNet(torch.nn.Module):
-    """(x - centre) -> 64 ReLU -> 256 ReLU features -> 2 logits; forward returns (features, logits).
+    """(x - centre) -> 64 ReLU -> 256 ReLU features -> 2 logits; forward returns (features (N, 256), logits (N, 2)).
 
-    Shallow and wide so the normalised features still tell locations apart; a deeper net collapses each
-    class onto one feature direction and then every point of the plane has a near neighbour (cosine ~ 1).
+    Shallow and wide so that the normalised features still tell locations apart (a deeper net collapses each
+    class onto one feature direction).
     """
 
     def __init__(self, centre: torch.Tensor, hidden: int = 64, feature_dim: int = 256) -> None:
@@ -93,7 +93,7 @@ def scores_on_grid(grid: int = 200, seed: int = 0, k: int = 10, base: str = "msp
     ys = np.linspace(*Y_RANGE, grid, dtype=np.float32)
     mesh = torch.from_numpy(np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2))   # (grid * grid, 2)
 
-    # Thread start-up costs more than these tiny matmuls compute; one thread is several times faster.
+    # Thread start-up costs more than these tiny matmuls compute: one thread is faster.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

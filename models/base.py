@@ -209,8 +209,8 @@ def build_backbone(config: ModelConfig, pretrained_dir: Path) -> Backbone:
 
 
 def _build_uninitialised(builder: ArchitectureBuilder, config: ModelConfig) -> tuple[nn.Module, str | tuple[str, ...]]:
-    """The architecture on the meta device, with no random initialisation to overwrite (seconds for the large
-    ones); on the CPU for builders that compute with tensors while building (torchvision's RegNet widths)."""
+    """The architecture on the meta device, with no random initialisation to overwrite; on the CPU for builders
+    that compute with tensors while building (torchvision's RegNet widths)."""
     try:
         with torch.device("meta"):
             return builder(config.num_classes, config.transform.crop)

@@ -47,7 +47,7 @@ class OODDetector:
 
     def check_feature_dim(self, dim: int) -> None:
         """Raise a ValueError if the hyper-parameters cannot work on `dim`-wide features; `fit` calls it, and a
-        pipeline can call it once the backbone's feature width is known, before hours of extraction."""
+        pipeline can call it as soon as the feature width is known, before extracting anything."""
 
     def check_bank_size(self, bank_size: int) -> None:
         """Raise a ValueError if the hyper-parameters cannot work on a bank of `bank_size` samples; called by `fit`
@@ -69,7 +69,8 @@ class OODDetector:
 
 def check_outputs(outputs: Outputs, fields: tuple[str, ...], where: str,
                   dims: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """The named fields as tensors, after checking presence, shapes, dtypes, finiteness and dims seen at fit."""
+    """The named fields as tensors, after checking presence, shapes, dtypes, finiteness, unit norm of `feas` and
+    the dims seen at fit; ValueError naming the field otherwise."""
     if not isinstance(outputs, Mapping):
         raise ValueError(f"{where}: outputs must be a dict of tensors, got {type(outputs).__name__}")
     checked: dict[str, torch.Tensor] = {}
@@ -106,17 +107,15 @@ def check_outputs(outputs: Outputs, fields: tuple[str, ...], where: str,
 
 
 def unit_norm_tolerance(dtype: torch.dtype) -> float:
-    """How far from 1 a row norm of L2-normalised features may be: UNIT_NORM_TOLERANCE (1e-3), or twice the
-    dtype's epsilon where coarser (float16 2.0e-3, bfloat16 1.6e-2), as normalising in float16/bfloat16 rounds
-    each norm by up to about one epsilon; float32 normalisation is off by ~1e-7."""
+    """How far from 1 a row norm of L2-normalised `dtype` features may be: UNIT_NORM_TOLERANCE (1e-3), or twice
+    the dtype's epsilon where coarser (float16 2.0e-3, bfloat16 1.6e-2), since half-precision normalisation rounds
+    each norm by about one epsilon."""
     return max(UNIT_NORM_TOLERANCE, 2 * torch.finfo(dtype).eps)
 
 
 def check_unit_rows(tensor: torch.Tensor, field: str, where: str) -> None:
-    """Reject rows that are not L2-normalised: an unnormalised feature silently rescales every score that reads it.
-
-    All-zero rows are rejected too (their row count is named): no normalisation gives them unit norm.
-    """
+    """ValueError naming the count and norm range of rows whose norm is not within `unit_norm_tolerance` of 1
+    (all-zero rows counted apart): an unnormalised feature silently rescales every score that reads it."""
     norms = torch.cat([torch.linalg.vector_norm(chunk.float(), dim=1)
                        for chunk in tensor.split(_NORM_CHUNK_ROWS)])                  # (N,)
     tolerance = unit_norm_tolerance(tensor.dtype)

@@ -31,7 +31,7 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
 @register_detector("energy")
 @dataclasses.dataclass(eq=False)
 class Energy(OODDetector):
-    """Energy score: logsumexp(logits)."""
+    """Energy score (Liu et al., NeurIPS 2020): logsumexp(logits)."""
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         return energy(outputs["logits"])
@@ -40,7 +40,7 @@ class Energy(OODDetector):
 @register_detector("msp")
 @dataclasses.dataclass(eq=False)
 class MaxSoftmax(OODDetector):
-    """Maximum softmax probability."""
+    """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017): max_c softmax(logits)_c."""
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         return max_softmax(outputs["logits"])
@@ -49,7 +49,7 @@ class MaxSoftmax(OODDetector):
 @register_detector("maxlogit")
 @dataclasses.dataclass(eq=False)
 class MaxLogit(OODDetector):
-    """Maximum logit."""
+    """Maximum logit (Hendrycks et al., ICML 2022): max_c logits_c."""
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         return max_logit(outputs["logits"])
@@ -58,7 +58,8 @@ class MaxLogit(OODDetector):
 @register_detector("kl")
 @dataclasses.dataclass(eq=False)
 class KLToUniform(OODDetector):
-    """KL-matching in its official form: cross-entropy of the softmax against the uniform distribution."""
+    """KL matching (Hendrycks et al., ICML 2022) in the official code's form: cross-entropy of the softmax
+    against the uniform distribution, E(x) - mean(logits)."""
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         return kl_to_uniform(outputs["logits"])

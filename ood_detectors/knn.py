@@ -12,15 +12,17 @@ from ood_detectors.search import InnerProductSearch, check_search_options
 @register_detector("knn")
 @dataclasses.dataclass(eq=False)
 class KNN(OODDetector):
-    """score(x) = the k-th largest inner product <z, z_i> over the bank's normalised features z_i.
+    """Deep nearest neighbours (Sun et al., ICML 2022).
 
-    For unit vectors this is 1 - d^2/2 of the k-th nearest neighbour, the official "min of the top-k
-    similarities".
+        score(x) = the k-th largest inner product <z, z_i> over the bank's normalised features z_i.
+
+    For unit vectors this is 1 - d^2/2 of the k-th nearest neighbour (the official "min of the top-k
+    similarities").
     """
 
     k: int = 10
     backend: str = "auto"  # nearest-neighbour search: "auto", "faiss", "torch" or "numpy" (see search.py)
-    bank_dtype: str = "float32"  # "float16": faster, half the memory, similarities rounded (see search.py)
+    bank_dtype: str = "float32"  # "float16": half the memory, similarities to about 3 digits (see search.py)
 
     fit_fields = ("feas",)
     score_fields = ("feas",)
@@ -41,6 +43,6 @@ class KNN(OODDetector):
 
 
 def check_k_fits_bank(k: int, bank_size: int, detector: str) -> None:
-    """k nearest neighbours need at least k bank samples."""
+    """ValueError when k exceeds the bank size."""
     if k > bank_size:
         raise ValueError(f"{detector}: k={k} is larger than the bank ({bank_size} samples)")

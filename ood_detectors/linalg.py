@@ -1,8 +1,7 @@
 """The float64 covariance algebra that ViM, Mahalanobis and SSD fit: a Gram matrix, its eigenvectors, a pseudo-inverse.
 
-On a CPU it runs in numpy, as the official code does: `x.T @ x` of one array is a symmetric rank-k product there
-(half a matmul's flops), and OpenBLAS's LAPACK keeps its speed on a busy machine where MKL's, under torch,
-slowed down up to 20x (see the README). On a GPU it stays in torch.
+Symmetric routines throughout; numpy on a CPU (`x.T @ x` of one array is a symmetric rank-k product there),
+torch on a GPU. Why: docs/design.md ("Linear algebra").
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ from ood_detectors.linalg import gram, symmetric_pinv
 
 
 class _GaussianDistance(OODDetector):
-    """score(x) = -min_c (x' - mu_c)^T P (x' - mu_c), with x' the bank-standardised normalised feature.
+    """score(x) = -min_c (x' - mu_c)^T P (x' - mu_c), with x' the bank-standardised normalised feature, mu_c the
+    cluster centres and P the pseudo-inverse of their shared covariance; computed in float64.
 
-    Computed in float64. The official code returns exp(-(d / 2048) / 2): the same ranking, but it
-    underflows/overflows on small banks, so the plain negative distance is returned instead.
+    The official code returns exp(-(d / 2048) / 2), the same ranking (see docs/differences.md).
     """
 
     def _standardise(self, feas: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,8 @@ class _GaussianDistance(OODDetector):
 @register_detector("mahalanobis")
 @dataclasses.dataclass(eq=False)
 class Mahalanobis(_GaussianDistance):
-    """One centre per class present in the bank labels, a covariance shared by all classes."""
+    """Mahalanobis (Lee et al., NeurIPS 2018): one centre per class present in the bank labels, a covariance
+    shared by all classes. Reads `feas` and, at fit, `labels`."""
 
     fit_fields = ("feas", "labels")
     score_fields = ("feas",)
@@ -66,7 +67,7 @@ class Mahalanobis(_GaussianDistance):
 @register_detector("ssd")
 @dataclasses.dataclass(eq=False)
 class SSD(_GaussianDistance):
-    """A single cluster: the bank's own centre and covariance, no labels."""
+    """SSD (Sehwag et al., ICLR 2021): a single cluster, the bank's own centre and covariance; no labels."""
 
     fit_fields = ("feas",)
     score_fields = ("feas",)

@@ -31,28 +31,24 @@ def to_confidence(scores: torch.Tensor, kind: str, offset: float) -> torch.Tenso
 @register_detector("nnguide")
 @dataclasses.dataclass(eq=False)
 class NNGuide(OODDetector):
-    """score(x) = guidance(x) * C(x), with C the classifier's confidence (energy by default) and
+    """Nearest Neighbor Guidance (Park, Jung & Teoh, ICCV 2023).
 
-        guidance(x) = mean of the k largest <z, C(x_i) z_i> over the bank,
+        score(x) = guidance(x) * C(x),   guidance(x) = mean of the k largest <z, C(x_i) z_i> over the bank,
 
-    z the L2-normalised features. Scaling each bank feature by its own confidence lets the score keep the
-    classifier's fine-grained ranking near the data while the guidance shrinks its over-confidence far from it.
-    `base` picks the base score S: "energy" (the paper), "msp", "maxlogit", "kl", or "vim" (the paper's
-    ViT-B/16 row, "NNGuide-ViM"); `base_options` are the base's own hyper-parameters (e.g. principal_dim).
-
-    `confidence` maps S to C. "raw", C = S, is the paper's formula and the default for the logit scores.
-    ViM (energy - alpha * residual norm) is negative for about half of a bank, and a negative C flips its bank
-    feature and inverts the ranking, so for base "vim" the default is "softplus", log(1 + e^S): positive,
-    increasing, about S where S >> 0, and for ViM -log of its virtual class's softmax probability. Neither the
-    official code nor the parts of the paper we could read give the ViM row's formula; the other readings,
-    compared in benchmarks/nnguide_vim_variants.py: "shift" max(S - bank minimum, 0), "exp"
-    e^(S - bank maximum), and bank_confidence="energy" (the bank scaled by the energy whatever the base).
+    z the L2-normalised features and C the classifier's confidence, computed from a base score S. The guidance
+    keeps the classifier's ranking near the data and shrinks its over-confidence far from it.
+    `base` picks S: "energy" (the paper), "msp", "maxlogit", "kl" or "vim" (the paper's ViT-B/16 row,
+    "NNGuide-ViM"); `base_options` are the base's own hyper-parameters (e.g. principal_dim).
+    `confidence` maps S to C (see `to_confidence`): "raw", C = S, the paper's formula and the default for the
+    logit scores; "softplus", the default for "vim", whose S is negative for much of a bank; "shift"; "exp".
+    `bank_confidence="energy"` scales the bank by the energy whatever the base. The NNGuide-ViM reading and its
+    alternatives: docs/differences.md ("NNGuide-ViM").
     """
 
     k: int = 10
     base: str = "energy"
     backend: str = "auto"  # nearest-neighbour search: "auto", "faiss", "torch" or "numpy" (see search.py)
-    bank_dtype: str = "float32"  # "float16": faster, half the memory, similarities rounded (see search.py)
+    bank_dtype: str = "float32"  # "float16": half the memory, similarities to about 3 digits (see search.py)
     base_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     confidence: str | None = None  # C from S: "raw", "softplus", "shift", "exp"; None: softplus for vim, else raw
     bank_confidence: str = "base"  # what scales the bank features: "base" (C) or "energy"

@@ -1,12 +1,11 @@
 """Exact top-k inner-product search against a fixed bank: faiss (`IndexFlatIP`) or blocked matmul + top-k.
 
-The index is built once (in a detector's `fit`) and reused for every query set. Memory stays bounded: the
-blocked backends walk the bank in blocks and the queries in chunks, keeping a running top-k, and a bank too
-large for the queries' GPU stays in host memory and is streamed to it block by block. On a CPU the matmul is
-the machine's fastest fp32 BLAS: numpy's (OpenBLAS) or torch's (MKL), picked by measuring once per process
-(see `fastest_cpu_matmul`); on GPUs it is torch's. `bank_dtype="float16"` stores (and on GPUs multiplies) the
-bank in half precision: about twice as fast and half the memory, at the cost of rounding every similarity to
-about 3 significant digits.
+The index is built once (in a detector's `fit`) and reused for every query set. The blocked backends walk the
+bank in blocks and the queries in chunks, keeping a running top-k, so memory stays bounded; a bank too large for
+the queries' GPU stays in host memory and is streamed to it. On a CPU the matmul is numpy's or torch's, the
+faster measured once per process (`fastest_cpu_matmul`); on GPUs it is torch's. `bank_dtype="float16"` stores
+(and on GPUs multiplies) the bank in half precision: similarities keep about 3 significant digits.
+Why, and what it costs: docs/design.md ("Exact search, bounded memory", "The CPU search kernel").
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import torch
 BACKENDS = ("auto", "faiss", "torch", "numpy")
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection limit
-CALIBRATION_MIN_FLOPS = 1e11  # a smaller search takes under a second with either: torch's, without measuring
+CALIBRATION_MIN_FLOPS = 1e11  # CPU searches with fewer flops use torch's matmul without timing (docs/design.md)
 NUMPY_PREFERENCE = 1.10  # torch's matmul replaces numpy's only when measured over 10% faster (no flip-flop on noise)
 
 
@@ -37,8 +36,10 @@ def faiss_gpu_count() -> int:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto': faiss on GPUs when faiss-gpu sees one, else blocked matmul + top-k with the device's fastest
-    matmul (as fast as faiss's or faster, see the README); 'torch' and 'numpy' force one matmul."""
+    """'auto': faiss when faiss-gpu sees a GPU, else blocked matmul + top-k with the device's fastest matmul
+    (see docs/design.md, "Exact search, bounded memory"); 'torch' and 'numpy' force one matmul.
+
+    Raises ValueError when 'faiss' is asked for and faiss is not installed."""
     if backend == "faiss" and not faiss_available():
         raise ValueError("search backend 'faiss' was asked for but faiss is not installed "
                          "(run ./install_packages.sh, or use backend='auto')")
@@ -48,7 +49,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def check_search_options(backend: str, bank_dtype: str, detector: str) -> None:
-    """Hyper-parameter checks at construction, so a typo fails before any feature is extracted."""
+    """ValueError for an unknown backend or bank_dtype; called at construction, before any feature is extracted."""
     if backend not in BACKENDS:
         raise ValueError(f"{detector}: unknown search backend '{backend}'; valid: {', '.join(BACKENDS)}")
     if bank_dtype not in BANK_DTYPES:
@@ -72,10 +73,9 @@ def fastest_cpu_matmul(dim: int) -> str:
     """'numpy' or 'torch': whose blocked search (matmul + top-k) is faster on this CPU for `dim`-wide rows,
     measured once per process.
 
-    numpy's OpenBLAS and torch's MKL differ by up to 2x depending on the processor (MKL runs at about half
-    OpenBLAS's rate on AMD EPYCs; see the README), and switching between their thread pools has a cost of its
-    own, so the whole search step is timed: 512 queries against 4,096 bank rows, best of three after a warm-up,
-    about 0.5 s at dim 2048. numpy is kept unless torch is over 10% faster.
+    Times one whole search step of each (512 queries against 4,096 bank rows, best of three after a warm-up);
+    numpy is kept unless torch is NUMPY_PREFERENCE times faster. Why, and the measured benefit: docs/design.md
+    ("The CPU search kernel").
     """
     generator = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(4096, dim, generator=generator), torch.randn(512, dim, generator=generator)
@@ -93,7 +93,11 @@ def fastest_cpu_matmul(dim: int) -> str:
 
 
 class InnerProductSearch:
-    """The k largest inner products <query, bank_i> for each query, sorted in decreasing order."""
+    """The k largest inner products <query, bank_i> for each query, sorted in decreasing order.
+
+    `bank` is an (M, D) float tensor; a bank that is not 2-D, empty or not float is a ValueError, and so is
+    backend="faiss" with a bank that does not fit in the GPUs' free memory.
+    """
 
     def __init__(self, bank: torch.Tensor, backend: str = "auto", bank_dtype: str = "float32",
                  chunk_bytes: int = 1 << 28, bank_block_rows: int = 1 << 16) -> None:
@@ -121,7 +125,8 @@ class InnerProductSearch:
         self._resident = {self._bank.device: self._bank}  # copies on query devices, made once
 
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """(N, k) float32 tensor of the top-k inner products, on the queries' device."""
+        """(N, k) float32 top-k inner products of (N, D) `queries`, on their device; ValueError for another D, or
+        k outside [1, M] (or above FAISS_GPU_MAX_K with faiss on GPUs)."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must have shape (N, {self.dim}), got {tuple(queries.shape)}")
         if not 1 <= k <= self.size:
@@ -143,8 +148,7 @@ class InnerProductSearch:
         if self.backend != "auto":
             return self.backend
         if 2 * queries.shape[0] * self.size * self.dim < CALIBRATION_MIN_FLOPS:
-            # not numpy's: after each call OpenBLAS's idle threads spin for a while, and the next torch work
-            # (a forward pass, when images are scored one by one) runs up to 2.5x slower on a 2-core machine
+            # not numpy's: OpenBLAS's idle threads keep spinning after each call and slow the next torch work
             return "torch"
         return fastest_cpu_matmul(self.dim)
 

@@ -13,10 +13,13 @@ from ood_detectors.linalg import eigh, gram
 @register_detector("vim")
 @dataclasses.dataclass(eq=False)
 class ViM(OODDetector):
-    """score(x) = E(x) - alpha * ||(z - u) R||, E the energy and z the normalised features.
+    """Virtual-logit Matching (Wang et al., CVPR 2022).
 
-    u is the bank's mean feature, R spans the eigenvectors of the bank covariance beyond the top
-    `principal_dim` (the residual space), and alpha = mean bank max-logit / mean bank residual norm.
+        score(x) = E(x) - alpha * ||(z - u) R||,
+
+    E the energy, z the normalised features, u the bank's mean feature (the NNGuide repository's centre; see
+    docs/differences.md), R the eigenvectors of the bank covariance beyond the top `principal_dim` (the residual
+    space), and alpha = mean bank max-logit / mean bank residual norm.
     """
 
     principal_dim: int = 500
@@ -28,15 +31,14 @@ class ViM(OODDetector):
         check_positive_int(self.principal_dim, "vim: principal_dim")
 
     def check_feature_dim(self, dim: int) -> None:
-        """The residual space beyond the top principal_dim directions must exist."""
+        """ValueError unless principal_dim < dim: the residual space must exist."""
         if self.principal_dim >= dim:
             raise ValueError(f"vim: principal_dim={self.principal_dim} must be smaller than the feature "
                              f"dimension {dim}")
 
     def check_bank_size(self, bank_size: int) -> None:
-        """The bank must span more than principal_dim directions: centred, M samples span at most M - 1, so
-        M - 1 < principal_dim leaves the residual space arbitrary, and M - 1 = principal_dim leaves the bank no
-        residual (alpha would divide by a rounding error)."""
+        """ValueError unless the bank has at least principal_dim + 2 samples: centred, M samples span at most
+        M - 1 directions, and the residual space needs bank variance beyond the top principal_dim."""
         if bank_size - 1 <= self.principal_dim:
             raise ValueError(f"vim: a bank of {bank_size} samples is too small for principal_dim="
                              f"{self.principal_dim}: centred, it spans at most {bank_size - 1} directions, so the "
