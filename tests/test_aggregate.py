@@ -99,16 +99,18 @@ def test_main_writes_one_table_per_model_and_id_set(results_root, tmp_path, caps
 def test_duplicate_result_names_both_files(results_root):
     first = results_root / "resnet50-react/imagenet1k/results.csv"
     second = write_results(results_root / "rerun", "imagenet1k", REACT_IMAGENET[:1])
-    with pytest.raises(UserError, match="duplicate result") as error:
+    with pytest.raises(UserError) as error:
         collect(results_root)
-    assert str(first) in str(error.value) and str(second) in str(error.value)
+    for value in (str(first), str(second), "resnet50-react", "inaturalist", "nnguide"):  # both files, the result
+        assert value in str(error.value)
 
 
 def test_empty_root_is_a_one_line_error_with_exit_code_2(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "pipeline.tools.aggregate", str(tmp_path)], check=False, cwd=REPO,
                                capture_output=True, text=True)
     assert completed.returncode == 2
-    assert completed.stderr.strip().splitlines() == [f"error: no results.csv found under {tmp_path}"]
+    (error,) = completed.stderr.strip().splitlines()
+    assert error.startswith("error: ") and "results.csv" in error and str(tmp_path) in error
 
 
 def fake_python(folder: Path) -> Path:

@@ -23,8 +23,8 @@ from tests.main_process import start_main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def valid_names(kind: str) -> str:
-    return ", ".join(sorted(path.stem for path in (REPO / "configs" / kind).glob("*.yaml")))
+def valid_names(kind: str) -> list[str]:
+    return sorted(path.stem for path in (REPO / "configs" / kind).glob("*.yaml"))
 
 
 @dataclass(frozen=True)
@@ -82,32 +82,32 @@ class Case:
 def missing_dataset_folder(inputs: Inputs) -> tuple[list[str], list[str]]:
     root = inputs.data_root_without_inaturalist()
     return (["--data-root", str(root), "--model", str(inputs.small_model_yaml)],
-            [f"dataset folder {root / 'inaturalist/iNaturalist/images'} does not exist"])
+            [str(root / "inaturalist/iNaturalist/images"), "does not exist"])
 
 
 def dataset_folder_without_images(inputs: Inputs) -> tuple[list[str], list[str]]:
     root = inputs.data_root_without_inaturalist()
     write_flat_folder(root / "inaturalist/iNaturalist/images", count=0)  # only a text file and a fake .jpg
     return (["--data-root", str(root), "--model", str(inputs.small_model_yaml)],
-            [f"no images in {root / 'inaturalist/iNaturalist/images'}"])
+            [str(root / "inaturalist/iNaturalist/images"), "no images"])
 
 
 def unwritable_cache_directory(inputs: Inputs) -> tuple[list[str], list[str]]:
     (inputs.work / "a-file").write_text("")  # a folder under a file: unwritable even for root, unlike chmod
     cache = inputs.work / "a-file" / "cache"
-    return ["--cache-dir", str(cache)], [f"cache directory (--cache-dir) {cache} is not writable"]
+    return ["--cache-dir", str(cache)], ["--cache-dir", str(cache)]
 
 
 def wrong_type_in_experiment_yaml(inputs: Inputs) -> tuple[list[str], list[str]]:
     experiment = inputs.work / "experiment.yaml"
     experiment.write_text("chunk_size: 10000\nseed: zero\n")
-    return ["--config", str(experiment)], [f"{experiment} + command line: key 'seed' must be int, got 'zero'"]
+    return ["--config", str(experiment)], [str(experiment), "'seed'", "int", "'zero'"]
 
 
 def not_a_checkpoint(inputs: Inputs) -> tuple[list[str], list[str]]:
     weights = inputs.work / "resnet50-supcon.pt"
     weights.write_text("<html><body>Sign in to download this file</body></html>\n")  # a saved login page
-    return ["--model", str(inputs.model_with_checkpoint(weights))], [f"{weights} is not a PyTorch checkpoint"]
+    return ["--model", str(inputs.model_with_checkpoint(weights))], [str(weights), "not a PyTorch checkpoint"]
 
 
 def checkpoint_with_wrong_keys(inputs: Inputs) -> tuple[list[str], list[str]]:
@@ -118,10 +118,10 @@ def checkpoint_with_wrong_keys(inputs: Inputs) -> tuple[list[str], list[str]]:
     torch.save({"model_state_dict": {"encoder.conv1.weight": torch.zeros(64, 3, 3, 3),  # 7x7 in a ResNet-50
                                      "encoder.layer5.0.conv1.weight": torch.zeros(1)}}, weights)
     return ["--model", str(inputs.model_with_checkpoint(weights))], [
-        f"checkpoint {weights} does not fit architecture 'resnet50'",
-        f"{len(resnet50_keys) - 1} missing: bn1.weight, bn1.bias, bn1.running_mean, ...",
-        "1 unexpected: layer5.0.conv1.weight",
-        "1 mis-shaped: conv1.weight (64, 3, 3, 3) != (64, 3, 7, 7)"]
+        str(weights), "'resnet50'",
+        f"{len(resnet50_keys) - 1} missing", "bn1.weight", "bn1.bias", "bn1.running_mean",
+        "1 unexpected", "layer5.0.conv1.weight",
+        "1 mis-shaped", "conv1.weight (64, 3, 3, 3)", "(64, 3, 7, 7)"]
 
 
 def nan_features(inputs: Inputs) -> tuple[list[str], list[str]]:
@@ -129,7 +129,7 @@ def nan_features(inputs: Inputs) -> tuple[list[str], list[str]]:
         state["encoder.bn1.running_var"][0] = -1.0  # sqrt(-1): NaN in the stem, then in every feature
     model = inputs.model_with_checkpoint(inputs.edited_supcon_checkpoint(negative_variance))
     return (["--model", str(model), "--data-root", str(inputs.small_data_root()), "--bank-ratio", "1.0"],
-            ["imagenet1k bank: 4 of 4 feature rows are NaN or inf"])
+            ["imagenet1k bank", "4 of 4", "feature"])
 
 
 def inf_logits(inputs: Inputs) -> tuple[list[str], list[str]]:
@@ -141,28 +141,27 @@ def inf_logits(inputs: Inputs) -> tuple[list[str], list[str]]:
 
 
 def config_that_is_a_folder(inputs: Inputs) -> tuple[list[str], list[str]]:
-    return ["--config", str(inputs.work)], [f"config file {inputs.work} is a folder; give a YAML file"]
+    return ["--config", str(inputs.work)], [str(inputs.work), "is a folder"]  # the path itself holds "folder"
 
 
 def config_that_is_binary(inputs: Inputs) -> tuple[list[str], list[str]]:
     weights = inputs.work / "experiment.yaml"
     weights.write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xb7\xac\xce\xe8")  # a zip, given by mistake
-    return ["--config", str(weights)], [f"config file {weights} is not a text file (not UTF-8)"]
+    return ["--config", str(weights)], [str(weights), "UTF-8"]
 
 
 def misspelt_dataset_option(inputs: Inputs) -> tuple[list[str], list[str]]:
     dataset = inputs.work / "my-ood.yaml"
     dataset.write_text("format: flat_folder\nsplits: {test: inaturalist/iNaturalist/images}\n"
                        "options: {membrship: paper}\n")
-    return ["--ood-data", str(dataset)], [f"{dataset}: dataset 'my-ood': format 'flat_folder' has no option "
-                                           f"'membrship' (did you mean 'membership'?)"]
+    return ["--ood-data", str(dataset)], [str(dataset), "'my-ood'", "'flat_folder'", "'membrship'", "'membership'"]
 
 
 def transform_crop_zero(inputs: Inputs) -> tuple[list[str], list[str]]:
     config = yaml.safe_load(inputs.model_yaml.read_text())
     model = inputs.work / "model.yaml"
     model.write_text(yaml.safe_dump({**config, "transform": {"resize": 36, "crop": 0}}))
-    return ["--model", str(model)], [f"{model}: key 'transform': transform: crop must be at least 1 pixel, got 0"]
+    return ["--model", str(model)], [str(model), "'transform'", "transform: crop", "got 0"]
 
 
 def link_loop_in_a_class_folder(inputs: Inputs) -> tuple[list[str], list[str]]:
@@ -174,7 +173,7 @@ def link_loop_in_a_class_folder(inputs: Inputs) -> tuple[list[str], list[str]]:
 
 
 def skipped_non_images(inputs: Inputs) -> list[str]:
-    return [f"skipped 2 files in {inputs.work / 'datasets/inaturalist/iNaturalist/images'} that are not JPEG or PNG"]
+    return ["skipped 2 files", str(inputs.work / "datasets/inaturalist/iNaturalist/images")]
 
 
 SUPCON_URL = yaml.safe_load((REPO / "configs/models/resnet50-supcon.yaml").read_text())["checkpoint_url"]
@@ -187,36 +186,34 @@ CASES = {
     "unwritable cache directory": Case(unwritable_cache_directory),
     # names: the closest valid one and all of them
     "unknown model": Case(lambda inputs: (["--model", "resnet50-supcom"], [
-        f"unknown model 'resnet50-supcom' (did you mean 'resnet50-supcon'?); valid: {valid_names('models')}"])),
+        "'resnet50-supcom'", "'resnet50-supcon'", *valid_names("models")])),
     "unknown dataset": Case(lambda inputs: (["--ood-data", "inaturalist", "textrues"], [
-        f"unknown dataset 'textrues' (did you mean 'textures'?); valid: {valid_names('datasets')}"])),
+        "'textrues'", "'textures'", *valid_names("datasets")])),
     "unknown detector": Case(lambda inputs: (["--detectors", "energy", "nnguid"], [
-        f"unknown detector 'nnguid' (did you mean 'nnguide'?); valid: {valid_names('detectors')}"])),
+        "'nnguid'", "'nnguide'", *valid_names("detectors")])),
     # configs (YAML syntax error: test_reliability.py; unknown key: test_pipeline.py)
     "wrong type": Case(wrong_type_in_experiment_yaml),
     "k = 0": Case(lambda inputs: (["--detectors", "knn", "--set", "detectors.knn.k=0"],
-                                  ["knn: k must be a positive integer, got 0"])),
+                                  ["knn: k", "got 0"])),
     "k larger than the bank": Case(lambda inputs: (["--detectors", "knn", "--set", "detectors.knn.k=25",
                                                     "--bank-ratio", "0.5", "--ood-data", "textures",
                                                     "--model", str(inputs.small_model_yaml)],
-                                                   ["detector 'knn'", "k=25", "bank: 24 images = 0.5 x 48"])),
+                                                   ["detector 'knn'", "k=25", "24 images = 0.5 x 48"])),
     "principal_dim not below the feature width": Case(lambda inputs: (
         ["--detectors", "vim", "--set", "detectors.vim.principal_dim=2048", "--ood-data", "textures"],
-        ["detector 'vim': vim: principal_dim=2048 must be smaller than the feature dimension 2048",
-         "(model 'resnet50-supcon-tiny': 2048-d features; bank: 24 images"])),
+        ["detector 'vim'", "principal_dim=2048", "dimension 2048", "'resnet50-supcon-tiny'", "2048-d features",
+         "24 images"])),
     "ViM bank smaller than principal_dim": Case(lambda inputs: (
         ["--detectors", "nnguide-vim", "--ood-data", "textures"],
-        ["detector 'nnguide-vim': ", "a bank of 24 samples is too small for principal_dim=500"])),
+        ["detector 'nnguide-vim'", "24 samples", "principal_dim=500"])),
     "bank ratio 0": Case(lambda inputs: (["--bank-ratio", "0"],
-                                         ["config key 'bank_ratio' must be in (0, 1], got 0.0"])),
+                                         ["'bank_ratio'", "(0, 1]", "0.0"])),
     "batch size -1": Case(lambda inputs: (["--batch-size", "-1"],
-                                          ["config key 'batch_size' must be a positive integer, got -1"])),
-    "seed -1": Case(lambda inputs: (["--seed", "-1"], ["config key 'seed' must be an integer in [0, 2**32)"])),
-    "seed 2**32": Case(lambda inputs: (["--seed", str(2**32)], [f"config key 'seed' must be an integer in "
-                                                               f"[0, 2**32), what numpy's RandomState takes, "
-                                                               f"got {2**32}"])),
-    "unknown device": Case(lambda inputs: (["--device", "gpu"], ["config key 'device': unknown device 'gpu'; use "
-                                                                 "auto, cpu, cuda or cuda:<index>"])),
+                                          ["'batch_size'", "-1"])),
+    "seed -1": Case(lambda inputs: (["--seed", "-1"], ["'seed'", "[0, 2**32)", "-1"])),
+    "seed 2**32": Case(lambda inputs: (["--seed", str(2**32)], ["'seed'", "[0, 2**32)", str(2**32)])),
+    "unknown device": Case(lambda inputs: (["--device", "gpu"], ["'device'", "'gpu'", "auto", "cpu", "cuda",
+                                                                 "cuda:<index>"])),
     "config is a folder": Case(config_that_is_a_folder),
     "config is binary": Case(config_that_is_binary),
     "misspelt dataset option": Case(misspelt_dataset_option),

@@ -56,6 +56,12 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
         time.sleep(0.01)
 
 
+def cleanup_message(caplog: pytest.LogCaptureFixture) -> str:
+    """The one log message about a killed run's unfinished files."""
+    (message,) = [record.getMessage() for record in caplog.records if "unfinished" in record.getMessage()]
+    return message
+
+
 def fake_rows(run: str, ood_sets: list[str]) -> list[dict]:
     """Result rows whose model name is `run`, so every file written from them names its run."""
     metrics = {"auroc": 90.0, "fpr95": 30.0, "aupr_in": 80.0, "aupr_out": 70.0, "dtacc": 85.0,
@@ -122,7 +128,8 @@ def test_a_killed_runs_temporary_files_and_shards_are_removed_by_the_next_run(tm
     (entry / "notes.txt").write_text("mine")
     with caplog.at_level(logging.INFO):
         np.testing.assert_array_equal(extract(tmp_path, CountingBackbone(), dataset), clean)
-    assert f"removed 3 unfinished files (4.0 kB) that an interrupted run left in {entry}" in caplog.text
+    message = cleanup_message(caplog)
+    assert "removed 3" in message and "4.0 kB" in message and str(entry) in message  # how many, their size, where
     assert not any(path.exists() for path in leftovers) and (entry / "notes.txt").exists()
 
 
@@ -147,7 +154,7 @@ def test_a_live_lock_holders_temporary_file_is_not_removed(tmp_path, caplog):
         with exclusive_lock(entry / "lock", "a test"):  # another run, in the middle of writing a file
             live.write_bytes(b"being written")
             second.start()
-            wait_for(lambda: "waiting for another run" in caplog.text)
+            wait_for(lambda: str(entry / "lock") in caplog.text)  # the second run waits for this lock
             assert live.read_bytes() == b"being written"
             os.replace(live, entry / "finished.bin")  # the holder completes its write, then lets go
         second.join(timeout=10)
@@ -163,7 +170,8 @@ def test_a_killed_runs_staged_results_are_removed_by_the_next_run(tmp_path, capl
     (staging / ".results.md.part.89abcdef.tmp").write_text("")
     with caplog.at_level(logging.INFO):
         write_run(tmp_path, "run-A", ["inaturalist"])
-    assert f"removed 2 unfinished files (14 bytes) that an interrupted run left in {staging}" in caplog.text
+    message = cleanup_message(caplog)
+    assert "removed 2" in message and "14 bytes" in message and str(staging) in message
     assert not staging.exists() and set(runs_in(tmp_path).values()) == {"run-A"}
 
 
@@ -180,7 +188,7 @@ def test_a_waiting_run_says_what_it_waits_for_and_takes_the_lock_once_released(t
         with exclusive_lock(lock, "the entry"):
             waiter = threading.Thread(target=take)
             waiter.start()
-            wait_for(lambda: "waiting for another run to finish writing the entry" in caplog.text)
+            wait_for(lambda: "the entry" in caplog.text)
             assert not taken.is_set()
         waiter.join(timeout=10)
     assert taken.is_set() and str(lock) in caplog.text
@@ -197,8 +205,8 @@ def test_rows_of_another_width_are_reported_deleted_and_recomputed(tmp_path, cap
     with caplog.at_level(logging.INFO):
         features = extract(tmp_path, wider, dataset)
     entry = entry_folder(tmp_path)
-    assert (f"cache file {entry / 'rows_000000000_000000003.npy'} holds features of width 3, the model's are 5 wide"
-            in caplog.text)
+    for value in (str(entry / "rows_000000000_000000003.npy"), "width 3", "5 wide"):  # the file, its width, ours
+        assert value in caplog.text
     assert features.shape == (10, 5) and wider.forwarded == 10
     again = WiderBackbone(5)
     np.testing.assert_array_equal(extract(tmp_path, again, dataset), features)
@@ -215,7 +223,9 @@ def test_one_copied_rows_file_of_another_width_is_the_only_one_recomputed(tmp_pa
     backbone = CountingBackbone()
     with caplog.at_level(logging.INFO):
         np.testing.assert_array_equal(extract(tmp_path / "ours", backbone, dataset), clean)
-    assert "holds features of width 4, the model's are 3 wide" in caplog.text and backbone.forwarded == 3
+    for value in (str(entry_folder(tmp_path / "ours") / "rows_000000003_000000006.npy"), "width 4", "3 wide"):
+        assert value in caplog.text
+    assert backbone.forwarded == 3
 
 
 # ---- a full disk ---------------------------------------------------------------------------------------
@@ -233,19 +243,21 @@ def test_a_full_cache_disk_is_one_user_error_naming_the_folder_and_the_space(cod
     with pytest.raises(UserError) as error:
         extract(tmp_path, CountingBackbone(), colour_dataset(10))
     entry = entry_folder(tmp_path)
-    # 3 x 3 float32 and the .npy header; the free space is measured
-    assert re.fullmatch(rf"cannot write rows_000000000_000000003\.npy in {re.escape(str(entry))}: "
-                        rf"{os.strerror(code)} \(needs 164 bytes, [0-9.]+ (bytes|kB|MB|GB) free\); free space there "
-                        rf"or choose another folder \(--cache-dir for features, --output-dir for results\)",
-                        str(error.value))
+    message = str(error.value)
+    # the file, its folder, the error, the space it needs (3 x 3 float32 and the .npy header), the way out
+    for value in ("rows_000000000_000000003.npy", str(entry), os.strerror(code), "164 bytes", "--cache-dir"):
+        assert value in message
+    assert re.search(r"[0-9.]+ (bytes|kB|MB|GB) free", message)  # the free space, measured
     assert not [path for path in entry.iterdir() if is_temporary(path.name)]
 
 
 def test_a_full_results_disk_names_the_output_folder_and_keeps_the_previous_results(tmp_path):
     write_run(tmp_path, "run-A", ["inaturalist"])
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
-    with pytest.raises(UserError, match=f"cannot write roc_inaturalist.png in {tmp_path}: No space left on device"):
+    with pytest.raises(UserError) as error:
         write_run(tmp_path, "run-B", ["inaturalist"], **{"roc_inaturalist.png": disk_full()})
+    for value in ("roc_inaturalist.png", str(tmp_path), os.strerror(errno.ENOSPC)):
+        assert value in str(error.value)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
 
 
@@ -259,8 +271,9 @@ def test_main_reports_a_full_disk_as_one_error_line(data_root, tiny_model_yaml, 
     argv = main_arguments(data_root, tiny_model_yaml, tmp_path, "--num-workers", "0")
     assert main.main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith(f"error: cannot write rows_000000000_000000048.npy in {tmp_path / 'cache'}")
-    assert "No space left on device (needs 393.3 kB, " in error  # 48 x 2048 float32
+    assert error.startswith("error: ")
+    for value in ("rows_000000000_000000048.npy", str(tmp_path / "cache"), os.strerror(errno.ENOSPC), "393.3 kB"):
+        assert value in error  # 393.3 kB: 48 x 2048 float32
 
 
 # ---- the results folder holds one run's files ----------------------------------------------------------
@@ -284,13 +297,13 @@ def test_replacing_another_runs_results_is_said_and_a_rerun_of_the_same_run_is_n
     with caplog.at_level(logging.INFO, logger="pipeline.report.outputs"):
         write_run(tmp_path, "run-B", ["inaturalist"])
     (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
-    assert warning.getMessage().startswith(f"{tmp_path} held another run's results (model run-A, ")
-    assert warning.getMessage().endswith("; replaced them whole")
+    for value in (str(tmp_path), "run-A", "textures"):  # the folder, the replaced run's model and an OOD set
+        assert value in warning.getMessage()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipeline.report.outputs"):
         write_run(tmp_path, "run-B", ["inaturalist"])
-    assert [record.getMessage() for record in caplog.records] == [
-        f"replaced the previous results of this run in {tmp_path}"]
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO and str(tmp_path) in record.getMessage()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipeline.report.outputs"):
         write_run(tmp_path / "fresh", "run-C", ["inaturalist"])
@@ -393,8 +406,8 @@ def test_main_killed_while_writing_then_rerun_leaves_no_leftovers_and_whole_resu
 
     killed = run("results")
     assert killed.returncode == 137
-    assert (f"removed 1 unfinished file ({size / 1e3:.1f} kB) that an interrupted run left in "
-            f"{half_written.parent}") in killed.stderr
+    (cleanup,) = [line for line in killed.stderr.splitlines() if "unfinished" in line]
+    assert "removed 1" in cleanup and f"{size / 1e3:.1f} kB" in cleanup and str(half_written.parent) in cleanup
     assert manifest(tmp_path / "out")["complete"] is False
     assert {path.name for path in (tmp_path / "out").iterdir()} == {"results.csv", "results_openood.csv",
                                                                    RESULTS_MANIFEST, ".results.lock",
@@ -402,7 +415,7 @@ def test_main_killed_while_writing_then_rerun_leaves_no_leftovers_and_whole_resu
 
     rerun = run("")
     assert rerun.returncode == 0, rerun.stderr
-    assert f"that an interrupted run left in {tmp_path / 'out/.results-staging'}" in rerun.stderr
+    assert str(tmp_path / "out/.results-staging") in rerun.stderr  # its leftovers removed
     listed = manifest(tmp_path / "out")
     assert listed["complete"] is True and set(listed["files"]) == PIPELINE_FILES | {"scores.npz", "averages.csv"}
     for name, sha256 in listed["files"].items():

@@ -74,12 +74,14 @@ def test_command_line_reads_the_runs_scores_and_names_unknown_detectors(tmp_path
     printed = capsys.readouterr().out
     assert "P(good better)" in printed and "not other bank draws nor other OOD sets" in printed
     assert main([str(tmp_path), "good", "Weak"]) == 2
-    assert "detector 'Weak' is not in this run (did you mean 'weak'?)" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "'Weak'" in error and "'weak'" in error  # the name and the suggestion
     assert main([str(tmp_path / "missing"), "good", "weak"]) == 2
-    assert "scores.npz does not exist" in capsys.readouterr().err
+    assert str(tmp_path / "missing" / "scores.npz") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--resamples", "0"], ["--level", "1.5"]])
-def test_bad_resampling_options_are_one_error_line(tmp_path, argv, capsys):
+@pytest.mark.parametrize("argv, value", [(["--resamples", "0"], "got 0"), (["--level", "1.5"], "1.5")])
+def test_bad_resampling_options_are_one_error_line(tmp_path, argv, value, capsys):
     assert main([str(tmp_path), "a", "b", *argv]) == 2
-    assert capsys.readouterr().err.startswith("error: --resamples must be positive")
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and argv[0] in error and value in error

@@ -3,6 +3,7 @@ unreadable folders, high-bit-depth images scaled to 8 bits, and images too large
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,11 @@ def load(root: Path, format_name: str, folder: str = "data", **options) -> Image
     """One split, read as the pipeline reads a dataset YAML with this format and these options."""
     config = DatasetConfig(name="integrity", format=format_name, splits={"test": folder}, options=options)
     return build_dataset(config, "test", root, transform=None)
+
+
+def words(error: pytest.ExceptionInfo) -> list[str]:
+    """The error message's words: a path among them is named itself, not only as the start of a longer path."""
+    return str(error.value).split()
 
 
 def pixels(dataset: ImageDataset, index: int) -> np.ndarray:
@@ -121,7 +127,7 @@ def test_a_file_gone_after_listing_is_fingerprinted_then_reported_as_broken(tmp_
     dataset = load(tmp_path, "class_folders")
     bitmaps[0].unlink()
     assert dataset.fingerprint() != stat_before and dataset.content_fingerprint() != content_before
-    with pytest.raises(BrokenImageError, match=r"cannot decode image .*a/0\.bmp"):
+    with pytest.raises(BrokenImageError, match=re.escape(str(bitmaps[0]))):
         dataset[0]
 
 
@@ -140,9 +146,9 @@ def test_link_loop_in_a_class_folder_is_a_user_error(tmp_path):
     (tmp_path / "data/a/again").symlink_to(".")
     # What torchvision's make_dataset (os.walk with followlinks=True) lists from the same tree:
     assert len(make_dataset(str(tmp_path / "data"), {"a": 0}, extensions=IMG_EXTENSIONS)) > 4
-    with pytest.raises(UserError, match=r"data/a/again is the folder .*data/a again: a symbolic-link loop.*"
-                                        r"remove the link"):
+    with pytest.raises(UserError) as error:
         load(tmp_path, "class_folders")
+    assert str(tmp_path / "data/a/again") in words(error) and str(tmp_path / "data/a") in words(error)
 
 
 @pytest.mark.parametrize("format_name, link, target", [
@@ -153,8 +159,9 @@ def test_link_to_an_ancestor_is_a_loop(tmp_path, format_name, link, target):
     write_format(tmp_path, format_name)
     (tmp_path / "data" / link).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / "data" / link).symlink_to(target)
-    with pytest.raises(UserError, match=rf"data/{link} is the folder .* again: a symbolic-link loop"):
+    with pytest.raises(UserError) as error:
         load(tmp_path, format_name)
+    assert str(tmp_path / "data" / link) in words(error) and str(tmp_path / "data") in words(error)  # link, ancestor
 
 
 @pytest.mark.parametrize("format_name, link, target", [
@@ -164,8 +171,9 @@ def test_link_to_an_ancestor_is_a_loop(tmp_path, format_name, link, target):
 def test_two_links_to_one_folder_are_a_user_error(tmp_path, format_name, link, target):
     write_format(tmp_path, format_name)
     (tmp_path / "data" / link).symlink_to(target)
-    with pytest.raises(UserError, match=rf"data/{link} and .*data/{target} are the same folder"):
+    with pytest.raises(UserError) as error:
         load(tmp_path, format_name)
+    assert str(tmp_path / "data" / link) in words(error) and str(tmp_path / "data" / target) in words(error)
 
 
 def test_flat_folder_does_not_descend_into_a_looping_link(tmp_path):
@@ -180,17 +188,18 @@ def test_dangling_link_is_a_user_error_naming_it(tmp_path, format_name, target):
     image = write_format(tmp_path, format_name)
     link = image.parent / ("self" if target == "self" else "gone.jpg")
     link.symlink_to(target)
-    expected = "leads back to itself" if target == "self" else "is a symbolic link to nowhere.jpg, which does not exist"
-    with pytest.raises(UserError, match=rf"{link}.*{expected}.*remove"):
+    with pytest.raises(UserError) as error:
         load(tmp_path, format_name)
+    assert str(link) in words(error) and ("itself" if target == "self" else target) in str(error.value)
 
 
 def test_dangling_link_to_a_class_subfolder_is_a_user_error(tmp_path):
     """Its images are gone: listing the class without them would change the data silently."""
     write_class_folders(tmp_path / "data", ["a", "b"], per_class=2)
     (tmp_path / "data/b/more").symlink_to(tmp_path / "moved-away")
-    with pytest.raises(UserError, match=r"data/b/more is a symbolic link to .*moved-away, which does not exist"):
+    with pytest.raises(UserError) as error:
         load(tmp_path, "class_folders")
+    assert str(tmp_path / "data/b/more") in words(error) and str(tmp_path / "moved-away") in str(error.value)
 
 
 def test_image_list_names_a_dangling_link_as_missing(tmp_path):
@@ -198,9 +207,11 @@ def test_image_list_names_a_dangling_link_as_missing(tmp_path):
     (tmp_path / "images/gone.jpg").symlink_to("nowhere.jpg")
     (tmp_path / "list.txt").write_text("images/img0.jpg 0\nimages/gone.jpg 1\nimages/img1.png 2\n")
     config = DatasetConfig(name="listed", format="image_list", splits={"test": "list.txt"})
-    with pytest.raises(UserError, match=r"1 of the 3 images .* do not exist .*gone\.jpg, a symbolic link to "
-                                        r"nowhere\.jpg, which does not exist.*--skip-broken-images"):
+    with pytest.raises(UserError) as error:
         build_dataset(config, "test", tmp_path, None)
+    for value in ("1 of the 3", str(tmp_path / "list.txt"), str(tmp_path / "images/gone.jpg"), "nowhere.jpg",
+                  "--skip-broken-images"):  # how many are missing, the list, the first, its target, the way out
+        assert value in str(error.value)
     skipping = DatasetConfig(name="listed", format="image_list", splits={"test": "list.txt"},
                              options={"skip_missing": True})
     dataset = build_dataset(skipping, "test", tmp_path, None)
@@ -274,8 +285,9 @@ def test_folder_that_cannot_be_listed_is_a_user_error(tmp_path, monkeypatch, for
     if format_name == "class_folders":
         write_class_folders(tmp_path / "data", ["b"], per_class=1)
     refuse_to_list(monkeypatch, tmp_path / "data" / folder)
-    with pytest.raises(UserError, match=r"cannot read .*data.* \(permission denied\); make it readable"):
+    with pytest.raises(UserError) as error:
         load(tmp_path, format_name)
+    assert str(tmp_path / "data" / folder) in words(error) and "permission denied" in str(error.value)
 
 
 def test_unreadable_flat_folder_file_is_a_user_error(tmp_path, monkeypatch):
@@ -287,8 +299,9 @@ def test_unreadable_flat_folder_file_is_a_user_error(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return rule(path)
     monkeypatch.setitem(FLAT_FOLDER_MEMBERSHIP, "paper", refuse_one)
-    with pytest.raises(UserError, match=r"cannot read .*img1\.png \(permission denied\)"):
+    with pytest.raises(UserError) as error:
         load(tmp_path, "flat_folder")
+    assert str(images[1]) in words(error) and "permission denied" in str(error.value)
 
 
 def test_folder_without_read_permission_is_a_user_error(tmp_path):
@@ -301,8 +314,9 @@ def test_folder_without_read_permission_is_a_user_error(tmp_path):
             pass  # chmod works for this process: the real case, checked below
         else:
             pytest.skip("this process reads folders whatever their permissions (root with CAP_DAC_OVERRIDE)")
-        with pytest.raises(UserError, match=r"cannot read .*data/b \(permission denied\)"):
+        with pytest.raises(UserError) as error:
             load(tmp_path, "class_folders")
+        assert str(tmp_path / "data/b") in words(error) and "permission denied" in str(error.value)
     finally:
         (tmp_path / "data/b").chmod(0o755)
 
@@ -398,9 +412,10 @@ def test_image_over_twice_pillows_pixel_limit_is_a_broken_image(tmp_path, monkey
     write_class_folders(tmp_path / "data", ["b"], per_class=1, size=(12, 12))       # 144 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # refused above 200, a warning above 100
     dataset = load(tmp_path, "class_folders")
-    with pytest.raises(BrokenImageError, match=r"cannot decode image .*data/a/img0\.JPEG: Image size \(225 "
-                                               r"pixels\) exceeds limit of 200 pixels"):
+    with pytest.raises(BrokenImageError) as error:
         dataset[0]
+    for value in (str(tmp_path / "data/a/img0.JPEG"), "225 pixels", "200 pixels"):  # the image, its size, the limit
+        assert value in str(error.value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         assert pixels(dataset, 1).shape == (12, 12, 3)
@@ -428,7 +443,7 @@ def test_verify_image_content_recomputes_the_rows_of_an_image_replaced_behind_th
         return caplog.text
 
     assert "extracting" in run("first")
-    assert "cached without their content hash" in run("verified", "--verify-image-content")  # once
+    assert "content hash" in run("verified", "--verify-image-content")  # once: the cache had none
     assert "extracting" not in run("verified-again", "--verify-image-content")
     replaced = root / "imagenet1k/imagenet/val/n01/img2.bmp"
     times = replaced.stat()
@@ -436,7 +451,8 @@ def test_verify_image_content_recomputes_the_rows_of_an_image_replaced_behind_th
     os.utime(replaced, ns=(times.st_atime_ns, times.st_mtime_ns))
     assert "extracting" not in run("stale")  # the limit of the default fingerprint, stated in the README
     log = run("caught", "--verify-image-content")
-    assert "have changed (--verify-image-content)" in log and "extracting 4 of 8 images of imagenet1k-test" in log
+    assert "changed" in log and "--verify-image-content" in log
+    assert "4 of 8" in log and "imagenet1k-test" in log
     assert "extracting" not in run("caught-again", "--verify-image-content")
     results = {name: (tmp_path / name / "results.csv").read_text() for name in ("stale", "caught", "first")}
     assert results["caught"] != results["stale"] == results["first"]

@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -170,44 +171,49 @@ def test_subset_keeps_order_and_has_its_own_fingerprint(tmp_path):
 
 @pytest.mark.parametrize("format_name", ["class_folders", "class_index_folders", "flat_folder"])
 def test_missing_and_empty_folders_are_user_errors(tmp_path, format_name):
-    with pytest.raises(UserError, match=r"does not exist; expected"):
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "absent"))):
         load(tmp_path, format_name, folder="absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"no images in .*empty.*; expected"):
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "empty"))):
         load(tmp_path, format_name, folder="empty")
 
 
 def test_flat_folder_of_junk_only_is_a_user_error(tmp_path):
     write_flat_folder(tmp_path / "data", count=0)
-    with pytest.raises(UserError, match="no images in"):
+    with pytest.raises(UserError) as error:
         load(tmp_path, "flat_folder")
+    assert str(tmp_path / "data") in str(error.value) and "2 files" in str(error.value)
 
 
 def test_unknown_split_and_format_are_user_errors(tmp_path):
     config = DatasetConfig(name="inat", format="flat_folder", splits={"test": "inat"})
-    with pytest.raises(UserError, match=r"dataset 'inat' has no split 'train'; its splits: test"):
+    with pytest.raises(UserError) as error:
         build_dataset(config, "train", tmp_path, None)
+    for value in ("'inat'", "'train'", "test"):  # the dataset, the split asked for, the one it has
+        assert value in str(error.value)
 
     config = DatasetConfig(name="inat", format="flat_fodler", splits={"test": "inat"})
     with pytest.raises(UserError) as error:
         build_dataset(config, "test", tmp_path, None)
-    assert "did you mean 'flat_folder'" in str(error.value)
+    assert "'flat_fodler'" in str(error.value) and "'flat_folder'" in str(error.value)
     assert all(name in str(error.value) for name in DATASET_FORMATS.names())
 
-    with pytest.raises(UserError, match="no split 'val'"):
+    with pytest.raises(UserError) as error:
         load(tmp_path, "cifar10", split="val")
+    for value in ("CIFAR-10", "'val'", "train", "test"):
+        assert value in str(error.value)
 
 
 def test_missing_array_files_suggest_download(tmp_path):
     write_cifar10(tmp_path / "data", per_class=1)
     (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_3").unlink()
     assert len(load(tmp_path, "cifar10")) == 10  # the test split is still complete
-    with pytest.raises(UserError, match=r"missing CIFAR-10 file .*data_batch_3.*--download"):
-        load(tmp_path, "cifar10", split="train")
-    with pytest.raises(UserError, match=r"missing CIFAR-100 file .*cifar-100-python/test.*--download"):
-        load(tmp_path, "cifar100")
-    with pytest.raises(UserError, match=r"missing SVHN file .*test_32x32\.mat.*--download"):
-        load(tmp_path, "svhn")
+    for format_name, split, missing in (("cifar10", "train", "cifar-10-batches-py/data_batch_3"),
+                                        ("cifar100", "test", "cifar-100-python/test"),
+                                        ("svhn", "test", "test_32x32.mat")):
+        with pytest.raises(UserError) as error:
+            load(tmp_path, format_name, split=split)
+        assert str(tmp_path / "data" / missing) in str(error.value) and "--download" in str(error.value)
 
 
 class RunsCommand:
@@ -239,7 +245,7 @@ def test_cifar_reader_refuses_arbitrary_pickles(tmp_path):
     marker = tmp_path / "pwned"
     batch = {"data": np.zeros((1, 3072), np.uint8), "fine_labels": [0], "hook": RunsCommand(f"touch {marker}")}
     (tmp_path / "data" / "cifar-100-python" / "test").write_bytes(pickle.dumps(batch, protocol=2))
-    with pytest.raises(UserError, match=r"refusing to unpickle \w+\.system"):
+    with pytest.raises(UserError, match=re.escape(f"{os.system.__module__}.system")):  # the global it refused
         load(tmp_path, "cifar100")
     assert not marker.exists()
 
@@ -393,10 +399,10 @@ def test_flat_folder_paper_rule_keeps_what_imghdr_keeps(tmp_path, caplog, option
     assert dataset.image_ids == PAPER_MEMBERS and dataset.skipped == PAPER_SKIPPED
     assert len(dataset) == 6 and (dataset.labels == -1).all()
     [warning] = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
-    assert warning == (f"skipped 4 files in {tmp_path / 'data'} that are not JPEG or PNG (first: anim.gif) and "
-                       f"4 JPEG files that membership 'paper' leaves out (like imghdr, it wants JFIF or Exif at "
-                       f"bytes 6-10 or FF D8 FF DB at the start; first: adobe_cmyk.jpg; the dataset option "
-                       f"'membership: any_jpeg_png' keeps them)")
+    for value in ("4 files", str(tmp_path / "data"), "anim.gif",  # not JPEG or PNG: how many, where, the first
+                  "4 JPEG files", "'paper'", "adobe_cmyk.jpg",  # left out by the rule: how many, the rule, the first
+                  "'membership: any_jpeg_png'"):  # the option that keeps them
+        assert value in warning
     for index, image_id in enumerate(dataset.image_ids):
         if image_id != "jfif_text.dat":
             assert dataset[index][0].size == (16, 16)
@@ -409,7 +415,8 @@ def test_flat_folder_any_jpeg_png_keeps_every_jpeg_whatever_its_first_segment(tm
 
     assert dataset.image_ids == ANY_JPEG_PNG_MEMBERS and dataset.skipped == ANY_JPEG_PNG_SKIPPED
     [warning] = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
-    assert warning == f"skipped 5 files in {tmp_path / 'data'} that are not JPEG or PNG (first: anim.gif)"
+    assert "5 files" in warning and str(tmp_path / "data") in warning and "anim.gif" in warning
+    assert "membership" not in warning  # no JPEG left out
     assert [dataset[index][0].size for index in range(len(dataset))] == [(16, 16)] * len(ANY_JPEG_PNG_MEMBERS)
 
 
@@ -417,16 +424,17 @@ def test_paper_rule_keeps_a_non_jpeg_with_jfif_at_bytes_6_to_10_which_then_fails
     """The paper's code kept such a file too and would have stopped when its loader reached it."""
     write_crafted_folder(tmp_path / "data")
     dataset = load_flat(tmp_path)
-    with pytest.raises(BrokenImageError, match=r"cannot decode image .*jfif_text\.dat"):
+    with pytest.raises(BrokenImageError, match=re.escape(str(tmp_path / "data" / "jfif_text.dat"))):
         dataset[dataset.image_ids.index("jfif_text.dat")]
 
 
 def test_flat_folder_of_jpegs_the_paper_rule_leaves_out_says_how_to_keep_them(tmp_path, caplog):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "icc_first.jpg").write_bytes(crafted_files()["icc_first.jpg"])
-    with pytest.raises(UserError, match=r"no images in .*data; expected .*skipped 1 JPEG files in .*data that "
-                                        r"membership 'paper' leaves out .*'membership: any_jpeg_png' keeps them"):
+    with pytest.raises(UserError) as error:
         load_flat(tmp_path)
+    for value in (str(tmp_path / "data"), "1 JPEG", "'paper'", "'membership: any_jpeg_png'"):
+        assert value in str(error.value)
     assert load_flat(tmp_path, membership="any_jpeg_png").image_ids == ["icc_first.jpg"]
 
 
@@ -447,19 +455,22 @@ def test_unknown_membership_is_a_user_error_naming_the_option_and_valid_values(t
     write_crafted_folder(tmp_path / "data")
     with pytest.raises(UserError) as error:
         load_flat(tmp_path, membership=value)
-    assert f"unknown value {value!r} for the dataset option 'membership'" in str(error.value)
-    assert str(error.value).endswith("valid: paper, any_jpeg_png")
+    assert repr(value) in str(error.value) and "'membership'" in str(error.value)
+    assert "paper, any_jpeg_png" in str(error.value)  # the valid values
 
 
 def test_misspelt_dataset_option_fails_when_the_yaml_is_loaded(tmp_path):
     from pipeline.config.loading import load_dataset_config
     config_file = tmp_path / "my-ood.yaml"
     config_file.write_text("format: flat_folder\nsplits: {test: data}\noptions: {membrship: any_jpeg_png}\n")
-    with pytest.raises(UserError, match=r"dataset 'my-ood': format 'flat_folder' has no option 'membrship' "
-                                        r"\(did you mean 'membership'\?\); valid options: membership"):
+    with pytest.raises(UserError) as error:
         load_dataset_config(str(config_file))
-    with pytest.raises(UserError, match=r"format 'cifar10' has no option 'seed'; valid options: none"):
+    for value in ("'my-ood'", "'flat_folder'", "'membrship'", "'membership'"):
+        assert value in str(error.value)
+    with pytest.raises(UserError) as error:
         DatasetConfig(name="c10", format="cifar10", splits={"test": "cifar10"}, options={"seed": 0})
+    for value in ("'cifar10'", "'seed'", "none"):  # the format, the option, its valid options
+        assert value in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["inaturalist", "sun", "places", "openimage-o"])

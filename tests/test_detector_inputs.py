@@ -2,8 +2,6 @@
 checks a pipeline can run before extraction (check_feature_dim, check_bank_size)."""
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
@@ -38,10 +36,11 @@ def outputs(n: int, seed: int, dtype: torch.dtype = torch.float32, dim: int = DI
             "labels": torch.arange(n) % CLASSES}
 
 
-def unnormalised_message(where: str, bad_rows: int, rows: int, low: str, high: str) -> str:
-    return (rf"{re.escape(where)}: 'feas' must be L2-normalised \(every row norm within 1\.0e-03 of 1 for "
-            rf"torch\.float32\), but {bad_rows} of {rows} rows are not \(row norms from {low} to {high}\).*"
-            rf"torch\.nn\.functional\.normalize\(feas, dim=1\)")
+def unnormalised_values(where: str, bad_rows: int, rows: int, low: str, high: str) -> list[str]:
+    """What the error for unnormalised `feas` names: where, the field, the tolerance, how many rows are off, the
+    range of their norms, and the fix."""
+    return [f"{where}:", "'feas'", "1.0e-03", f"{bad_rows} of {rows} rows", f"{low} to {high}",
+            "torch.nn.functional.normalize(feas, dim=1)"]
 
 
 def test_the_registry_has_the_detectors_that_read_feas():
@@ -55,8 +54,10 @@ def test_the_registry_has_the_detectors_that_read_feas():
 def test_unnormalised_bank_is_rejected_at_fit(name):
     bank = outputs(BANK, seed=0)
     scaled = {**bank, "feas": bank["feas"] * torch.linspace(2, 5, BANK)[:, None]}  # raw features' norms
-    with pytest.raises(ValueError, match=unnormalised_message(f"{name}.fit", BANK, BANK, "2", "5")):
+    with pytest.raises(ValueError) as error:
         detector(name).fit(scaled)
+    for value in unnormalised_values(f"{name}.fit", BANK, BANK, "2", "5"):
+        assert value in str(error.value)
 
 
 @pytest.mark.parametrize("name", FEAS_DETECTORS)
@@ -64,15 +65,19 @@ def test_unnormalised_queries_are_rejected_at_score(name):
     det = detector(name).fit(outputs(BANK, seed=0))
     queries = outputs(QUERIES, seed=1)
     queries["feas"][[2, 7]] *= 0.5  # two rows off: features that were rescaled after normalising
-    with pytest.raises(ValueError, match=unnormalised_message(f"{name}.score_samples", 2, QUERIES, "0.5", "1")):
+    with pytest.raises(ValueError) as error:
         det.score_samples(queries)
+    for value in unnormalised_values(f"{name}.score_samples", 2, QUERIES, "0.5", "1"):
+        assert value in str(error.value)
 
 
 def test_nnguide_with_vim_base_rejects_unnormalised_feas():
     det = create_detector("nnguide", k=5, **NNGUIDE_VIM)
     bank = outputs(BANK, seed=0)
-    with pytest.raises(ValueError, match=unnormalised_message("nnguide.fit", BANK, BANK, "3", "3")):
+    with pytest.raises(ValueError) as error:
         det.fit({**bank, "feas": 3 * bank["feas"]})
+    for value in unnormalised_values("nnguide.fit", BANK, BANK, "3", "3"):
+        assert value in str(error.value)
 
 
 @pytest.mark.parametrize("name", LOGIT_DETECTORS)
@@ -87,9 +92,10 @@ def test_all_zero_rows_are_rejected_and_counted():
     det = detector("knn").fit(outputs(BANK, seed=0))
     queries = outputs(QUERIES, seed=1)
     queries["feas"][[0, 4, 9]] = 0  # what normalize() returns for a zero feature
-    with pytest.raises(ValueError, match=r"3 of 20 rows are not \(row norms from 0 to 1\); 3 of them are all zero, "
-                                         r"which no normalisation fixes"):
+    with pytest.raises(ValueError) as error:
         det.score_samples(queries)
+    for value in (f"3 of {QUERIES} rows", "0 to 1", "3 of them", "all zero"):  # off, their norms, how many are zero
+        assert value in str(error.value)
 
 
 @pytest.mark.parametrize("name", FEAS_DETECTORS)
@@ -112,7 +118,7 @@ def test_half_precision_rounding_stays_within_the_tolerance(dtype):
 def test_float32_tolerance_is_1e_3():
     bank = outputs(BANK, seed=0)
     detector("knn").fit({"feas": bank["feas"] * (1 + 0.9e-3)})
-    with pytest.raises(ValueError, match=r"within 1\.0e-03 of 1"):
+    with pytest.raises(ValueError, match=r"1\.0e-03"):
         detector("knn").fit({"feas": bank["feas"] * (1 + 1.1e-3)})
 
 
@@ -126,13 +132,14 @@ VIM_LIKE = [("vim", {}), ("nnguide", {"k": 2, **NNGUIDE_VIM})]
 def test_vim_rejects_a_bank_spanning_no_more_than_principal_dim(name, hyper_parameters, bank_size):
     """Centred, M samples span M - 1 directions: M - 1 <= principal_dim leaves no residual space to measure."""
     det = detector(name, **hyper_parameters)
-    message = (rf"vim: a bank of {bank_size} samples is too small for principal_dim={PRINCIPAL_DIM}: centred, it "
-               rf"spans at most {bank_size - 1} directions.*use at least {PRINCIPAL_DIM + 2} samples \(a larger "
-               rf"bank_ratio\) or a principal_dim below {bank_size - 1}")
-    with pytest.raises(ValueError, match=message):
+    values = (f"{bank_size} samples", f"principal_dim={PRINCIPAL_DIM}", f"{bank_size - 1} directions",
+              f"{PRINCIPAL_DIM + 2} samples", "bank_ratio", f"below {bank_size - 1}")  # the sizes and both fixes
+    with pytest.raises(ValueError) as at_fit:
         det.fit(outputs(bank_size, seed=0))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as before_extraction:
         det.check_bank_size(bank_size)
+    for value in values:
+        assert value in str(at_fit.value) and value in str(before_extraction.value)
 
 
 @pytest.mark.parametrize(("name", "hyper_parameters"), VIM_LIKE)
@@ -150,8 +157,8 @@ def test_check_feature_dim_raises_what_fit_raises(name, hyper_parameters):
         det.check_feature_dim(PRINCIPAL_DIM)
     with pytest.raises(ValueError) as at_fit:
         det.fit(outputs(BANK, seed=0, dim=PRINCIPAL_DIM))
-    assert str(before_extraction.value) == str(at_fit.value) == (
-        f"vim: principal_dim={PRINCIPAL_DIM} must be smaller than the feature dimension {PRINCIPAL_DIM}")
+    assert str(before_extraction.value) == str(at_fit.value)
+    assert f"principal_dim={PRINCIPAL_DIM}" in str(at_fit.value) and f"dimension {PRINCIPAL_DIM}" in str(at_fit.value)
     det.check_feature_dim(PRINCIPAL_DIM + 1)
 
 
@@ -162,8 +169,9 @@ def test_check_feature_dim_is_a_no_op_without_principal_dim(name):
 
 def test_check_bank_size_checks_k_for_the_neighbour_detectors():
     for name in ("knn", "nnguide"):
-        with pytest.raises(ValueError, match=rf"{name}: k=5 is larger than the bank \(4 samples\)"):
+        with pytest.raises(ValueError) as error:
             detector(name).check_bank_size(4)
+        assert all(value in str(error.value) for value in (f"{name}:", "k=5", "4 samples"))
         detector(name).check_bank_size(5)
     for name in ("energy", "mahalanobis", "ssd"):
         detector(name).check_bank_size(1)

@@ -115,14 +115,15 @@ def test_nnguide_passes_base_options_to_its_base(bank, test_outputs):
                                atol=2e-4 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"principal_dims": 10}, "nnguide: base_options: detector 'vim' has no hyper-parameter 'principal_dims' "
-                             r"\(did you mean 'principal_dim'\?\)"),
-    ({"principal_dim": 0}, "nnguide: base_options: vim: principal_dim must be a positive integer"),
-    ([10], "nnguide: base_options must be a mapping")])
-def test_nnguide_rejects_bad_base_options_at_construction(options, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize(("options", "values"), [
+    ({"principal_dims": 10}, ["base_options", "'vim'", "'principal_dims'", "'principal_dim'"]),  # with the suggestion
+    ({"principal_dim": 0}, ["base_options", "principal_dim", "got 0"]),
+    ([10], ["base_options", "[10]"])])
+def test_nnguide_rejects_bad_base_options_at_construction(options, values):
+    with pytest.raises(ValueError) as error:
         create_detector("nnguide", base="vim", base_options=options)
+    for value in values:
+        assert value in str(error.value)
 
 
 def test_knn_score_is_the_kth_nearest_neighbour_similarity():
@@ -163,35 +164,44 @@ def test_scoring_before_fit_is_a_not_fitted_error(test_outputs):
 
 
 def test_unknown_detector_and_hyper_parameter_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown detector 'nnguid' \(did you mean 'nnguide'\?\).*valid: energy"):
+    with pytest.raises(ValueError) as error:
         create_detector("nnguid")
-    with pytest.raises(ValueError, match=r"no hyper-parameter 'kk' \(did you mean 'k'\?\)"):
+    assert "'nnguid'" in str(error.value) and "'nnguide'" in str(error.value)  # the name and the suggestion
+    assert all(name in str(error.value) for name in available_detectors())
+    with pytest.raises(ValueError) as error:
         create_detector("nnguide", kk=5)
-    with pytest.raises(ValueError, match=r"no hyper-parameter 'K' \(did you mean 'k'\?\)"):
+    assert "'kk'" in str(error.value) and "'k'" in str(error.value)
+    with pytest.raises(ValueError) as error:
         create_detector("nnguide", K=10)  # one letter's case is not a typo: difflib alone finds nothing
-    with pytest.raises(ValueError, match=r"unknown detector 'NNGuid' \(did you mean 'nnguide'\?\)"):
+    assert "'K'" in str(error.value) and "'k'" in str(error.value)
+    with pytest.raises(ValueError) as error:
         create_detector("NNGuid")
+    assert "'NNGuid'" in str(error.value) and "'nnguide'" in str(error.value)
 
 
 @pytest.mark.parametrize("k", [0, -3, 2.5, True])
 def test_k_must_be_a_positive_integer(k):
-    with pytest.raises(ValueError, match="k must be a positive integer"):
+    with pytest.raises(ValueError) as error:
         create_detector("knn", k=k)
+    assert "knn: k" in str(error.value) and f"got {k}" in str(error.value)
 
 
 def test_k_larger_than_the_bank_is_an_error(test_outputs):
-    with pytest.raises(ValueError, match=r"k=20 is larger than the bank \(12 samples\)"):
+    with pytest.raises(ValueError) as error:
         create_detector("nnguide", k=20).fit(make_outputs(12, seed=3))
+    assert "k=20" in str(error.value) and "12 samples" in str(error.value)
 
 
 def test_vim_principal_dim_must_be_below_the_feature_dimension(bank):
-    with pytest.raises(ValueError, match=f"principal_dim=24 must be smaller than the feature dimension {DIM}"):
+    with pytest.raises(ValueError) as error:
         create_detector("vim", principal_dim=DIM).fit(bank)
+    assert f"principal_dim={DIM}" in str(error.value) and f"dimension {DIM}" in str(error.value)
 
 
 def test_nnguide_rejects_an_unknown_base():
-    with pytest.raises(ValueError, match="base must be one of"):
+    with pytest.raises(ValueError) as error:
         create_detector("nnguide", base="softmax")
+    assert all(value in str(error.value) for value in ("'softmax'", "energy", "vim"))  # the name, valid ones
 
 
 @pytest.mark.parametrize("field", ["feas", "logits"])
@@ -200,27 +210,34 @@ def test_non_finite_inputs_name_the_field_and_row_count(field, bad_value, bank, 
     corrupted = {key: value.clone() for key, value in test_outputs.items()}
     corrupted[field][[3, 7], 0] = bad_value
     det = create_detector("nnguide").fit(bank)
-    with pytest.raises(ValueError, match=f"'{field}' has NaN or inf in 2 of 80 rows"):
+    with pytest.raises(ValueError) as error:
         det.score_samples(corrupted)
-    with pytest.raises(ValueError, match=f"'{field}' has NaN or inf in 2 of 80 rows"):
+    assert f"'{field}'" in str(error.value) and "2 of 80" in str(error.value)
+    with pytest.raises(ValueError) as error:
         create_detector("nnguide").fit(corrupted)
+    assert f"'{field}'" in str(error.value) and "2 of 80" in str(error.value)
 
 
 def test_dimension_mismatch_between_fit_and_score(bank):
     det = create_detector("knn").fit(bank)
-    with pytest.raises(ValueError, match=f"'feas' has dimension 12 but the detector was fitted on dimension {DIM}"):
+    with pytest.raises(ValueError) as error:
         det.score_samples(make_outputs(5, seed=2, dim=12))
+    assert all(value in str(error.value) for value in ("'feas'", "dimension 12", f"dimension {DIM}"))
 
 
 def test_missing_field_empty_bank_and_length_mismatch(bank):
-    with pytest.raises(ValueError, match=r"outputs lack 'logits' \(has: feas\)"):
+    with pytest.raises(ValueError) as error:
         create_detector("energy").fit({"feas": bank["feas"]})
-    with pytest.raises(ValueError, match="'feas' is empty"):
+    assert "'logits'" in str(error.value) and "feas" in str(error.value)  # the field missing, the one given
+    with pytest.raises(ValueError) as error:
         create_detector("knn").fit({"feas": torch.empty(0, DIM)})
-    with pytest.raises(ValueError, match="disagree on the number of samples"):
+    assert "'feas'" in str(error.value) and f"(0, {DIM})" in str(error.value)
+    with pytest.raises(ValueError) as error:
         create_detector("nnguide").fit({"feas": bank["feas"], "logits": bank["logits"][:10]})
-    with pytest.raises(ValueError, match="'labels' must be a 1-D integer tensor"):
+    assert f"'feas': {len(bank['feas'])}" in str(error.value) and "'logits': 10" in str(error.value)
+    with pytest.raises(ValueError) as error:
         create_detector("mahalanobis").fit({"feas": bank["feas"], "labels": bank["labels"].float()})
+    assert "'labels'" in str(error.value) and "torch.float32" in str(error.value)
 
 
 def test_covariance_algebra_matches_torch_on_a_rank_deficient_bank():

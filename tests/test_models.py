@@ -141,8 +141,9 @@ def test_architecture_with_a_tensor_no_checkpoint_holds_is_a_programming_error(t
     write_torchvision_checkpoint(tmp_path / "weights.pth", "mobilenet_v2")
     config = ModelConfig(name="m", architecture="mobilenet_v2_unsaved_buffer", checkpoint="weights.pth",
                          checkpoint_format="torchvision", transform=TransformConfig(resize=64, crop=64))
-    with pytest.raises(RuntimeError, match="tensors no checkpoint fills: \\['scale'\\]"):
+    with pytest.raises(RuntimeError) as error:
         build_backbone(config, tmp_path)
+    assert "'mobilenet_v2_unsaved_buffer'" in str(error.value) and "['scale']" in str(error.value)
 
 
 def test_missing_checkpoint_names_where_it_looked_and_where_to_get_it(tmp_path, monkeypatch):
@@ -174,36 +175,44 @@ def test_resolve_checkpoint_prefers_a_given_path_then_the_pretrained_dir_then_th
 def test_checkpoint_missing_an_encoder_tensor_is_refused(tmp_path, supcon_file):
     resave_supcon(supcon_file[0], tmp_path / SUPCON.checkpoint,
                   lambda state: state.pop("encoder.layer1.0.conv1.weight"))
-    with pytest.raises(UserError, match=r"1 missing: layer1\.0\.conv1\.weight$"):
+    with pytest.raises(UserError, match=r"layer1\.0\.conv1\.weight$") as error:  # the last thing listed
         build_backbone(SUPCON, tmp_path)
+    assert str(tmp_path / SUPCON.checkpoint) in str(error.value) and "1 missing" in str(error.value)
 
 
 def test_checkpoint_with_extra_tensors_is_refused(tmp_path, supcon_file):
     def add_extras(state):
         state.update({f"encoder.extra{index}.weight": torch.zeros(1) for index in range(5)})
     resave_supcon(supcon_file[0], tmp_path / SUPCON.checkpoint, add_extras)
-    with pytest.raises(UserError, match=r"5 unexpected: extra0\.weight, extra1\.weight, extra2\.weight, \.\.\.$"):
+    with pytest.raises(UserError) as error:
         build_backbone(SUPCON, tmp_path)
+    message = str(error.value)
+    assert "5 unexpected" in message and all(f"extra{index}.weight" in message for index in range(3))
+    assert "extra3.weight" not in message and message.endswith("...")  # the first three, then nothing else
 
 
 def test_checkpoint_for_another_number_of_classes_is_refused(tmp_path, supcon_file):
     def keep_ten_classes(state):
         state["fc.weight"], state["fc.bias"] = state["fc.weight"][:10], state["fc.bias"][:10]
     resave_supcon(supcon_file[0], tmp_path / SUPCON.checkpoint, keep_ten_classes)
-    with pytest.raises(UserError, match=r"2 mis-shaped: fc\.weight \(10, 2048\) != \(1000, 2048\), fc\.bias"):
+    with pytest.raises(UserError) as error:
         build_backbone(SUPCON, tmp_path)
+    for value in ("2 mis-shaped", "fc.weight (10, 2048)", "(1000, 2048)", "fc.bias"):
+        assert value in str(error.value)
 
 
 def test_torchvision_state_dict_given_as_supcon_is_refused(tmp_path):
     write_torchvision_checkpoint(tmp_path / SUPCON.checkpoint, "mobilenet_v2")
-    with pytest.raises(UserError, match="no 'model_state_dict'.*checkpoint_format"):
+    with pytest.raises(UserError) as error:
         build_backbone(SUPCON, tmp_path)
+    for value in (str(tmp_path / SUPCON.checkpoint), "'model_state_dict'", "checkpoint_format"):
+        assert value in str(error.value)
 
 
 @pytest.mark.parametrize("content", [b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n", b""])
 def test_file_that_is_not_a_checkpoint_is_refused(tmp_path, content):
     (tmp_path / SUPCON.checkpoint).write_bytes(content)
-    with pytest.raises(UserError, match=f"{re.escape(str(tmp_path / SUPCON.checkpoint))} is not a PyTorch checkpoint"):
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / SUPCON.checkpoint))):
         build_backbone(SUPCON, tmp_path)
 
 
@@ -213,8 +222,9 @@ def test_truncated_checkpoint_is_refused(tmp_path, legacy_format):
     torch.save({"model_state_dict": {"encoder.conv1.weight": torch.zeros(1000)}}, path,
                _use_new_zipfile_serialization=not legacy_format)
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(UserError, match="truncated or corrupt"):
+    with pytest.raises(UserError, match=re.escape(str(path))) as refused:
         build_backbone(SUPCON, tmp_path)
+    assert "truncated" in str(refused.value)
 
 
 @pytest.mark.parametrize("forbidden, name", [
@@ -224,17 +234,21 @@ def test_truncated_checkpoint_is_refused(tmp_path, legacy_format):
 def test_checkpoint_holding_a_forbidden_global_is_refused(tmp_path, forbidden, name):
     torch.save({"opt": argparse.Namespace(data_folder=forbidden), "model_state_dict": {}},
                tmp_path / SUPCON.checkpoint)
-    with pytest.raises(UserError, match=f"refused to load .*{name}"):
+    with pytest.raises(UserError) as error:
         build_backbone(SUPCON, tmp_path)
+    assert str(tmp_path / SUPCON.checkpoint) in str(error.value) and name in str(error.value)
 
 
 def test_model_config_rejects_unknown_names_and_bad_react_percentile():
-    with pytest.raises(UserError, match="unknown architecture 'resnet5'.*did you mean 'resnet50'"):
+    with pytest.raises(UserError) as error:
         dataclasses.replace(SUPCON, architecture="resnet5")
-    with pytest.raises(UserError, match="unknown checkpoint format 'timm'; valid: supcon, torchvision"):
+    assert "'resnet5'" in str(error.value) and "'resnet50'" in str(error.value)  # the name and the suggestion
+    with pytest.raises(UserError) as error:
         dataclasses.replace(SUPCON, checkpoint_format="timm")
-    with pytest.raises(UserError, match="react_percentile"):
+    assert all(value in str(error.value) for value in ("'timm'", "supcon", "torchvision"))
+    with pytest.raises(UserError) as error:
         dataclasses.replace(SUPCON, react_percentile=95)
+    assert "react_percentile" in str(error.value) and "95" in str(error.value)
 
 
 def test_react_threshold_is_the_quantile_of_all_bank_activations_and_clips_above_it():
@@ -258,8 +272,9 @@ def test_transform_crops_and_normalises():
 
 
 def test_transform_rejects_an_unknown_interpolation():
-    with pytest.raises(UserError, match="'nearest'; valid: bilinear, bicubic"):
+    with pytest.raises(UserError) as error:
         TransformConfig(interpolation="nearest")
+    assert all(value in str(error.value) for value in ("'nearest'", "bilinear", "bicubic"))
 
 
 def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path):

@@ -124,13 +124,15 @@ def test_plain_nnguide_is_the_paper_formula_and_unchanged_by_the_options(split):
         assert torch.equal(same, plain), options
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [
-    ("confidence", "sigmoid", "nnguide: confidence must be one of raw, softplus, shift, exp, got 'sigmoid'"),
-    ("confidence", 1, "nnguide: confidence must be one of raw, softplus, shift, exp, got 1"),
-    ("bank_confidence", "vim", "nnguide: bank_confidence must be one of base, energy, got 'vim'")])
-def test_bad_option_values_name_the_value_and_the_valid_ones(option, value, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize(("option", "value", "valid"), [
+    ("confidence", "sigmoid", ["raw", "softplus", "shift", "exp"]),
+    ("confidence", 1, ["raw", "softplus", "shift", "exp"]),
+    ("bank_confidence", "vim", ["base", "energy"])])
+def test_bad_option_values_name_the_value_and_the_valid_ones(option, value, valid):
+    with pytest.raises(ValueError) as error:
         create_detector("nnguide", base="vim", **{option: value})
+    for expected in ["nnguide", option, repr(value), *valid]:
+        assert expected in str(error.value)
 
 
 def test_the_default_confidence_is_softplus_for_vim_and_the_raw_score_for_the_others(split):

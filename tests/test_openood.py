@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -92,28 +93,29 @@ def test_image_list_reads_paths_and_labels_in_file_order(listed):
 
 def test_a_missing_listed_file_is_an_error_naming_it(listed):
     list_file, _ = listed
-    with pytest.raises(UserError, match="1 of the 5 images listed in") as error:
+    with pytest.raises(UserError) as error:
         image_list(list_file, "test", transform=None, image_root="../images")
-    assert str(list_file) in str(error.value) and "cat/gone.JPEG" in str(error.value)
+    assert "1 of the 5" in str(error.value) and str(list_file) in str(error.value) and "cat/gone.JPEG" in str(error.value)
     assert "skip_missing" in str(error.value)
 
 
-@pytest.mark.parametrize("line, problem", [("cat/img0.JPEG dog", "the label 'dog' is not an integer"),
-                                           ("cat/img0.JPEG", "expected '<image path"),
-                                           ("/abs/img0.JPEG 1", "is absolute")])
-def test_a_malformed_line_names_the_list_file_and_line(tmp_path, line, problem):
+@pytest.mark.parametrize("line, wrong", [("cat/img0.JPEG dog", "'dog'"),  # a label that is not an integer
+                                         ("cat/img0.JPEG", "'cat/img0.JPEG'"),  # no label
+                                         ("/abs/img0.JPEG 1", "'/abs/img0.JPEG'")])  # an absolute path
+def test_a_malformed_line_names_the_list_file_and_line(tmp_path, line, wrong):
     list_file = write_list(tmp_path / "bad.txt", ["# header", "ok.jpg 1", line])
-    with pytest.raises(UserError, match=problem) as error:
+    with pytest.raises(UserError) as error:
         image_list(list_file, "test", transform=None)
-    assert f"{list_file}, line 3" in str(error.value)
+    assert f"{list_file}, line 3" in str(error.value) and wrong in str(error.value)
 
 
 def test_a_missing_list_file_or_image_root_is_an_error(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "nope.txt"))):
         image_list(tmp_path / "nope.txt", "test", transform=None)
     list_file = write_list(tmp_path / "list.txt", ["a.jpg 1"])
-    with pytest.raises(UserError, match="image_root 'images' from .* is not a folder"):
+    with pytest.raises(UserError) as error:
         image_list(list_file, "test", transform=None, image_root="images")
+    assert "'images'" in str(error.value) and str((tmp_path / "images").resolve()) in str(error.value)
 
 
 def test_openood_dataset_configs_read_openood_layout(openood_root):
@@ -247,10 +249,12 @@ def test_aggregate_openood_writes_its_own_files(openood_results, tmp_path, capsy
 
 def test_aggregate_openood_without_openood_sets_is_an_error(tmp_path):
     write_openood_results(tmp_path / "paper", "regnet", "imagenet1k", {"nnguide": {"sun": (90.0, 30.0, 80.0, 80.0)}})
-    with pytest.raises(UserError, match="no results on OpenOOD v1.5's sets"):
+    with pytest.raises(UserError) as error:
         openood_tables(collect(tmp_path, openood=True))
-    with pytest.raises(UserError, match="no results_openood.csv found under"):
+    assert str(tmp_path / "paper") in str(error.value) and "openood-ninco" in str(error.value)  # where, the sets
+    with pytest.raises(UserError) as error:
         collect(tmp_path / "paper" / "nothing", openood=True)
+    assert "results_openood.csv" in str(error.value) and str(tmp_path / "paper" / "nothing") in str(error.value)
 
 
 # ---- run.sh --openood -----------------------------------------------------------------------------------

@@ -165,15 +165,17 @@ def resave(weights: dict[str, Tensor], folder: Path, edit: Callable[[dict[str, T
 
 def test_checkpoint_missing_a_batch_norm_statistic_is_refused(tmp_path, openood_weights):
     resave(openood_weights, tmp_path, lambda weights: weights.pop("layer2.0.shortcut.1.running_var"))
-    with pytest.raises(UserError, match=r"'resnet18_32x32'; 1 missing: layer2\.0\.shortcut\.1\.running_var$"):
+    with pytest.raises(UserError, match=r"layer2\.0\.shortcut\.1\.running_var$") as error:  # the last thing listed
         build_backbone(CONFIG, tmp_path)
+    assert "'resnet18_32x32'" in str(error.value) and "1 missing" in str(error.value)
 
 
 def test_checkpoint_with_a_shortcut_where_openood_has_none_is_refused(tmp_path, openood_weights):
     resave(openood_weights, tmp_path,
            lambda weights: weights.update({"layer1.0.shortcut.0.weight": torch.zeros(64, 64, 1, 1)}))
-    with pytest.raises(UserError, match=r"1 unexpected: layer1\.0\.shortcut\.0\.weight$"):
+    with pytest.raises(UserError, match=r"layer1\.0\.shortcut\.0\.weight$") as error:  # the last thing listed
         build_backbone(CONFIG, tmp_path)
+    assert "1 unexpected" in str(error.value)
 
 
 def test_torchvision_resnet18_is_not_openood_resnet18(tmp_path):
@@ -182,6 +184,6 @@ def test_torchvision_resnet18_is_not_openood_resnet18(tmp_path):
     with pytest.raises(UserError) as error:
         build_backbone(CONFIG, tmp_path)
     message = str(error.value)
-    assert "15 missing: layer2.0.shortcut.0.weight" in message
-    assert "18 unexpected: layer2.0.downsample.0.weight" in message
-    assert "mis-shaped: conv1.weight (64, 3, 7, 7) != (64, 3, 3, 3)" in message
+    for value in ("15 missing", "layer2.0.shortcut.0.weight", "18 unexpected", "layer2.0.downsample.0.weight",
+                  "mis-shaped", "conv1.weight (64, 3, 7, 7)", "(64, 3, 3, 3)"):  # counts, first keys, shapes
+        assert value in message

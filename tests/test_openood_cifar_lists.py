@@ -70,15 +70,15 @@ def test_a_missing_image_is_an_error_naming_it_and_its_list(tmp_path):
     list_file = "openood/benchmark_imglist/cifar100/test_tin.txt"
     missing = tmp_path / "openood/images_classic" / written[list_file][0][0]
     missing.unlink()
-    with pytest.raises(UserError, match="1 of the 2 images listed in") as error:
+    with pytest.raises(UserError) as error:
         build_dataset(load_dataset_config("openood-cifar100-tin"), "test", tmp_path, transform=None)
-    assert str(tmp_path / list_file) in str(error.value) and str(missing.resolve()) in str(error.value)
+    assert "1 of the 2" in str(error.value) and str(tmp_path / list_file) in str(error.value) and str(missing.resolve()) in str(error.value)
 
 
 def test_a_missing_list_is_an_error_naming_it(tmp_path):
     write_openood_classic_layout(tmp_path)
     list_file = tmp_path / "openood/benchmark_imglist/cifar10/train_cifar10.txt"
     list_file.unlink()
-    with pytest.raises(UserError, match="does not exist") as error:
+    with pytest.raises(UserError) as error:
         build_dataset(load_dataset_config("openood-cifar10"), "train", tmp_path, transform=None)
     assert str(list_file) in str(error.value)

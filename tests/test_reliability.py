@@ -91,9 +91,8 @@ def test_truncated_or_corrupted_rows_files_are_reported_and_recomputed(tmp_path,
     backbone = CountingBackbone()
     with caplog.at_level(logging.INFO):
         again = extract(tmp_path, backbone, dataset)
-    assert f"cache file {files[0]} does not match its checksum" in caplog.text
-    assert f"cache file {files[2]} does not match its checksum" in caplog.text
-    assert "extracting 6 of 10 images of colours" in caplog.text
+    assert str(files[0]) in caplog.text and str(files[2]) in caplog.text and "checksum" in caplog.text
+    assert str(files[1]) not in caplog.text and "6 of 10" in caplog.text  # the two files' rows extracted again
     assert backbone.forwarded == 6
     np.testing.assert_array_equal(again, clean)
 
@@ -101,11 +100,12 @@ def test_truncated_or_corrupted_rows_files_are_reported_and_recomputed(tmp_path,
 def test_rows_file_without_its_checksum_is_recomputed(tmp_path, caplog):
     dataset = colour_dataset(10)
     clean = extract(tmp_path, CountingBackbone(), dataset)
-    rows_files(tmp_path)[1].with_suffix(".json").unlink()
+    checksum = rows_files(tmp_path)[1].with_suffix(".json")
+    checksum.unlink()
     backbone = CountingBackbone()
     with caplog.at_level(logging.INFO):
         np.testing.assert_array_equal(extract(tmp_path, backbone, dataset), clean)
-    assert "has no checksum" in caplog.text and backbone.forwarded == 3
+    assert str(checksum) in caplog.text and backbone.forwarded == 3
 
 
 def test_recompute_re_extracts_each_entry_once_per_run(tmp_path):
@@ -136,7 +136,8 @@ def test_second_run_waits_for_the_entry_lock_then_reuses_the_rows(tmp_path, capl
         gate.set()
         for run in runs.values():
             run.join(timeout=10)
-    assert "waiting for another run to finish writing" in caplog.text
+    [lock] = tmp_path.glob("*/*/lock")
+    assert str(lock) in caplog.text  # the second run said which lock it waits for
     assert (first.forwarded, second.forwarded) == (10, 0)
     np.testing.assert_array_equal(results["first"], results["second"])
 
@@ -211,7 +212,7 @@ def test_killed_run_resumes_at_the_last_complete_file_with_identical_results(dat
     assert clean.wait(timeout=180) == 0, clean.communicate()[1]
 
     assert resumed.returncode == 0, resumed.stderr
-    assert f"extracting {48 - 4 * done} of 48 images of imagenet1k-train-seed0" in resumed.stderr
+    assert f"{48 - 4 * done} of 48" in resumed.stderr and "imagenet1k-train-seed0" in resumed.stderr
     assert (tmp_path / "killed/out/results.csv").read_bytes() == (tmp_path / "clean/out/results.csv").read_bytes()
 
 
@@ -249,7 +250,7 @@ def test_ctrl_c_exits_promptly_with_one_line_and_no_workers_left(signum, whole_g
     _, stderr = process.communicate(timeout=20)
     assert time.monotonic() - started < 5
     assert process.returncode == 130
-    assert stderr.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+    assert stderr.strip().splitlines()[-1].startswith("interrupted;")  # the first signal's notice, not "again"
     assert "Traceback" not in stderr
     deadline = time.monotonic() + 0.5  # gone within 0.5 s of the exit; no need to wait once they are
     while time.monotonic() < deadline and any(is_running(pid) for pid in workers):
@@ -269,8 +270,7 @@ def test_a_second_ctrl_c_while_stopping_exits_at_once_without_a_traceback(data_r
     _, stderr = process.communicate(timeout=20)
     assert process.returncode == 130
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] in ("interrupted; rerun the same command to resume",
-                                               "interrupted again; exiting now (rerun the same command to resume)")
+    assert stderr.strip().splitlines()[-1].startswith("interrupted")  # once or twice
 
 
 @pytest.fixture(scope="module")
@@ -292,18 +292,19 @@ def test_broken_image_stops_the_run_with_its_path_unless_skipped(broken_image_ro
                                 main_arguments(root, tiny_model_yaml, tmp_path / "skip", "--skip-broken-images"))
     assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
     error = stopped.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"error: cannot decode image {truncated}: ")  # raised in a loader worker
-    assert error.endswith("fix or delete the file, or pass --skip-broken-images")
+    assert error.startswith("error: ") and str(truncated) in error  # raised in a loader worker
+    assert "--skip-broken-images" in error
 
     assert skipped.returncode == 0, skipped.stderr
-    assert "imagenet1k-test: skipped 2 images that cannot be decoded: n01/img1.JPEG, n02/img1.JPEG" \
-        in skipped.stderr
+    for value in ("imagenet1k-test", "skipped 2", "n01/img1.JPEG", "n02/img1.JPEG"):
+        assert value in skipped.stderr
     config = (tmp_path / "skip/out/config.yaml").read_text()
     assert "broken_images:\n    imagenet1k-test:\n    - n01/img1.JPEG\n    - n02/img1.JPEG\n" in config
     # the cache remembers them: without the flag still an error, with nothing extracted again
     (again,) = run_main(main_arguments(root, tiny_model_yaml, tmp_path / "skip"))
     assert again.returncode == 2 and "extracting" not in again.stderr
-    assert again.stderr.strip().splitlines()[-1].startswith(f"error: cannot decode image {truncated}: ")
+    last_line = again.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and str(truncated) in last_line
 
 
 def test_bad_input_is_one_error_line_with_exit_code_2(data_root, tiny_model_yaml, tmp_path):
@@ -312,13 +313,12 @@ def test_bad_input_is_one_error_line_with_exit_code_2(data_root, tiny_model_yaml
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model: resnet50-supcon\nood_data: [inaturalist\n")
     cases = {
-        "the data root": (["--data-root", str(tmp_path / "nowhere")],
-                          f"the data root {tmp_path / 'nowhere'} does not exist (set --data-root)"),
+        "the data root": (["--data-root", str(tmp_path / "nowhere")], [str(tmp_path / "nowhere"), "--data-root"]),
         "an unwritable output directory": (["--output-dir", str(unwritable / "out")],
-                                           f"output directory (--output-dir) {unwritable / 'out'} is not writable"),
-        "a YAML syntax error": (["--config", str(bad_yaml)], f"{bad_yaml}:3: YAML syntax error"),
+                                           [str(unwritable / "out"), "--output-dir"]),
+        "a YAML syntax error": (["--config", str(bad_yaml)], [f"{bad_yaml}:3"]),  # the file and the line
         "a missing checkpoint": (["--model", "resnet50-supcon", "--pretrained-dir", str(tmp_path / "empty")],
-                                 "resnet50-supcon.pt"),
+                                 ["resnet50-supcon.pt"]),
     }
     runs = []
     for extra, _ in cases.values():
@@ -329,7 +329,8 @@ def test_bad_input_is_one_error_line_with_exit_code_2(data_root, tiny_model_yaml
             else:
                 arguments += [flag, value]
         runs.append(arguments)
-    for (what, (_, message)), result in zip(cases.items(), run_main(*runs)):
+    for (what, (_, values)), result in zip(cases.items(), run_main(*runs)):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (what, result.stderr)
-        assert message in lines[0], (what, lines[0])
+        for value in values:
+            assert value in lines[0], (what, lines[0])

@@ -56,8 +56,9 @@ def test_auto_uses_the_faster_cpu_matmul_only_where_it_matters(monkeypatch):
     assert index.matmul_for(torch.zeros(499_999, 100)) == "torch" and measured == []  # just under 1e11 flops
     assert index.matmul_for(torch.empty(500_000, 100)) == "numpy" and measured == [100]  # 1e11 flops
     assert InnerProductSearch(bank, backend="numpy").matmul_for(torch.zeros(10, 100)) == "numpy"
-    with pytest.raises(ValueError, match="search backend 'numpy' runs on the CPU, but the queries are on meta"):
+    with pytest.raises(ValueError) as error:
         InnerProductSearch(bank, backend="numpy").matmul_for(torch.zeros(3, 100, device="meta"))
+    assert "'numpy'" in str(error.value) and "meta" in str(error.value)  # the backend and the queries' device
     assert index.matmul_for(torch.zeros(3, 100, device="meta")) == "torch"  # any accelerator: torch's
 
 
@@ -100,9 +101,10 @@ def test_a_bank_too_large_for_faiss_on_the_gpus_goes_to_the_torch_backend(monkey
     assert index.backend == "auto"  # blocked matmul + top-k
     expected = np.sort((queries @ bank.T).numpy(), axis=1)[:, ::-1][:, :3]
     np.testing.assert_allclose(index.search(queries, 3).numpy(), expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"the bank \(1000 x 32\) does not fit in the free memory of 2 GPU\(s\) "
-                                         "for faiss; use backend='auto' or 'torch'"):
+    with pytest.raises(ValueError) as error:
         InnerProductSearch(bank, backend="faiss")
+    for value in ("1000 x 32", "2 GPU(s)", "'auto'", "'torch'"):  # the bank, the GPUs, the backends that work
+        assert value in str(error.value)
 
 
 @needs_faiss
@@ -120,14 +122,18 @@ def test_detectors_score_the_same_with_either_backend(name):
 def test_bad_arguments_are_clear_errors():
     bank = random_unit_rows(10, 4, seed=7)
     index = InnerProductSearch(bank, backend="torch")
-    with pytest.raises(ValueError, match="k=11 must be between 1 and the bank size 10"):
+    with pytest.raises(ValueError) as error:
         index.search(bank, 11)
-    with pytest.raises(ValueError, match=r"queries must have shape \(N, 4\)"):
+    assert "k=11" in str(error.value) and "size 10" in str(error.value)
+    with pytest.raises(ValueError) as error:
         index.search(torch.zeros(3, 5), 1)
-    with pytest.raises(ValueError, match="unknown search backend 'annoy'"):
+    assert "(N, 4)" in str(error.value) and "(3, 5)" in str(error.value)  # the shape expected, the one given
+    with pytest.raises(ValueError) as error:
         InnerProductSearch(bank, backend="annoy")
-    with pytest.raises(ValueError, match="non-empty 2-D float tensor"):
+    assert "'annoy'" in str(error.value) and "torch" in str(error.value)  # the name and a valid one
+    with pytest.raises(ValueError) as error:
         InnerProductSearch(torch.zeros(0, 4))
+    assert "(0, 4)" in str(error.value)  # the empty bank's shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,10 +146,13 @@ def test_float16_bank_rounds_similarities_only_slightly(backend):
 
 
 def test_bad_search_options_fail_when_the_detector_is_created():
-    with pytest.raises(ValueError, match="nnguide: unknown bank_dtype 'fp8'; valid: float32, float16"):
+    with pytest.raises(ValueError) as error:
         create_detector("nnguide", bank_dtype="fp8")
-    with pytest.raises(ValueError, match="knn: unknown search backend 'annoy'"):
+    for value in ("nnguide", "bank_dtype", "'fp8'", "float32", "float16"):  # detector, option, value, valid ones
+        assert value in str(error.value)
+    with pytest.raises(ValueError) as error:
         create_detector("knn", backend="annoy")
+    assert "knn" in str(error.value) and "'annoy'" in str(error.value)
 
 
 MEMORY_PROBE = """
