@@ -42,6 +42,8 @@ class RawFeatures:
     features: np.ndarray  # (N, D) float32
     labels: np.ndarray    # (N,) int64, -1 = unlabelled
     image_ids: list[str]  # (N,) the dataset's ids of these rows
+    entry: str = ""       # the cache entry's label
+    broken: tuple[str, ...] = ()  # ids of the images left out as undecodable (--skip-broken-images)
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,13 @@ class ImageSets:
         return [f"{name} {split}: {kept} of {total} images"
                 for (name, split), (kept, total) in self.subset_sizes.items()]
 
+    def reader_notes(self) -> tuple[str, ...]:
+        """What a reader of the tables must know: that the sets are subsets, when they are."""
+        if not self.subset_sizes:
+            return ()
+        return (f"Subsets, not the full sets (a debug run; seeded, stratified by class): "
+                f"{'; '.join(self.subset_notes())}.",)
+
     def test_sets(self) -> tuple[dict[str, ImageDataset], str, list[str]]:
         """{table name: test split} of the ID set and the OOD sets, the ID set's name and the OOD sets' names."""
         config = self.config
@@ -217,14 +226,13 @@ def build_detectors(experiment: ResolvedExperiment, model: Model, bank_size: int
 
 
 class Extraction:
-    """Raw features of the run's image sets through the cache, and the images skipped as undecodable."""
+    """Raw features of the run's image sets, through the cache."""
 
     def __init__(self, config: ExperimentConfig, model: Model, device: torch.device, topology: Topology) -> None:
         settings = ExtractionSettings(device, config.batch_size, config.num_workers, config.amp, config.channels_last,
                                       config.chunk_size, config.recompute, config.skip_broken_images,
                                       config.verify_image_content)
         self.extractor = FeatureExtractor(model.backbone, model.cache_key, Path(config.cache_dir), settings, topology)
-        self.broken_images: dict[str, list[str]] = {}  # entry label -> ids of images skipped as undecodable
 
     def bank(self, train: ImageDataset, name: str, config: ExperimentConfig, size: int) -> RawFeatures:
         """The first `size` images of the train split in the bank's order: a RandomState(seed) permutation (the
@@ -243,10 +251,10 @@ class Extraction:
         extracted = self.extractor.extract(dataset, key.as_key(), key.label, num_rows)
         labels = dataset.labels[:num_rows]
         if not extracted.broken_rows:
-            return RawFeatures(extracted.features, labels, dataset.image_ids[:num_rows])
-        self.broken_images[key.label] = [dataset.image_ids[row] for row in extracted.broken_rows]
+            return RawFeatures(extracted.features, labels, dataset.image_ids[:num_rows], key.label)
         kept = np.setdiff1d(np.arange(num_rows), extracted.broken_rows)
-        return RawFeatures(extracted.features[kept], labels[kept], [dataset.image_ids[row] for row in kept])
+        return RawFeatures(extracted.features[kept], labels[kept], [dataset.image_ids[row] for row in kept], key.label,
+                           tuple(dataset.image_ids[row] for row in extracted.broken_rows))
 
 
 def run_experiment(experiment: ResolvedExperiment) -> ExperimentResult | None:
@@ -291,14 +299,14 @@ def run_experiment(experiment: ResolvedExperiment) -> ExperimentResult | None:
         rows += detector_rows
         averages += detector_averages
 
-    notes = ((f"Subsets, not the full sets (a debug run; seeded, stratified by class): "
-              f"{'; '.join(image_sets.subset_notes())}.",) if image_sets.subset_sizes else ())
-    provenance = {**environment(device), "skipped_files": image_sets.skipped_files,
-                  "broken_images": extraction.broken_images, "subsets": image_sets.subset_notes()}
+    broken_images = {raw.entry: list(raw.broken) for raw in (bank_raw, *test_raws.values()) if raw.broken}
+    provenance = {**environment(device), "skipped_files": image_sets.skipped_files, "broken_images": broken_images,
+                  "subsets": image_sets.subset_notes()}
     run_scores = RunScores(id_name, list(detectors), {name: np.array(raw.image_ids, dtype=str)
                                                       for name, raw in test_raws.items()},
                            {id_name: scores[id_name], **{name: scores[name] for name in ood_names}})
-    return ExperimentResult(config, tuple(rows), tuple(averages), run_scores, id_accuracy, provenance, notes)
+    return ExperimentResult(config, tuple(rows), tuple(averages), run_scores, id_accuracy, provenance,
+                            image_sets.reader_notes())
 
 
 def detector_inputs(model: Model, bank_raw: RawFeatures, test_raws: dict[str, RawFeatures], device: torch.device,
