@@ -14,7 +14,8 @@ from errors import UserError
 from ood_evaluation.definitions import METRIC_NAMES
 from pipeline.report.outputs import write_result
 from pipeline.report.rows import CSV_COLUMNS
-from pipeline.tools.aggregate import collect, main, paper_tables
+from pipeline.report.tables import with_interval
+from pipeline.tools.aggregate import collect, main, paper_tables, spread_legend
 from tests.fake_results import average_of, fake_result, result_row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,31 +301,31 @@ def test_ci_shows_each_runs_intervals_and_bare_values_where_none_was_stored(tmp_
     # Per-set cells: the run's interval (FPR95 ± 1, AUROC ± 0.3); Avg-4 from averages.csv (± 0.5, ± 0.2); Avg-all
     # averages OpenImage-O too, which no run averaged with the others: bare, as OpenImage-O's own cells are.
     header, nnguide, energy = table_csv(tmp_path / "ci/resnet50-react__imagenet1k.csv")
-    assert nnguide == ["nnguide", "11.12 ± 1.00", "97.70 ± 0.30", "21.50 ± 1.00", "96.25 ± 0.30", "31.47 ± 1.00",
-                       "93.10 ± 0.30", "15.03 ± 1.00", "95.04 ± 0.30", "35.10", "92.49", "19.78 ± 0.50",
-                       "95.52 ± 0.20", "22.84", "94.92"]
-    assert energy == ["energy", "50.00 ± 1.00", "90.00 ± 0.30", "60.00 ± 1.00", "85.00 ± 0.30", "70.00 ± 1.00",
-                      "80.00 ± 0.30", "40.00 ± 1.00", "88.00 ± 0.30", "-", "-", "55.00 ± 0.50", "85.75 ± 0.20", "-",
+    assert nnguide == ["nnguide", "11.12 [10.12, 12.12]", "97.70 [97.40, 98.00]", "21.50 [20.50, 22.50]", "96.25 [95.95, 96.55]", "31.47 [30.47, 32.47]",
+                       "93.10 [92.80, 93.40]", "15.03 [14.03, 16.03]", "95.04 [94.74, 95.34]", "35.10", "92.49", "19.78 [19.28, 20.28]",
+                       "95.52 [95.32, 95.72]", "22.84", "94.92"]
+    assert energy == ["energy", "50.00 [49.00, 51.00]", "90.00 [89.70, 90.30]", "60.00 [59.00, 61.00]", "85.00 [84.70, 85.30]", "70.00 [69.00, 71.00]",
+                      "80.00 [79.70, 80.30]", "40.00 [39.00, 41.00]", "88.00 [87.70, 88.30]", "-", "-", "55.00 [54.50, 55.50]", "85.75 [85.55, 85.95]", "-",
                       "-"]
     # Without --ci the tables are those of before: the same numbers, no intervals.
     plain = table_csv(tmp_path / "plain/resnet50-react__imagenet1k.csv")
     assert plain == paper_tables(collect(tmp_path / "runs"))[("resnet50-react", "imagenet1k")]
-    assert plain[1:] == [[cell.split(" ± ")[0] for cell in line] for line in (nnguide, energy)]
-    assert "±" not in (tmp_path / "plain/tables.md").read_text().split("# resnet50-supcon")[0]
+    assert plain[1:] == [[cell.split(" [")[0] for cell in line] for line in (nnguide, energy)]
+    assert "[" not in (tmp_path / "plain/tables.md").read_text().split("# resnet50-supcon")[0]
 
     markdown = (tmp_path / "ci/resnet50-react__imagenet1k.md").read_text()
-    assert ("value ± h: h is half the width of the run's bootstrap interval" in markdown
-            and "No interval for openimage-o FPR95, openimage-o AUROC, Avg-all FPR95, Avg-all AUROC:" in markdown)
+    table, legend = markdown.split("\n\n")[2:4]  # the intervals' line sits under the table
+    assert table.startswith("| Detector") and legend.startswith("[low, high]: ") and "test images" in legend
+    assert "No interval for openimage-o FPR95, openimage-o AUROC, Avg-all FPR95, Avg-all AUROC:" in legend
     old = (tmp_path / "ci/resnet50-react__imagenet1k-v2-a.md").read_text()
     assert "| nnguide | 5.00 | 99.00 | 7.00 | 98.00 | 6.00 | 98.50 |" in old
     assert "No interval for inaturalist FPR95, inaturalist AUROC, textures FPR95" in old
-    # Several checkpoints: mean ± std over them, as without --ci, and the legend says so.
+    # Several checkpoints: mean ± std over them, with or without --ci, and the line under the table says so.
     replicates = (tmp_path / "ci/resnet50-supcon__imagenet1k.md").read_text()
-    assert replicates == (tmp_path / "plain/resnet50-supcon__imagenet1k.md").read_text().replace(
-        "Avg-all averages every OOD column.", "Avg-all averages every OOD column. --ci does not apply to this table: "
-        "its ± is the population std over 2 checkpoints (each run's own intervals are in its results.csv and "
-        "averages.csv).")
+    assert replicates == (tmp_path / "plain/resnet50-supcon__imagenet1k.md").read_text()
     assert "| nnguide | 6.00 ± 1.00 | 99.00 ± 0.00 |" in replicates
+    assert replicates.rstrip().endswith("|\n\n" + spread_legend(2)) and "standard deviation over the 2 " \
+        "checkpoints" in spread_legend(2)
 
 
 def test_ci_in_the_openood_tables_reads_openood_s_fpr95_and_the_near_and_far_averages(tmp_path):
@@ -337,8 +338,8 @@ def test_ci_in_the_openood_tables_reads_openood_s_fpr95_and_the_near_and_far_ave
     assert main([str(tmp_path / "runs"), "--openood", "--ci"]) == 0
     lines = {line[1]: line[2:] for line in table_csv(tmp_path / "runs/resnet50-react__imagenet1k__openood.csv")[1:]}
     # FPR95 is OpenOOD's (FPR95 + 1 here), its interval ± 1.2; Near-OOD's from averages.csv (± 0.7, ± 0.2).
-    assert lines["openood-ssb-hard"] == ["61.00 ± 1.20", "80.00 ± 0.30", "90.00 ± 0.50", "80.00 ± 0.50", "76.13"]
-    assert lines["Near-OOD"] == ["51.00 ± 0.70", "85.00 ± 0.20", "90.00 ± 0.50", "80.00 ± 0.50", "76.13"]
+    assert lines["openood-ssb-hard"] == ["61.00 [59.80, 62.20]", "80.00 [79.70, 80.30]", "90.00 [89.50, 90.50]", "80.00 [79.50, 80.50]", "76.13"]
+    assert lines["Near-OOD"] == ["51.00 [50.30, 51.70]", "85.00 [84.80, 85.20]", "90.00 [89.50, 90.50]", "80.00 [79.50, 80.50]", "76.13"]
     assert lines["openood-openimage-o"] == ["11.00", "97.00", "90.00", "80.00", "76.13"]
     assert lines["Far-OOD"] == ["12.00", "97.00", "90.00", "80.00", "76.13"]   # its sets span two runs: bare
     markdown = (tmp_path / "runs/resnet50-react__imagenet1k__openood.md").read_text()
@@ -350,4 +351,10 @@ def test_run_sh_tables_show_the_runs_intervals(tmp_path):
                                                                                   "textures"])])
     completed, calls = run_script(tmp_path, "--aggregate-only", "--output-root", str(tmp_path / "results"))
     assert completed.returncode == 0, completed.stderr
-    assert calls == [] and "| nnguide | 11.12 ± 1.00 |" in (tmp_path / "results/tables.md").read_text()
+    assert calls == [] and "| nnguide | 11.12 [10.12, 12.12] |" in (tmp_path / "results/tables.md").read_text()
+
+
+def test_an_asymmetric_interval_is_shown_as_its_bounds():
+    """A percentile interval of an FPR95 of 0 reaches up only: '0.00 ± 10.71' would read as a negative FPR."""
+    assert with_interval("0.00", (0.0, 21.42)) == "0.00 [0.00, 21.42]"
+    assert with_interval("-", (0.0, 21.42)) == "-" and with_interval("3.10", None) == "3.10"

@@ -354,7 +354,13 @@ def test_a_bank_seed_sweep_summarises_each_numbers_spread_over_the_draws(first_r
     assert len(set(nnguide_aurocs)) > 1  # the draws differ, so the spread is not trivially zero
     energy = [row for row in summary if row["detector"] == "energy"]
     assert all(float(row["auroc_std"]) == 0 for row in energy)  # energy reads no bank: the same for every seed
-    assert "| textures | nnguide |" in (work / "seeds/seed-summary.md").read_text()
+    summary_md = (work / "seeds/seed-summary.md").read_text()
+    assert "| textures | nnguide |" in summary_md
+    assert summary_md.rstrip().splitlines()[-1].startswith("mean ± population standard deviation [min, max] over "
+                                                           "the bank seeds 0, 1, 2")
+    sweep_md = (work / "seeds/sweep.md").read_text()  # the runs' own intervals: brackets, said under the table
+    assert "±" not in sweep_md and sweep_md.rstrip().splitlines()[-1].startswith("[low, high]: the 95% percentile")
+    assert re.search(r"\| \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\] \|", sweep_md)
 
 
 def test_every_metric_has_its_bootstrap_interval_from_the_stored_scores(first_run):
@@ -362,7 +368,7 @@ def test_every_metric_has_its_bootstrap_interval_from_the_stored_scores(first_ru
     run's own scores (1000, seed 0, 95%): each resample draws the ID images once and each OOD set apart, and an
     average averages its sets' metrics within each resample. Restated here from the resamples' counts with
     metrics_from_counts, checked against scikit-learn one resample at a time (NNGuide's first 20). results.md
-    shows each cell, the average's too, as value ± half the interval's width."""
+    shows each cell, the average's too, as value [low, high]."""
     work, _ = first_run
     stored = read_scores(work / "out")
     rows = {(row["detector"], row["ood_data"]): row for row in read_csv(work / "out/results.csv")}
@@ -393,8 +399,9 @@ def test_every_metric_has_its_bootstrap_interval_from_the_stored_scores(first_ru
                                                                  for name in OOD_SETS]), abs=1e-12)
     markdown = (work / "out/results.md").read_text()
     for row in (rows["nnguide", "inaturalist"], averages[0]):
-        half_width = (float(row["auroc_ci_high"]) - float(row["auroc_ci_low"])) / 2
-        assert f"| {float(row['auroc']):.2f} ± {half_width:.2f} |" in markdown
+        low, high = float(row["auroc_ci_low"]), float(row["auroc_ci_high"])
+        assert f"| {float(row['auroc']):.2f} [{low:.2f}, {high:.2f}] |" in markdown
+    assert "±" not in markdown and markdown.rstrip().splitlines()[-1].startswith("[low, high]: the 95% percentile")
 
 
 @pytest.mark.slow  # `python main.py` in a fresh interpreter (user_error_run): its import-time output is checked too

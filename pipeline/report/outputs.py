@@ -21,7 +21,8 @@ from pipeline.report.plots import score_plot_writers
 from pipeline.report.rows import (AVERAGE_COLUMNS, AVERAGES_FILE, CSV_COLUMNS, OPENOOD_COLUMNS, OPENOOD_FILE,
                                   RESULTS_FILE, csv_text)
 from pipeline.report.scores import SCORES_FILE, scores_writer
-from pipeline.report.tables import format_markdown, format_terminal, paper_table, paper_table_legend
+from pipeline.report.tables import (format_markdown, format_terminal, has_interval, intervals_legend, paper_table,
+                                    paper_table_legend)
 from pipeline.result import ExperimentResult
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,14 @@ def result_documents(result: ExperimentResult) -> tuple[dict[str, str], str]:
     title = (f"# {first.model}: ID {first.id_data}, bank from {first.train_data} "
              f"(ID accuracy {first.id_acc:.2f}%)\n\n" + "".join(f"**{note}**\n\n" for note in notes)
              + f"{paper_table_legend(table)}\n\n")
+    below = (f"\n{intervals_legend(f'{100 * result.config.ci_level:g}%')}\n"
+             if any(has_interval(cell) for line in table[1:] for cell in line) else "")
     resolved = {**result.config.to_dict(), "provenance": dict(result.provenance)}
     documents = {RESULTS_FILE: csv_text(rows, CSV_COLUMNS), OPENOOD_FILE: csv_text(rows, OPENOOD_COLUMNS),
-                 "results.md": title + format_markdown(table), "config.yaml": yaml.safe_dump(resolved, sort_keys=False),
+                 "results.md": title + format_markdown(table) + below,
+                 "config.yaml": yaml.safe_dump(resolved, sort_keys=False),
                  AVERAGES_FILE: csv_text(averages, AVERAGE_COLUMNS)}
-    return documents, "".join(f"{note}\n" for note in notes) + format_terminal(table)
+    return documents, "".join(f"{note}\n" for note in notes) + format_terminal(table) + below.rstrip("\n")
 
 
 def write_result(result: ExperimentResult, output_dir: Path | str | None = None) -> str:

@@ -75,15 +75,16 @@ def format_table(replicates: list[NumericTable]) -> list[list[str]]:
 
 def paper_table(rows: Sequence[ResultRow], averages: Sequence[AverageRow] = ()) -> list[list[str]]:
     """Header + one line per detector: `paper_table_numbers` of one run, two decimals, "-" where missing; a
-    cell with a bootstrap interval (a row's, or for an average the `averages` row of its sets) shows it."""
+    cell with a bootstrap interval (a row's, or for an average the `averages` row of its sets) shows it as
+    "value [low, high]"."""
     table = format_table([paper_table_numbers(rows)])
     add_paper_intervals(table, list(dict.fromkeys(row.ood_data for row in rows)), interval_index(rows, averages))
     return table
 
 
 def add_paper_intervals(table: list[list[str]], ood_sets: list[str], intervals: Intervals) -> None:
-    """Append " ± half the interval's width" to each cell of a one-run paper table (columns `paper_columns(
-    ood_sets)`) whose (detector, sets) has an interval."""
+    """Append " [low, high]" to each cell of a one-run paper table (columns `paper_columns(ood_sets)`) whose
+    (detector, sets) has an interval."""
     for line in table[1:]:
         for group, sets in enumerate(paper_columns(ood_sets).values()):
             found = intervals.get((line[0], frozenset(sets)), {})
@@ -93,8 +94,20 @@ def add_paper_intervals(table: list[list[str]], ood_sets: list[str], intervals: 
 
 
 def with_interval(cell: str, interval: Interval | None) -> str:
-    """A formatted cell with " ± half the interval's width" appended; unchanged without one or where missing."""
-    return cell if interval is None or cell == MISSING else f"{cell} ± {(interval[1] - interval[0]) / 2:.2f}"
+    """A formatted cell with its interval appended, " [low, high]" (percentile intervals are not symmetric);
+    unchanged without one or where missing."""
+    return cell if interval is None or cell == MISSING else f"{cell} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def has_interval(cell: str) -> bool:
+    """Whether a formatted cell shows an interval."""
+    return cell.endswith("]")
+
+
+def intervals_legend(level: str = "95%") -> str:
+    """The line under a table whose cells show bootstrap intervals: what the brackets are, and are not."""
+    return (f"[low, high]: the {level} percentile bootstrap interval over the test images; it does not cover other "
+            f"draws of the bank, other checkpoints or other OOD sets.")
 
 
 def interval_index(rows: Sequence[ResultRow], averages: Sequence[AverageRow] = ()) -> Intervals:

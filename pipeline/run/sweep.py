@@ -15,7 +15,8 @@ from pipeline.config.experiment import resolve_experiment
 from pipeline.files import require_writable, write_atomically
 from pipeline.report.outputs import write_result
 from pipeline.report.rows import RESULTS_METRICS
-from pipeline.report.tables import TABLE_METRICS, format_markdown, format_terminal, paper_table
+from pipeline.report.tables import (TABLE_METRICS, format_markdown, format_terminal, has_interval, intervals_legend,
+                                    paper_table)
 from pipeline.result import ResultRow
 from pipeline.run.experiment import run_experiment
 
@@ -65,15 +66,18 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
     if not rows_by_value:
         return "", output_root / "sweep.csv"
     write_atomically(output_root / "sweep.csv", lambda path: path.write_text("\n".join(csv_lines) + "\n"))
-    write_atomically(output_root / "sweep.md", lambda path: path.write_text(format_markdown(table)))
-    terminal = format_terminal(table)
+    below = (f"\n{intervals_legend(f'{100 * experiments[0].config.ci_level:g}%')}\n"
+             if any(has_interval(cell) for line in table[1:] for cell in line) else "")
+    write_atomically(output_root / "sweep.md", lambda path: path.write_text(format_markdown(table) + below))
+    terminal = format_terminal(table) + below.rstrip("\n")
     if key == "seed":  # a bank-seed sweep: how far each number moves with another draw of the bank
         summary, numbers = seed_summary(rows_by_value)
+        spread = (f"mean ± population standard deviation [min, max] over the bank seeds {', '.join(values)}, in "
+                  f"percent: the spread over draws of the bank, not a bootstrap interval.")
         write_atomically(output_root / "seed-summary.md", lambda path: path.write_text(
-            f"Over the bank seeds {', '.join(values)}: mean ± population std [min, max], in percent.\n\n"
-            + format_markdown(summary)))
+            f"{format_markdown(summary)}\n{spread}\n"))
         write_atomically(output_root / "seed-summary.csv", lambda path: path.write_text(numbers))
-        terminal += f"\n\nOver the bank seeds {', '.join(values)}: mean ± std [min, max]\n{format_terminal(summary)}"
+        terminal += f"\n\n{format_terminal(summary)}\n{spread}"
     return terminal, output_root / "sweep.csv"
 
 

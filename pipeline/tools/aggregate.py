@@ -15,7 +15,7 @@ Runs of one model with different checkpoints (--checkpoint, e.g. OpenOOD's three
 their tables show each cell's mean ± population std over the checkpoints, averages taken per checkpoint first,
 as OpenOOD's scripts/eval_ood.py reports them.
 
-With --ci, the tables of one checkpoint show each cell as value ± half its bootstrap interval's width: a per-set
+With --ci, the tables of one checkpoint show each cell as value [low, high], its bootstrap interval: a per-set
 cell from its results.csv's interval columns, an average from the averages.csv beside it when that run averaged
 exactly the column's sets (else the bare value; the legend lists such cells). Tables of several checkpoints keep
 mean ± std: the spread over checkpoints is the larger uncertainty there, and one run's interval is not theirs.
@@ -31,8 +31,8 @@ from errors import UserError
 from pipeline.files import write_atomically
 from pipeline.report.rows import AVERAGES_FILE, OPENOOD_FILE, RESULTS_FILE, read_averages, read_rows
 from pipeline.report.tables import (MISSING, NumericTable, add_paper_intervals, format_markdown, format_table,
-                                    format_terminal, interval_index, mean_cells, paper_table_legend,
-                                    paper_table_numbers, with_interval)
+                                    format_terminal, has_interval, interval_index, intervals_legend, mean_cells,
+                                    paper_table_legend, paper_table_numbers, with_interval)
 from pipeline.result import AverageRow, ResultRow
 from pipeline.run.averages import OPENOOD_BENCHMARKS, OpenOODBenchmark
 
@@ -180,13 +180,15 @@ def _title(group: list[ResultRow], key: TableKey) -> str:
     return f"{key[0]}: ID {key[1]}, bank from {banks}{replicates}"
 
 
-def interval_legend(table: list[list[str]], checkpoints: int, openood: bool) -> str:
-    """What --ci shows in this table, and which of its values have no interval."""
-    if checkpoints > 1:
-        return (f"--ci does not apply to this table: its ± is the population std over {checkpoints} checkpoints "
-                f"(each run's own intervals are in its results.csv and averages.csv).")
-    legend = ("value ± h: h is half the width of the run's bootstrap interval (ci_level, 95% by default), which "
-              "covers the sampling of the test images only.")
+def spread_legend(checkpoints: int) -> str:
+    """The line under a table of several checkpoints: what its ± is."""
+    return (f"± is the population standard deviation over the {checkpoints} checkpoints (each run's own bootstrap "
+            f"intervals are in its results.csv and averages.csv).")
+
+
+def interval_legend(table: list[list[str]], openood: bool) -> str:
+    """What --ci shows in a table of one checkpoint, and which of its values have no interval."""
+    legend = intervals_legend("run's ci_level (95% by default)")
     if openood:  # metric columns 2 to 5; lines named by their OOD set or average
         lacking = list(dict.fromkeys(line[1] for line in table[1:] if any(
             _lacks_interval(cell) for cell in line[2:2 + len(OPENOOD_TABLE_METRICS)])))
@@ -200,7 +202,7 @@ def interval_legend(table: list[list[str]], checkpoints: int, openood: bool) -> 
 
 
 def _lacks_interval(cell: str) -> bool:
-    return cell != MISSING and " ± " not in cell
+    return cell != MISSING and not has_interval(cell)
 
 
 def write_tables(rows: list[ResultRow], output_dir: Path, openood: bool = False,
@@ -217,8 +219,10 @@ def write_tables(rows: list[ResultRow], output_dir: Path, openood: bool = False,
         title = _title(groups[key], key) + (f" (OpenOOD v1.5 {benchmark.name})" if benchmark else "")
         legend = openood_legend(benchmark) if benchmark else paper_table_legend(table)
         legends.append(legend)
-        note = interval_legend(table, len(_replicates(groups[key])), openood) if averages is not None else ""
-        markdown = f"# {title}\n\n{legend}" + (f" {note}" if note else "") + f"\n\n{format_markdown(table)}"
+        checkpoints = len(_replicates(groups[key]))
+        note = (spread_legend(checkpoints) if checkpoints > 1 else
+                interval_legend(table, openood) if averages is not None else "")
+        markdown = f"# {title}\n\n{legend}\n\n{format_markdown(table)}" + (f"\n{note}\n" if note else "")
         stem = f"{key[0]}__{key[1]}{suffix}"
         write_atomically(output_dir / f"{stem}.md", lambda path, text=markdown: path.write_text(text))
         write_atomically(output_dir / f"{stem}.csv", lambda path, table=table: _write_csv(path, table))
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"OpenOOD v1.5 tables (ImageNet-1K, CIFAR-10, CIFAR-100) from every {OPENOOD_FILE} "
                              f"below ROOT")
     parser.add_argument("--ci", action="store_true",
-                        help=f"show each cell's bootstrap interval (value ± half its width) from the runs' result "
+                        help=f"show each cell's bootstrap interval (value [low, high]) from the runs' result "
                              f"files and {AVERAGES_FILE}; tables of one checkpoint only")
     args = parser.parse_args(argv)
     try:
