@@ -101,8 +101,9 @@ def paired_bootstrap(id_a: ArrayLike, ood_a: ArrayLike, id_b: ArrayLike, ood_b: 
     """Detector a minus detector b, each metric, with a paired bootstrap interval at `level`.
 
     id_a[i] and id_b[i] score the same ID image (likewise ood_a and ood_b), so each resample draws images and
-    applies the same counts to both detectors' scores (the same seed). `difference` is ood_metrics(a) - ood_metrics(b) on the given
-    scores. A detector against itself gives exactly zero intervals, a_better = 0 and tied = 1.
+    applies the same counts to both detectors' scores (the same seed). `difference` is ood_metrics(a) -
+    ood_metrics(b) on the given scores. A detector against itself gives exactly zero intervals, a_better = 0 and
+    tied = 1.
     """
     _check_level(level)
     id_a, ood_a = as_scores(id_a, "id_a"), as_scores(ood_a, "ood_a")

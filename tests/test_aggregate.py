@@ -301,13 +301,14 @@ def test_ci_shows_each_runs_intervals_and_bare_values_where_none_was_stored(tmp_
     # Per-set cells: the run's interval (FPR95 ± 1, AUROC ± 0.3); Avg-4 from averages.csv (± 0.5, ± 0.2); Avg-all
     # averages OpenImage-O too, which no run averaged with the others: bare, as OpenImage-O's own cells are.
     header, nnguide, energy = table_csv(tmp_path / "ci/resnet50-react__imagenet1k.csv")
-    assert nnguide == ["nnguide", "11.12 [10.12, 12.12]", "97.70 [97.40, 98.00]", "21.50 [20.50, 22.50]", "96.25 [95.95, 96.55]", "31.47 [30.47, 32.47]",
-                       "93.10 [92.80, 93.40]", "15.03 [14.03, 16.03]", "95.04 [94.74, 95.34]", "35.10", "92.49", "19.78 [19.28, 20.28]",
-                       "95.52 [95.32, 95.72]", "22.84", "94.92"]
-    assert energy == ["energy", "50.00 [49.00, 51.00]", "90.00 [89.70, 90.30]", "60.00 [59.00, 61.00]", "85.00 [84.70, 85.30]", "70.00 [69.00, 71.00]",
-                      "80.00 [79.70, 80.30]", "40.00 [39.00, 41.00]", "88.00 [87.70, 88.30]", "-", "-", "55.00 [54.50, 55.50]", "85.75 [85.55, 85.95]", "-",
-                      "-"]
-    # Without --ci the tables are those of before: the same numbers, no intervals.
+    assert nnguide == ["nnguide", "11.12 [10.12, 12.12]", "97.70 [97.40, 98.00]", "21.50 [20.50, 22.50]",
+                       "96.25 [95.95, 96.55]", "31.47 [30.47, 32.47]", "93.10 [92.80, 93.40]", "15.03 [14.03, 16.03]",
+                       "95.04 [94.74, 95.34]", "35.10", "92.49", "19.78 [19.28, 20.28]", "95.52 [95.32, 95.72]",
+                       "22.84", "94.92"]
+    assert energy == ["energy", "50.00 [49.00, 51.00]", "90.00 [89.70, 90.30]", "60.00 [59.00, 61.00]",
+                      "85.00 [84.70, 85.30]", "70.00 [69.00, 71.00]", "80.00 [79.70, 80.30]", "40.00 [39.00, 41.00]",
+                      "88.00 [87.70, 88.30]", "-", "-", "55.00 [54.50, 55.50]", "85.75 [85.55, 85.95]", "-", "-"]
+    # Without --ci: the same numbers, no intervals.
     plain = table_csv(tmp_path / "plain/resnet50-react__imagenet1k.csv")
     assert plain == paper_tables(collect(tmp_path / "runs"))[("resnet50-react", "imagenet1k")]
     assert plain[1:] == [[cell.split(" [")[0] for cell in line] for line in (nnguide, energy)]
@@ -338,8 +339,10 @@ def test_ci_in_the_openood_tables_reads_openood_s_fpr95_and_the_near_and_far_ave
     assert main([str(tmp_path / "runs"), "--openood", "--ci"]) == 0
     lines = {line[1]: line[2:] for line in table_csv(tmp_path / "runs/resnet50-react__imagenet1k__openood.csv")[1:]}
     # FPR95 is OpenOOD's (FPR95 + 1 here), its interval ± 1.2; Near-OOD's from averages.csv (± 0.7, ± 0.2).
-    assert lines["openood-ssb-hard"] == ["61.00 [59.80, 62.20]", "80.00 [79.70, 80.30]", "90.00 [89.50, 90.50]", "80.00 [79.50, 80.50]", "76.13"]
-    assert lines["Near-OOD"] == ["51.00 [50.30, 51.70]", "85.00 [84.80, 85.20]", "90.00 [89.50, 90.50]", "80.00 [79.50, 80.50]", "76.13"]
+    assert lines["openood-ssb-hard"] == ["61.00 [59.80, 62.20]", "80.00 [79.70, 80.30]", "90.00 [89.50, 90.50]",
+                                         "80.00 [79.50, 80.50]", "76.13"]
+    assert lines["Near-OOD"] == ["51.00 [50.30, 51.70]", "85.00 [84.80, 85.20]", "90.00 [89.50, 90.50]",
+                                 "80.00 [79.50, 80.50]", "76.13"]
     assert lines["openood-openimage-o"] == ["11.00", "97.00", "90.00", "80.00", "76.13"]
     assert lines["Far-OOD"] == ["12.00", "97.00", "90.00", "80.00", "76.13"]   # its sets span two runs: bare
     markdown = (tmp_path / "runs/resnet50-react__imagenet1k__openood.md").read_text()

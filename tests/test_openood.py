@@ -95,7 +95,8 @@ def test_a_missing_listed_file_is_an_error_naming_it(listed):
     list_file, _ = listed
     with pytest.raises(UserError) as error:
         image_list(list_file, "test", transform=None, image_root="../images")
-    assert "1 of the 5" in str(error.value) and str(list_file) in str(error.value) and "cat/gone.JPEG" in str(error.value)
+    message = str(error.value)
+    assert "1 of the 5" in message and str(list_file) in message and "cat/gone.JPEG" in message
     assert "skip_missing" in str(error.value)
 
 

@@ -72,7 +72,8 @@ def test_a_missing_image_is_an_error_naming_it_and_its_list(tmp_path):
     missing.unlink()
     with pytest.raises(UserError) as error:
         build_dataset(load_dataset_config("openood-cifar100-tin"), "test", tmp_path, transform=None)
-    assert "1 of the 2" in str(error.value) and str(tmp_path / list_file) in str(error.value) and str(missing.resolve()) in str(error.value)
+    message = str(error.value)
+    assert "1 of the 2" in message and str(tmp_path / list_file) in message and str(missing.resolve()) in message
 
 
 def test_a_missing_list_is_an_error_naming_it(tmp_path):

@@ -1,6 +1,6 @@
 """Is detector A better than detector B on this run? Paired bootstrap differences from the run's stored scores.
 
-    python -m pipeline.tools.compare logs/resnet50-supcon/imagenet1k nnguide knn [--metrics auroc fpr95] [--resamples 1000]
+    python -m pipeline.tools.compare logs/resnet50-supcon/imagenet1k nnguide knn [--metrics auroc fpr95]
 
 For each OOD set and for the average over the sets: A's and B's metric, the difference A - B with its paired
 bootstrap interval (the same resampled images for both detectors) and the fraction of resamples in which A is
