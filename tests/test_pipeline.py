@@ -283,8 +283,8 @@ def test_subsets_are_stratified_marked_in_every_output_and_are_the_full_sets_row
 
 def test_bank_in_list_order_is_the_first_images_of_the_train_split(first_run, data_root, small_model_yaml, caplog):
     """bank_order: list (OpenOOD's NNGuide bank on CIFAR, the first images of its unshuffled train list): the bank
-    is the split's first int(N * bank_ratio) images, each forwarded in its own entry (none taken from the seeded bank's),
-    and equal to the network's features of those images."""
+    is the split's first int(N * bank_ratio) images, each forwarded in its own entry (none taken from the seeded
+    bank's), and equal to the network's features of those images."""
     work, argv = first_run
     cache = work / f"cache/{MODEL}"
     argv = [*with_detectors(argv, "nnguide"), "--set", "detectors.nnguide.k=2", "--set", "bank_order=list",
