@@ -443,3 +443,31 @@ def test_the_python_api_returns_what_the_files_hold(first_run, data_root, small_
     write_result(result)
     assert (tmp_path / "api/results.csv").read_bytes() == (work / "out/results.csv").read_bytes()
     assert (tmp_path / "api/averages.csv").read_bytes() == (work / "out/averages.csv").read_bytes()
+
+
+def test_aggregating_the_default_layout_after_a_sweep_leaves_the_sweeps_runs_out(first_run, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A sweep's folders sit inside its run's folder (logs/<model>/<ID set>/sweep-<key>/<key>=<value>/): the
+    aggregation of logs/ tabulates the run and says which sweeps it left out; a sweep's table is its sweep.md."""
+    from pipeline.tools.aggregate import main as aggregate_main
+    work, argv = first_run
+    output = argv.index("--output-dir")
+    argv = with_detectors([*argv[:output], *argv[output + 2:]], "nnguide", "energy")
+    monkeypatch.chdir(tmp_path)
+    assert main.main(argv) == 0
+    assert main.main([*argv, "--set", "detectors.nnguide.k=1,2"]) == 0
+    run = Path("logs") / MODEL / "imagenet1k"
+    assert (run / "results.csv").is_file()
+    assert (run / "sweep-detectors.nnguide.k/detectors.nnguide.k=2/results.csv").is_file()
+    capsys.readouterr()
+    assert aggregate_main(["logs"]) == 0
+    printed = capsys.readouterr().out
+    assert "left out the runs of 1 sweep(s)" in printed and str(run / "sweep-detectors.nnguide.k") in printed
+    header, *lines = list(csv.reader((Path("logs") / f"{MODEL}__imagenet1k.csv").open()))
+    written = {(row["detector"], row["ood_data"]): row for row in read_csv(run / "results.csv")}
+    for line in lines:
+        for column, value in zip(header[1:2 * len(OOD_SETS) + 1], line[1:2 * len(OOD_SETS) + 1]):
+            ood_data, metric = column.rsplit(" ", 1)
+            assert value == f"{float(written[line[0], ood_data][metric.lower()]):.2f}"
+    assert aggregate_main([str(run / "sweep-detectors.nnguide.k")]) == 2  # only a sweep: its table is sweep.md
+    assert "sweep.md" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from pipeline.result import AverageRow, ResultRow
 RESULTS_FILE = "results.csv"
 OPENOOD_FILE = "results_openood.csv"  # the same rows with FPR95 in OpenOOD's convention (OOD positive)
 AVERAGES_FILE = "averages.csv"        # per detector, each average over OOD sets the run bootstrapped
+SWEEP_FILE = "sweep.csv"              # a sweep's table, beside the folders of its runs (one per value)
 RESULTS_METRICS = tuple(name for name in METRIC_NAMES if name != "fpr95_ood_positive")  # results.csv's, in order
 OPENOOD_METRICS = ("auroc", "fpr95_ood_positive", "aupr_in", "aupr_out")  # results_openood.csv's: OpenOOD's four
 IDENTITY_COLUMNS = ["model", "train_data", "id_data", "ood_data", "detector"]

@@ -14,7 +14,7 @@ from ood_evaluation.definitions import BY_NAME
 from pipeline.config.experiment import resolve_experiment
 from pipeline.files import require_writable, write_atomically
 from pipeline.report.outputs import write_result
-from pipeline.report.rows import RESULTS_METRICS
+from pipeline.report.rows import RESULTS_METRICS, SWEEP_FILE
 from pipeline.report.tables import (TABLE_METRICS, format_markdown, format_terminal, has_interval, intervals_legend,
                                     paper_table)
 from pipeline.result import ResultRow
@@ -64,8 +64,8 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
                       for row in result.rows]
         rows_by_value[value] = result.rows
     if not rows_by_value:
-        return "", output_root / "sweep.csv"
-    write_atomically(output_root / "sweep.csv", lambda path: path.write_text("\n".join(csv_lines) + "\n"))
+        return "", output_root / SWEEP_FILE
+    write_atomically(output_root / SWEEP_FILE, lambda path: path.write_text("\n".join(csv_lines) + "\n"))
     below = (f"\n{intervals_legend(f'{100 * experiments[0].config.ci_level:g}%')}\n"
              if any(has_interval(cell) for line in table[1:] for cell in line) else "")
     write_atomically(output_root / "sweep.md", lambda path: path.write_text(format_markdown(table) + below))
@@ -78,7 +78,7 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
             f"{format_markdown(summary)}\n{spread}\n"))
         write_atomically(output_root / "seed-summary.csv", lambda path: path.write_text(numbers))
         terminal += f"\n\n{format_terminal(summary)}\n{spread}"
-    return terminal, output_root / "sweep.csv"
+    return terminal, output_root / SWEEP_FILE
 
 
 # the seed summary's metrics: the table's two first, then the rest of results.csv's

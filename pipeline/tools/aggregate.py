@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
 from errors import UserError
 from pipeline.files import write_atomically
-from pipeline.report.rows import AVERAGES_FILE, OPENOOD_FILE, RESULTS_FILE, read_averages, read_rows
+from pipeline.report.rows import AVERAGES_FILE, OPENOOD_FILE, RESULTS_FILE, SWEEP_FILE, read_averages, read_rows
 from pipeline.report.tables import (MISSING, NumericTable, add_paper_intervals, format_markdown, format_table,
                                     format_terminal, has_interval, interval_index, intervals_legend, mean_cells,
                                     paper_table_legend, paper_table_numbers, with_interval)
@@ -46,15 +47,33 @@ def openood_legend(benchmark: OpenOODBenchmark) -> str:
 
 
 TableKey = tuple[str, str]  # (model, id_data)
+_SWEEP_RUN_FOLDER = re.compile(r"([A-Za-z_][\w.]*)=.+")  # <key>=<value>, as pipeline.run.sweep names them
+
+
+def is_sweep_run(results_file: Path) -> bool:
+    """Whether a results file is one value's run of a sweep: in a `<key>=<value>` folder whose parent holds the
+    sweep's sweep.csv or is named `sweep-<key>` (a sweep still running). A sweep's runs repeat one experiment,
+    so they have a table of their own, sweep.md."""
+    folder = results_file.parent
+    key = _SWEEP_RUN_FOLDER.fullmatch(folder.name)
+    return key is not None and ((folder.parent / SWEEP_FILE).is_file() or folder.parent.name == f"sweep-{key[1]}")
+
+
+def sweeps_under(root: Path, openood: bool = False) -> list[Path]:
+    """The sweep folders whose runs `collect` leaves out."""
+    file_name = OPENOOD_FILE if openood else RESULTS_FILE
+    return sorted({path.parent.parent for path in root.rglob(file_name) if is_sweep_run(path)})
 
 
 def collect(root: Path, openood: bool = False) -> list[ResultRow]:
-    """Rows of every results.csv (results_openood.csv with `openood`) below root, `source` = the file; duplicates
-    (the same model, checkpoint, data and detector twice) are an error."""
+    """Rows of every results.csv (results_openood.csv with `openood`) below root but those of sweeps' runs,
+    `source` = the file; duplicates (the same model, checkpoint, data and detector twice) are an error."""
     file_name = OPENOOD_FILE if openood else RESULTS_FILE
-    paths = sorted(root.rglob(file_name))
+    found = sorted(root.rglob(file_name))
+    paths = [path for path in found if not is_sweep_run(path)]
     if not paths:
-        raise UserError(f"no {file_name} found under {root}")
+        sweeps = " but those of sweeps, whose tables are their sweep.md" if found else ""
+        raise UserError(f"no {file_name} found under {root}{sweeps}")
     rows: list[ResultRow] = []
     seen: dict[tuple[str, ...], Path] = {}
     for path in paths:
@@ -258,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = collect(args.root, args.openood)
+        sweeps = sweeps_under(args.root, args.openood)
+        if sweeps:
+            print(f"left out the runs of {len(sweeps)} sweep(s), whose tables are their sweep.md: "
+                  f"{', '.join(map(str, sweeps))}\n")
         output_dir = args.output_dir or args.root
         print(write_tables(rows, output_dir, args.openood, collect_averages(rows) if args.ci else None))
     except UserError as error:
