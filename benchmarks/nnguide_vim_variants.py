@@ -1,8 +1,9 @@
 """FPR95 / AUROC of the ways nnguide can combine its guidance with ViM, side by side on synthetic outputs.
 
 ViM scores are negative for much of a bank, so "ViM in both places" (confidence="raw") flips bank features.
-This compares that with the other readings (see docs/differences.md, "NNGuide-ViM") next to energy, ViM, KNN
-and plain NNGuide.
+This compares that with the default (bank_min_shift: ViM minus the bank's minimum ViM, the bank confidence in
+the official repository's early commits) and the other readings (see docs/differences.md, "NNGuide-ViM"), next
+to energy, ViM, KNN and plain NNGuide.
 
 Synthetic outputs, seeded: class means in a `rank`-dimensional class subspace, a nuisance subspace of the
 same rank that the head ignores, small isotropic noise elsewhere; logits from a linear head aligned with the
@@ -40,8 +41,9 @@ VARIANTS = {
     "nnguide-vim raw, energy bank": ("nnguide", {"base": "vim", "confidence": "raw", "bank_confidence": "energy"}),
     "nnguide-vim softplus, energy bank": ("nnguide", {"base": "vim", "confidence": "softplus",
                                                        "bank_confidence": "energy"}),
-    "nnguide-vim softplus (the default)": ("nnguide", {"base": "vim", "confidence": "softplus"}),
-    "nnguide-vim shift": ("nnguide", {"base": "vim", "confidence": "shift"}),
+    "nnguide-vim bank_min_shift (the default)": ("nnguide", {"base": "vim", "confidence": "bank_min_shift"}),
+    "nnguide-vim softplus": ("nnguide", {"base": "vim", "confidence": "softplus"}),
+    "nnguide-vim shift (bank_min_shift floored at 0)": ("nnguide", {"base": "vim", "confidence": "shift"}),
     "nnguide-vim exp": ("nnguide", {"base": "vim", "confidence": "exp"}),
 }
 

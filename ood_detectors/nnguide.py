@@ -12,15 +12,18 @@ from ood_detectors.knn import check_k_fits_bank
 from ood_detectors.search import InnerProductSearch, check_search_options
 
 BASE_SCORES = ("energy", "msp", "maxlogit", "kl", "vim")
-CONFIDENCES = ("raw", "softplus", "shift", "exp")  # how the base score S becomes the confidence C
+CONFIDENCES = ("raw", "bank_min_shift", "softplus", "shift", "exp")  # how the base score S becomes the confidence C
 BANK_CONFIDENCES = ("base", "energy")  # what scales the bank: C, or the energy as in plain NNGuide
 
 
 def to_confidence(scores: torch.Tensor, kind: str, offset: float) -> torch.Tensor:
-    """The confidence C from base scores S (N,): "raw" S; "softplus" log(1 + e^S); "shift" max(S - offset, 0);
-    "exp" e^(S - offset). All but "raw" are positive and increasing in S, so no bank feature is flipped."""
+    """The confidence C (N,) from base scores S (N,), increasing in S: "raw" S; "bank_min_shift" S - offset;
+    "softplus" log(1 + e^S); "shift" max(S - offset, 0); "exp" e^(S - offset). `offset` is the bank's minimum
+    S for "bank_min_shift" and "shift", its maximum for "exp", so C >= 0 on the bank for all but "raw"."""
     if kind == "raw":
         return scores
+    if kind == "bank_min_shift":
+        return scores - offset
     if kind == "softplus":
         return torch.nn.functional.softplus(scores)
     if kind == "shift":
@@ -40,7 +43,8 @@ class NNGuide(OODDetector):
     `base` picks S: "energy" (the paper), "msp", "maxlogit", "kl" or "vim" (the paper's ViT-B/16 row,
     "NNGuide-ViM"); `base_options` are the base's own hyper-parameters (e.g. principal_dim).
     `confidence` maps S to C (see `to_confidence`): "raw", C = S, the paper's formula and the default for the
-    logit scores; "softplus", the default for "vim", whose S is negative for much of a bank; "shift"; "exp".
+    logit scores; "bank_min_shift", C = S - min of S over the bank, the default for "vim", whose S is negative
+    for much of a bank; "softplus"; "shift"; "exp".
     `bank_confidence="energy"` scales the bank by the energy whatever the base. The NNGuide-ViM reading and its
     alternatives: docs/differences.md ("NNGuide-ViM").
     """
@@ -50,7 +54,7 @@ class NNGuide(OODDetector):
     backend: str = "auto"  # nearest-neighbour search: "auto", "faiss", "torch" or "numpy" (see search.py)
     bank_dtype: str = "float32"  # "float16": half the memory, similarities to about 3 digits (see search.py)
     base_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    confidence: str | None = None  # C from S: "raw", "softplus", "shift", "exp"; None: softplus for vim, else raw
+    confidence: str | None = None  # C from S (see CONFIDENCES); None: bank_min_shift for vim, else raw
     bank_confidence: str = "base"  # what scales the bank features: "base" (C) or "energy"
 
     fit_fields = ("feas", "logits")
@@ -62,7 +66,7 @@ class NNGuide(OODDetector):
         if self.base not in BASE_SCORES:
             raise ValueError(f"nnguide: base must be one of {', '.join(BASE_SCORES)}, got {self.base!r}")
         if self.confidence is None:
-            self.confidence = "softplus" if self.base == "vim" else "raw"
+            self.confidence = "bank_min_shift" if self.base == "vim" else "raw"
         if self.confidence not in CONFIDENCES:
             raise ValueError(f"nnguide: confidence must be one of {', '.join(CONFIDENCES)}, "
                              f"got {self.confidence!r}")
@@ -93,8 +97,9 @@ class NNGuide(OODDetector):
     def _fit(self, outputs: Outputs) -> None:
         self.base_ = self._new_base().fit(outputs)
         bank_scores = self.base_.score_samples(outputs)                    # (M,)
-        # the bank's extreme that "shift" and "exp" subtract; 0 (unused) for "raw" and "softplus"
-        self.offset_ = {"shift": bank_scores.min().item(), "exp": bank_scores.max().item()}.get(self.confidence, 0.0)
+        # the bank's extreme that C subtracts, kept for the queries; 0 (unused) for "raw" and "softplus"
+        offsets = {"bank_min_shift": bank_scores.min(), "shift": bank_scores.min(), "exp": bank_scores.max()}
+        self.offset_ = offsets[self.confidence].item() if self.confidence in offsets else 0.0
         bank_confidence = (energy(outputs["logits"]) if self.bank_confidence == "energy"
                            else to_confidence(bank_scores, self.confidence, self.offset_))  # (M,)
         scaled_bank = outputs["feas"] * bank_confidence[:, None]           # (M, D)
