@@ -41,7 +41,12 @@ def _files_or_download(path: Path, names: list[str], what: str,
     files = [path / name for name in names]
     missing = [file for file in files if not file.is_file()]
     if missing and download is not None:
-        download()
+        try:
+            download()
+        except OSError as error:  # urllib's URLError is one: no network, a proxy, a refused host
+            raise UserError(f"could not download {what} into {path} ({error}); without network, put torchvision's "
+                            f"{what} files there ({missing[0].relative_to(path)} first) and run without --download"
+                            ) from None
         missing = [file for file in files if not file.is_file()]
     if missing:
         raise UserError(f"missing {what} file {missing[0]}; put torchvision's {what} files under {path} "

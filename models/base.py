@@ -180,8 +180,9 @@ def resolve_checkpoint(config: ModelConfig, pretrained_dir: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    source = (f"download it from {config.checkpoint_url} and put it in {pretrained_dir}" if config.checkpoint_url
-              else f"{Path(pretrained_dir) / 'README.md'} and the model's YAML say where to get it")
+    source = (f"download it from {config.checkpoint_url} and put it in {pretrained_dir} as {config.checkpoint}"
+              if config.checkpoint_url else f"{Path(pretrained_dir) / 'README.md'} and the model's YAML say where to "
+                                            f"get it")
     raise UserError(f"checkpoint '{config.checkpoint}' of model '{config.name}' not found in {pretrained_dir} "
                     f"nor in the torch hub cache {hub_dir}; {source}")
 

@@ -117,10 +117,18 @@ def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
 
 
 def require_writable(folder: Path, what: str) -> None:
-    """Create `folder` and a probe file in it, so an unwritable folder fails before any extraction."""
+    """Fail now, not after hours of extraction, when `folder` cannot be created or written: a probe file is
+    written in it, then the probe and the folders made for it are removed (a run that fails later leaves no empty
+    folder behind; its writers create the folder again)."""
+    folder = Path(folder)
+    created = [parent for parent in [folder, *folder.parents] if not parent.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
         raise UserError(f"{what} {folder} is not writable ({error.strerror}); choose another folder") from None
+    finally:
+        for parent in created:  # deepest first
+            with contextlib.suppress(OSError):  # not empty: another process writes there now
+                parent.rmdir()

@@ -125,3 +125,36 @@ def test_cifar_debug_run_goes_from_torchvision_files_to_results_csv(id_set, data
         (entry,) = cache.glob(f"{label[name].replace('[', '[[]')}-test-*")
         expected = reference_features(backbone, images[chosen], id_set)
         np.testing.assert_allclose(cached_rows(entry), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_download_without_network_is_one_error_line_saying_where_the_files_go(small_model_yaml, tmp_path, monkeypatch,
+                                                                               capsys):
+    """--download where the network cannot be reached: one line (exit 2) naming the folder and the first file the
+    run needs, not urllib's traceback."""
+    import urllib.error
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    argv = ["--model", str(small_model_yaml), "--train-data", "cifar10", "--id-data", "cifar10", "--ood-data", "svhn",
+            "--detectors", "energy", "--data-root", str(tmp_path / "data"), "--download", "--device", "cpu",
+            "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0"]
+    assert main.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1
+    assert "could not download" in error and str(tmp_path / "data" / "cifar10") in error
+    assert "cifar-10-batches-py" in error and "name resolution" in error
+
+
+def test_a_missing_openood_checkpoint_names_where_openood_publishes_it_and_leaves_no_folder(tmp_path, capsys):
+    """The OpenOOD checkpoint error names OpenOOD's download and the path the run expects; a run that fails
+    before writing anything leaves no empty output or cache folder behind."""
+    argv = ["--config", str(REPO / "configs/experiments/cifar10-debug.yaml"), "--pretrained-dir",
+            str(tmp_path / "empty"), "--data-root", str(tmp_path / "data"), "--device", "cpu",
+            "--output-dir", str(tmp_path / "runs/out"), "--cache-dir", str(tmp_path / "cache")]
+    assert main.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "https://drive.google.com/file/d/1byGeYxM_PlLjT72wZsMQvP6popJeWBgt" in error
+    assert "cifar10_resnet18_32x32_base_e100_lr0.1_default/s0/best.ckpt" in error
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
