@@ -8,12 +8,13 @@ import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from sklearn.metrics import roc_curve
 
 from ood_evaluation.metrics import ood_metrics
+from pipeline.report.plots import (MAX_BINS, MIN_BINS, MIN_BINS_PER_SET, _histogram_figure, _roc_figure,
+                                   panel_title, safe_file_name, write_score_plots)
 from pipeline.result import RunScores
-from pipeline.report.plots import (MAX_BINS, MIN_BINS, _histogram_figure, _roc_figure, panel_title, safe_file_name,
-                            write_score_plots)
 
 DETECTORS = ["msp", "energy", "nnguide"]
 
@@ -130,7 +131,7 @@ def test_roc_fpr_axis_is_logarithmic_down_to_one_over_the_ood_count_and_shows_fp
     assert ax.get_xscale() == "symlog"                  # logarithmic above linthresh, linear from there to 0
     assert ax.xaxis.get_transform().linthresh == pytest.approx(1 / 250)
     assert ax.get_xlim() == (0.0, 1.0)
-    # Three decades of log axis above 1/250 take six times the width of the linear stretch below it.
+    # The decades of log axis above 1/250 take many times the width of the linear stretch below it.
     to_axis = ax.xaxis.get_transform().transform
     assert to_axis(np.array([1.0]))[0] - to_axis(np.array([1 / 250]))[0] > 4 * to_axis(np.array([1 / 250]))[0]
     # The perfect detector's FPR95 is 0: its marker is at x = 0, inside the axis.
@@ -213,7 +214,28 @@ def test_roc_legend_carries_auroc_and_fpr95_of_each_detector():
     (legend,) = figure.legends
     assert [text.get_text() for text in legend.get_texts()] == [
         f"{detector}  AUROC {100 * metrics[detector]['auroc']:.2f}  FPR95 {100 * metrics[detector]['fpr95']:.2f}"
-        for detector in PIPELINE_DETECTORS]
+        for detector in PIPELINE_DETECTORS] + ["chance", "TPR 0.95"]
+
+
+def test_roc_reference_lines_are_in_the_legend_and_no_label_sits_among_the_curves():
+    id_scores, ood_scores, metrics = roc_inputs()
+    figure = _roc_figure("imagenet", "openimage-o", id_scores, ood_scores, metrics)
+    ax = figure.axes[0]
+    assert not ax.texts                                   # "TPR 0.95" is a legend entry, not text the curves cross
+    lines = lines_by_gid(figure)
+    assert set(lines["tpr 0.95"].get_ydata()) == {0.95}
+    np.testing.assert_array_equal(lines["chance"].get_xdata(), lines["chance"].get_ydata())
+
+
+def test_fpr95_markers_at_fpr_zero_are_drawn_whole_and_the_linear_stretch_is_narrow():
+    id_scores, ood_scores, metrics = roc_inputs(num_ood=250)
+    figure = _roc_figure("imagenet", "openimage-o", id_scores, ood_scores, metrics)
+    marker = lines_by_gid(figure)["ssd fpr95"]
+    assert marker.get_xdata()[0] == 0.0 and marker.get_clip_on() is False   # not cut in half by the axis
+    to_axis = figure.axes[0].xaxis.get_transform().transform
+    linear = to_axis(np.array([1 / 250]))[0] - to_axis(np.array([0.0]))[0]
+    decade = to_axis(np.array([10 / 250]))[0] - to_axis(np.array([1 / 250]))[0]
+    assert 0 < linear <= 0.3 * decade  # linscale 0.25: about a quarter of a decade (0.28 with base 10)
 
 
 def test_roc_refuses_an_fpr95_that_is_not_on_the_curve():
@@ -260,3 +282,28 @@ def test_histogram_bins_stay_bounded_for_large_sets_and_ignore_outliers():
 
 def test_constant_scores_get_the_minimum_number_of_bins():
     assert histogram_bins(np.full(50, 2.0), np.full(7, 2.0)) == MIN_BINS
+
+
+def test_histograms_label_their_axes_and_show_the_scores_themselves():
+    """x: the score (higher = in-distribution), y: density with its ticks; tick labels are the scores, with no
+    detached offset (such as '+2.302e3') beside the axis."""
+    rng = np.random.default_rng(0)
+    id_scores = {"nnguide": 2302.5 + rng.normal(0, 0.02, 300)}
+    ood_scores = {"nnguide": 2302.4 + rng.normal(0, 0.05, 200)}
+    figure = _histogram_figure("imagenet", "sun", id_scores, ood_scores, {"nnguide": "nnguide"})
+    FigureCanvasAgg(figure).draw()
+    ax = figure.axes[0]
+    assert "score" in ax.get_xlabel() and "higher = in-distribution" in ax.get_xlabel()
+    assert ax.get_ylabel() == "density" and len(ax.get_yticks()) >= 2
+    assert ax.xaxis.get_offset_text().get_text() == "" and ax.yaxis.get_offset_text().get_text() == ""
+    assert all(label.get_text().startswith("2302") for label in ax.get_xticklabels() if label.get_text())
+
+
+def test_a_tight_id_distribution_beside_a_wide_ood_one_spans_several_bins():
+    """The scores of a confident classifier: ID packed near one value, OOD spread wide. Both are drawn as shapes."""
+    rng = np.random.default_rng(1)
+    id_scores, ood_scores = rng.normal(0.0, 0.02, 500), rng.normal(0.0, 1.0, 500)
+    figure = _histogram_figure("cifar10", "svhn", {"msp": id_scores}, {"msp": ood_scores}, {"msp": "msp"})
+    id_stairs, ood_stairs = figure.axes[0].patches
+    assert np.count_nonzero(id_stairs.get_data().values) >= MIN_BINS_PER_SET
+    assert np.count_nonzero(ood_stairs.get_data().values) >= MIN_BINS_PER_SET

@@ -26,6 +26,9 @@ from pipeline.result import RunScores
 PANELS_PER_ROW = 3
 DPI = 100
 MIN_BINS, MAX_BINS = 5, 100
+# the narrower set spans at least this many bins (up to MAX_NARROW_BINS in all), so a tight ID distribution
+# beside a wide OOD one is drawn as a shape, not as one bar
+MIN_BINS_PER_SET, MAX_NARROW_BINS = 8, 400
 # ROC curves: ten colours (tab10, its grey made black, as the reference lines are grey); the first curve solid,
 # the others cycling through three broken styles, so a curve drawn over one it coincides with leaves that one
 # showing through its gaps, and no (colour, line style) pair repeats before 31 curves.
@@ -52,14 +55,19 @@ def panel_title(detector: str, id_scores: np.ndarray, ood_scores: np.ndarray) ->
 
 def _shared_bin_edges(id_scores: np.ndarray, ood_scores: np.ndarray) -> np.ndarray:
     """Equal bins over both sets, spanning each set's 0.1%..99.9% quantiles so a few outliers cannot squash the
-    plot; their number is numpy's "auto" estimate (Sturges for small sets, Freedman-Diaconis for large ones) on
-    both sets' scores within that span, kept within MIN_BINS..MAX_BINS."""
-    low = min(np.quantile(id_scores, 0.001), np.quantile(ood_scores, 0.001))
-    high = max(np.quantile(id_scores, 0.999), np.quantile(ood_scores, 0.999))
+    plot. Their number is numpy's "auto" estimate on both sets' scores within that span (MIN_BINS..MAX_BINS), or
+    more where the bulk of one set (its 5%..95% quantiles) is much narrower than the span: then that bulk covers
+    MIN_BINS_PER_SET bins (at most MAX_NARROW_BINS in all)."""
+    spans = [np.quantile(scores, [0.001, 0.999]) for scores in (id_scores, ood_scores)]
+    low, high = min(span[0] for span in spans), max(span[1] for span in spans)
     if not high > low:                                   # constant scores
         low, high = low - 0.5, high + 0.5
     estimated = np.histogram_bin_edges(np.concatenate([id_scores, ood_scores]), bins="auto", range=(low, high))
     num_bins = int(np.clip(estimated.size - 1, MIN_BINS, MAX_BINS))
+    bulks = [np.quantile(scores, [0.05, 0.95]) for scores in (id_scores, ood_scores)]
+    widths = [bulk[1] - bulk[0] for bulk in bulks if bulk[1] > bulk[0]]
+    if widths:
+        num_bins = max(num_bins, min(MAX_NARROW_BINS, math.ceil(MIN_BINS_PER_SET * (high - low) / min(widths))))
     return np.linspace(low, high, num_bins + 1)
 
 
@@ -73,11 +81,11 @@ def _histogram_figure(id_name: str, ood_name: str, id_scores: dict[str, np.ndarr
                       ood_scores: dict[str, np.ndarray], titles: dict[str, str]) -> Figure:
     num_columns = min(PANELS_PER_ROW, len(id_scores))
     num_rows = math.ceil(len(id_scores) / num_columns)
-    width, height = 4.0 * num_columns, 2.5 * num_rows + 1.1
+    width, height = 4.2 * num_columns, 2.9 * num_rows + 1.1
     figure = Figure(figsize=(width, height), dpi=DPI)
     # fixed margins in inches: constrained layout measures every tick label and is several times slower
-    figure.subplots_adjust(left=0.3 / width, right=1 - 0.3 / width, bottom=0.55 / height, top=1 - 0.95 / height,
-                           wspace=0.08, hspace=0.4)
+    figure.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.75 / height, top=1 - 0.95 / height,
+                           wspace=0.35, hspace=0.75)
     axes = figure.subplots(num_rows, num_columns, squeeze=False).ravel()
     for ax, detector in zip(axes, id_scores):
         id_values = np.asarray(id_scores[detector], dtype=np.float64).ravel()
@@ -87,8 +95,11 @@ def _histogram_figure(id_name: str, ood_name: str, id_scores: dict[str, np.ndarr
         ax.stairs(_density(ood_values, edges), edges, fill=True, alpha=0.5, color="C3", label=ood_name)
         ax.set_title(titles[detector], fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(5))
-        ax.tick_params(axis="x", labelsize=8)
-        ax.set_yticks([])                                # densities are per score unit, which differ by detector
+        ax.yaxis.set_major_locator(MaxNLocator(4))
+        ax.ticklabel_format(useOffset=False)             # tick labels are the scores, not offsets from one
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("score (higher = in-distribution)", fontsize=8)
+        ax.set_ylabel("density", fontsize=8)
     for ax in axes[len(id_scores):]:
         ax.set_visible(False)
     figure.suptitle(f"Score densities: ID {id_name} vs OOD {ood_name} (higher score = more in-distribution)",
@@ -138,12 +149,14 @@ def _roc_figure(id_name: str, ood_name: str, id_scores: dict[str, np.ndarray],
     id_values = {detector: np.asarray(scores, dtype=np.float64).ravel() for detector, scores in id_scores.items()}
     ood_values = {detector: np.asarray(ood_scores[detector], dtype=np.float64).ravel() for detector in id_scores}
     num_ood = max(values.size for values in ood_values.values())
-    figure = Figure(figsize=(6.4, 6.6), dpi=DPI)
-    legend_rows = math.ceil(len(id_scores) / 2)
-    figure.subplots_adjust(left=0.11, right=0.97, bottom=(0.85 + 0.17 * legend_rows) / 6.6, top=0.93)
+    legend_rows = math.ceil((len(id_scores) + 2) / 2)  # the detectors, the chance line and the TPR 0.95 line
+    height = 5.3 + 0.19 * legend_rows
+    figure = Figure(figsize=(6.4, height), dpi=DPI)
+    figure.subplots_adjust(left=0.11, right=0.97, bottom=(1.0 + 0.19 * legend_rows) / height, top=1 - 0.45 / height)
     ax = figure.subplots()
-    # Below 1/num_ood, the smallest non-zero FPR there is, the axis is linear down to 0 (half a decade wide).
-    ax.set_xscale("symlog", linthresh=1.0 / num_ood, linscale=0.5)
+    # Below 1/num_ood, the smallest non-zero FPR there is, the axis is linear down to 0, a quarter of a decade
+    # wide: room for the FPR-0 markers, no more.
+    ax.set_xscale("symlog", linthresh=1.0 / num_ood, linscale=0.25)
     to_axis = ax.xaxis.get_transform().transform_non_affine
     from_axis = ax.xaxis.get_transform().inverted().transform_non_affine
     # Each curve (and FPR95 marker) smaller than the one before, so one drawn over an identical one leaves it
@@ -162,11 +175,11 @@ def _roc_figure(id_name: str, ood_name: str, id_scores: dict[str, np.ndarray],
         fpr95 = metrics[detector]["fpr95"]
         ax.plot([fpr95], [_tpr_at_fpr95(full_fpr, full_tpr, fpr95, detector)], linestyle="none",
                 marker=style["marker"], markersize=2 + 2.5 * line_widths[index], color=style["color"],
-                markeredgecolor="white", markeredgewidth=0.8, zorder=3, gid=f"{detector} fpr95")
+                markeredgecolor="white", markeredgewidth=0.8, zorder=3, gid=f"{detector} fpr95",
+                clip_on=False)  # a marker at FPR 0 sits on the axis: drawn whole, not cut in half
     chance = np.concatenate([[0.0], np.geomspace(1.0 / num_ood, 1.0, 200)])
-    ax.plot(chance, chance, linestyle="--", color="0.6", linewidth=0.8)
-    ax.axhline(0.95, linestyle=":", color="0.4", linewidth=0.8)
-    ax.text(0.0, 0.95, " TPR 0.95", fontsize=7, color="0.3", va="bottom")
+    ax.plot(chance, chance, linestyle="--", color="0.6", linewidth=0.8, label="chance", gid="chance")
+    ax.axhline(0.95, linestyle=":", color="0.4", linewidth=0.8, label="TPR 0.95", gid="tpr 0.95")
     ax.set_xticks([0.0, *10.0 ** np.arange(-math.floor(math.log10(num_ood) + 1e-9), 1)])   # decades >= 1/num_ood
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel=f"FPR (OOD accepted as ID), log scale; linear below 1/{num_ood}",
            ylabel="TPR (ID accepted)", title=f"ROC: ID {id_name} vs OOD {ood_name}")
