@@ -104,6 +104,20 @@ def wrong_type_in_experiment_yaml(inputs: Inputs) -> tuple[list[str], list[str]]
     return ["--config", str(experiment)], [str(experiment), "'seed'", "int", "'zero'"]
 
 
+def repeated_key_in_experiment_yaml(inputs: Inputs) -> tuple[list[str], list[str]]:
+    experiment = inputs.work / "experiment.yaml"
+    experiment.write_text("seed: 0\nchunk_size: 10000\nseed: 1\n")  # the later key would silently win
+    return ["--config", str(experiment)], [f"{experiment}:3", "'seed'", "lines 1 and 3"]
+
+
+def alias_in_experiment_yaml(inputs: Inputs) -> tuple[list[str], list[str]]:
+    experiment = inputs.work / "experiment.yaml"
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]"
+                                                       for i in range(1, 9)]  # 9**9 strings, were it expanded
+    experiment.write_text("\n".join(levels) + "\nsubsets: {bomb: *a8}\n")
+    return ["--config", str(experiment)], [f"{experiment}:2", "*a0", "aliases"]
+
+
 def not_a_checkpoint(inputs: Inputs) -> tuple[list[str], list[str]]:
     weights = inputs.work / "resnet50-supcon.pt"
     weights.write_text("<html><body>Sign in to download this file</body></html>\n")  # a saved login page
@@ -193,6 +207,12 @@ CASES = {
         "'nnguid'", "'nnguide'", *valid_names("detectors")])),
     # configs (YAML syntax error: test_reliability.py; unknown key: test_pipeline.py)
     "wrong type": Case(wrong_type_in_experiment_yaml),
+    "repeated YAML key": Case(repeated_key_in_experiment_yaml),
+    "YAML alias bomb": Case(alias_in_experiment_yaml),
+    "OOD set given twice": Case(lambda inputs: (["--ood-data", "inaturalist", "textures", "inaturalist"],
+                                                ["'ood_data'", "'inaturalist'", "items 1 and 3"])),
+    "detector given twice": Case(lambda inputs: (["--detectors", "knn", "energy", "knn"],
+                                                 ["'detectors'", "'knn'", "items 1 and 3"])),
     "k = 0": Case(lambda inputs: (["--detectors", "knn", "--set", "detectors.knn.k=0"],
                                   ["knn: k", "got 0"])),
     "k larger than the bank": Case(lambda inputs: (["--detectors", "knn", "--set", "detectors.knn.k=25",

@@ -20,8 +20,36 @@ CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 Config = TypeVar("Config")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (where the later would silently win) and
+    aliases (`*name`: no config needs them, and nested ones expand exponentially while the file is read)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor}: aliases are not allowed in configs",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {first_lines[key]} and {line})", key_node.start_mark)
+            first_lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """`text` parsed as YAML by the strict safe loader (no repeated keys, no aliases)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping via safe_load; syntax errors name the file and line."""
+    """A YAML mapping via the strict safe loader; syntax errors, repeated keys and aliases name the file and line."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -33,7 +61,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
     except PermissionError:
         raise UserError(f"config file {path} cannot be read (permission denied)") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
