@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's tables: one main.py run per (model, ID set) on the paper's OOD sets, then pipeline.tools.aggregate.
 # With --openood, OpenOOD v1.5's ImageNet-1K benchmark instead: one run per model, OpenOOD-shaped tables.
-# With --openood-cifar, OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks with OpenOOD's ResNet-18 checkpoints.
+# With --openood-cifar, OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks (or one: --benchmarks) with OpenOOD's
+# ResNet-18 checkpoints.
 set -euo pipefail
 
 usage() {
@@ -16,9 +17,9 @@ bootstrap interval).
 With --openood: one run per model of configs/experiments/openood-v1.5-imagenet.yaml (OpenOOD v1.5's
 ImageNet-1K lists; ID sets are fixed by it) into OUTPUT_ROOT/<model>/openood-v1.5-imagenet/, then
 `python -m pipeline.tools.aggregate OUTPUT_ROOT --openood --ci`.
-With --openood-cifar: for each of OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks and each of OpenOOD's
-three ResNet-18 checkpoints (s0 s1 s2), the experiments openood-v1.5-cifar<N>.yaml (the paper's settings,
-every detector) and openood-v1.5-cifar<N>-nnguide.yaml (OpenOOD's own NNGuide) into
+With --openood-cifar: for each of OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks (--benchmarks picks
+them) and each of OpenOOD's three ResNet-18 checkpoints (s0 s1 s2), the experiments openood-v1.5-cifar<N>.yaml
+(the paper's settings, every detector) and openood-v1.5-cifar<N>-nnguide.yaml (OpenOOD's own NNGuide) into
 OUTPUT_ROOT/openood-resnet18-cifar<N>/<s>/{paper-settings,openood-nnguide}/, then
 `python -m pipeline.tools.aggregate OUTPUT_ROOT --openood --ci`: mean ± std over the checkpoints. --models, --id-sets
 and --detectors do not apply; the checkpoints are looked up under pretrained_models/ as OpenOOD's zips
@@ -38,6 +39,8 @@ Options (each also read from the environment variable in brackets):
                                                           logs/openood-cifar with --openood-cifar)
   --openood            OpenOOD v1.5's ImageNet-1K benchmark instead of the paper's loop
   --openood-cifar      OpenOOD v1.5's CIFAR-10 and CIFAR-100 benchmarks, three checkpoints each
+  --benchmarks "a b"   CIFAR benchmarks     [BENCHMARKS]
+                       (with --openood-cifar only; default: cifar10 cifar100)
   --aggregate-only     skip the runs, only print the tables
   --keep-going         run every pair even if one fails; list the failures and exit non-zero
   -h, --help           this help
@@ -69,19 +72,23 @@ PYTHON="${PYTHON:-python}"
 read -r -a launcher <<<"${LAUNCHER:-$PYTHON}"  # may be several words, e.g. torchrun and its options
 OOD_SETS=(inaturalist sun places textures openimage-o)
 OPENOOD_EXPERIMENT=configs/experiments/openood-v1.5-imagenet.yaml
+OPENOOD_CIFAR_BENCHMARKS=(cifar10 cifar100)
+BENCHMARKS="${BENCHMARKS:-${OPENOOD_CIFAR_BENCHMARKS[*]}}"
 OPENOOD_CIFAR_CHECKPOINTS=(s0 s1 s2)  # OpenOOD's three training runs, folders beside each other in its zips
 aggregate_only=0
 openood=0
 openood_cifar=0
 keep_going=0
+benchmarks_given=0
 extra_args=()
 
 while (($# > 0)); do
     case "$1" in
-        --models | --id-sets | --detectors | --data-root | --output-root)
+        --models | --id-sets | --detectors | --data-root | --output-root | --benchmarks)
             (($# >= 2)) || die "$1 needs a value"
             case "$1" in
                 --models) MODELS="$2" ;;
+                --benchmarks) BENCHMARKS="$2"; benchmarks_given=1 ;;
                 --id-sets) ID_SETS="$2" ;;
                 --detectors) DETECTORS="$2" ;;
                 --data-root) DATA_ROOT="$2" ;;
@@ -100,6 +107,15 @@ while (($# > 0)); do
 done
 
 ((openood + openood_cifar < 2)) || die "--openood and --openood-cifar are two runs of run.sh"
+((benchmarks_given == 0 || openood_cifar == 1)) || die "--benchmarks applies to --openood-cifar only"
+read -r -a benchmarks <<<"$BENCHMARKS"
+if ((openood_cifar == 1)); then
+    ((${#benchmarks[@]} > 0)) || die "--benchmarks needs at least one of: ${OPENOOD_CIFAR_BENCHMARKS[*]}"
+    for benchmark in "${benchmarks[@]}"; do
+        [[ " ${OPENOOD_CIFAR_BENCHMARKS[*]} " == *" $benchmark "* ]] ||
+            die "unknown benchmark '$benchmark' in --benchmarks; choose from: ${OPENOOD_CIFAR_BENCHMARKS[*]}"
+    done
+fi
 if [[ -z "$OUTPUT_ROOT" ]]; then
     if ((openood == 1)); then OUTPUT_ROOT=logs/openood
     elif ((openood_cifar == 1)); then OUTPUT_ROOT=logs/openood-cifar
@@ -137,7 +153,7 @@ run_main() {
 }
 
 if ((aggregate_only == 0 && openood_cifar == 1)); then
-    for benchmark in cifar10 cifar100; do
+    for benchmark in "${benchmarks[@]}"; do
         model=openood-resnet18-$benchmark
         folder=${benchmark}_resnet18_32x32_base_e100_lr0.1_default
         for checkpoint in "${OPENOOD_CIFAR_CHECKPOINTS[@]}"; do

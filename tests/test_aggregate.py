@@ -122,17 +122,20 @@ def fake_python(folder: Path) -> Path:
     return fake
 
 
-def run_script(tmp_path: Path, *arguments: str, fail_model: str = "",
-               launcher: str = "") -> tuple[subprocess.CompletedProcess, list]:
-    """run.sh with PYTHON = a fake that logs its argv and writes a one-row results.csv; returns (run, argvs)."""
+def run_script(tmp_path: Path, *arguments: str, fail_model: str = "", launcher: str = "",
+               **variables: str) -> tuple[subprocess.CompletedProcess, list]:
+    """run.sh with PYTHON = a fake that logs its argv and writes a one-row results.csv, and the environment
+    `variables` (e.g. BENCHMARKS="cifar10"); returns (run, argvs)."""
     fake = fake_python(tmp_path)
     log = tmp_path / "calls.jsonl"
     environment = {key: value for key, value in os.environ.items()
-                   if key not in ("DETECTORS", "DATA_ROOT", "OUTPUT_ROOT", "LAUNCHER")}
+                   if key not in ("DETECTORS", "DATA_ROOT", "OUTPUT_ROOT", "LAUNCHER", "BENCHMARKS", "FAKE_FAIL_MODEL")}
     if launcher:
         environment["LAUNCHER"] = launcher.format(fake=fake)
-    environment.update(PYTHON=str(fake), FAKE_LOG=str(log), FAKE_FAIL_MODEL=fail_model, OUTPUT_ROOT="out",
-                       MODELS="resnet50-supcon vit-b16-swag-e2e-v1", ID_SETS="imagenet1k")
+    if fail_model:  # unset otherwise: an --openood-cifar run passes no --model, which the fake reads as ""
+        environment["FAKE_FAIL_MODEL"] = fail_model
+    environment.update(PYTHON=str(fake), FAKE_LOG=str(log), OUTPUT_ROOT="out",
+                       MODELS="resnet50-supcon vit-b16-swag-e2e-v1", ID_SETS="imagenet1k", **variables)
     completed = subprocess.run([str(REPO / "run.sh"), *arguments], check=False, cwd=tmp_path, env=environment,
                                capture_output=True, text=True, timeout=60)
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -183,6 +186,43 @@ def test_run_sh_aggregate_only_runs_nothing(tmp_path, results_root):
     completed, calls = run_script(tmp_path, "--aggregate-only", "--output-root", str(results_root))
     assert completed.returncode == 0, completed.stderr
     assert calls == [] and "resnet50-react: ID imagenet1k-v2-a" in completed.stdout
+
+
+def openood_cifar_calls(tmp_path: Path, benchmark: str) -> list[list[str]]:
+    """run.sh --openood-cifar's main.py calls for one benchmark: both settings for each of the three checkpoints
+    (the full list of both benchmarks: tests/test_openood_cifar.py)."""
+    return [["main.py", "--config", f"configs/experiments/{experiment}.yaml", "--checkpoint",
+             f"{benchmark}_resnet18_32x32_base_e100_lr0.1_default/{checkpoint}/best.ckpt", "--data-root", "/data",
+             "--output-dir", str(tmp_path / "out" / f"openood-resnet18-{benchmark}" / checkpoint / setting)]
+            for checkpoint in ("s0", "s1", "s2")
+            for setting, experiment in (("paper-settings", f"openood-v1.5-{benchmark}"),
+                                        ("openood-nnguide", f"openood-v1.5-{benchmark}-nnguide"))]
+
+
+@pytest.mark.slow  # seven interpreters started by run.sh
+def test_run_sh_openood_cifar_runs_the_one_benchmark_named(tmp_path):
+    completed, calls = run_script(tmp_path, "--openood-cifar", "--benchmarks", "cifar100", "--data-root", "/data")
+    assert completed.returncode == 0, completed.stderr
+    assert calls == openood_cifar_calls(tmp_path, "cifar100")
+
+
+@pytest.mark.slow  # seven interpreters started by run.sh
+def test_run_sh_openood_cifar_reads_the_benchmarks_from_the_environment(tmp_path):
+    completed, calls = run_script(tmp_path, "--openood-cifar", "--data-root", "/data", BENCHMARKS="cifar10")
+    assert completed.returncode == 0, completed.stderr
+    assert calls == openood_cifar_calls(tmp_path, "cifar10")
+
+
+@pytest.mark.parametrize("arguments, named", [
+    (["--openood-cifar", "--benchmarks", "cifar10 tin"], ["'tin'", "cifar10 cifar100"]),  # the wrong name, the valid
+    (["--openood-cifar", "--benchmarks", ""], ["at least one", "cifar10 cifar100"]),
+    (["--benchmarks", "cifar10"], ["--benchmarks", "--openood-cifar only"])])
+def test_run_sh_benchmarks_other_than_cifar10_and_cifar100_are_one_error_line_before_any_run(tmp_path, arguments,
+                                                                                             named):
+    completed, calls = run_script(tmp_path, *arguments)
+    assert completed.returncode == 2 and calls == []
+    (error,) = completed.stderr.splitlines()
+    assert error.startswith("run.sh: ") and all(value in error for value in named)
 
 
 def test_runs_of_several_checkpoints_give_mean_and_population_std_with_averages_taken_per_checkpoint(tmp_path):

@@ -14,6 +14,7 @@ import main
 from errors import UserError
 from pipeline.config.experiment import DEFAULT_DETECTORS, resolve_experiment
 from pipeline.config.loading import available
+from pipeline.run.experiment import ImageSets
 from pipeline.run.provenance import environment, git_state
 from pipeline.report.outputs import write_result
 from tests.fake_results import fake_result
@@ -137,3 +138,63 @@ def test_subsets_name_datasets_of_the_run_and_positive_counts():
     with pytest.raises(UserError) as fraction:
         resolve_experiment(None, flags, ["subsets.svhn=0.5"])
     assert "'subsets'.svhn" in str(fraction.value) and "int" in str(fraction.value) and "0.5" in str(fraction.value)
+
+
+def test_a_detector_given_plainly_and_with_options_is_refused_naming_both_places():
+    """The later entry would silently replace the first: [knn, {knn: {k: 5}}] runs one knn, with k 5."""
+    flags = {"model": "resnet50-supcon", "train_data": "imagenet1k", "id_data": "imagenet1k",
+             "ood_data": ["inaturalist"], "detectors": ["knn", "energy", {"knn": {"k": 5}}]}
+    with pytest.raises(UserError) as repeated:
+        resolve_experiment(None, flags, [])
+    assert all(value in str(repeated.value) for value in ("'detectors'", "'knn'", "items 1 and 3"))
+
+
+def test_subset_seed_is_an_option_checked_like_the_bank_seed():
+    flags = {"model": "resnet50-supcon", "train_data": "cifar10", "id_data": "cifar10", "ood_data": ["svhn"],
+             "detectors": ["knn"]}
+    assert resolve_experiment(None, flags, []).config.subset_seed == 0
+    assert resolve_experiment(None, flags, ["subset_seed=7"]).config.subset_seed == 7
+    for wrong in ("-1", str(2**32)):  # numpy's RandomState takes [0, 2**32)
+        with pytest.raises(UserError) as out_of_range:
+            resolve_experiment(None, flags, [f"subset_seed={wrong}"])
+        assert "'subset_seed'" in str(out_of_range.value) and wrong in str(out_of_range.value)
+    with pytest.raises(UserError) as fraction:
+        resolve_experiment(None, flags, ["subset_seed=0.5"])
+    assert "'subset_seed'" in str(fraction.value) and "0.5" in str(fraction.value)
+
+
+def test_another_subset_seed_is_another_cache_entry_and_the_same_seed_finds_its_own(data_root, small_model_yaml,
+                                                                                      tmp_path, caplog):
+    """The subset seed reaches the cache key through the images: another seed keeps other images, so the image
+    list's fingerprint (the key's "images": the ids in order) differs and the run extracts into a new entry; the
+    same seed keeps the same images and finds its entry again, extracting nothing."""
+    flags = {"model": str(small_model_yaml), "train_data": "imagenet1k", "id_data": "imagenet1k",
+             "ood_data": ["textures"], "detectors": ["energy"], "data_root": str(data_root)}
+    # textures: 2 classes of 5 test images; 4 keeps 2 of each class's 5, which the seed picks
+    subsets = {seed: ImageSets(resolve_experiment(None, flags, ["subsets.textures=4", f"subset_seed={seed}"]))
+               .dataset("textures", "test") for seed in (0, 1)}
+    assert len(subsets[0]) == len(subsets[1]) == 4 and subsets[0].image_ids != subsets[1].image_ids
+    assert subsets[0].fingerprint() != subsets[1].fingerprint()
+
+    def argv(seed: int) -> list[str]:
+        return ["--model", str(small_model_yaml), "--train-data", "imagenet1k", "--id-data", "imagenet1k",
+                "--ood-data", "textures", "--detectors", "energy", "--data-root", str(data_root),
+                "--output-dir", str(tmp_path / f"out-{seed}"), "--cache-dir", str(tmp_path / "cache"),
+                "--device", "cpu", "--num-workers", "0", "--bank-ratio", "0.25", "--no-plots",
+                "--set", "bootstrap=0", "--set", "subsets.textures=4", "--set", f"subset_seed={seed}"]
+
+    def entries() -> list[str]:
+        return sorted(path.name for path in (tmp_path / "cache").rglob("textures[[]4]-test-*") if path.is_dir())
+
+    with caplog.at_level("INFO"):
+        assert main.main(argv(0)) == 0
+        (seed_0,) = entries()
+        caplog.clear()
+        assert main.main(argv(1)) == 0
+        assert len(entries()) == 2 and seed_0 in entries()
+        assert "extracting 4 of 4 images of textures[4]-test" in caplog.text
+        caplog.clear()
+        assert main.main(argv(0)) == 0  # seed 0 again: its entry, nothing extracted
+    assert len(entries()) == 2
+    assert "textures[4]-test: all 4 images' features are cached" in caplog.text
+    assert "images of textures[4]" not in caplog.text

@@ -12,11 +12,12 @@ import torch
 import yaml
 
 from dataloaders import DatasetConfig
+from dataloaders.bank import SUBSET_SEED
 from errors import UserError, did_you_mean
 from models import ModelConfig
 from ood_detectors import OODDetector, create_detector
 from pipeline.config.loading import (from_mapping, load_dataset_config, load_detector_config, load_model_config,
-                                     load_yaml)
+                                     load_yaml, parse_yaml)
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
@@ -50,12 +51,15 @@ class ExperimentConfig:
     ci_level: float = 0.95                        # the intervals' level
     # dataset (display) name -> images kept of each split read (seeded, stratified; a debug run, not the benchmark)
     subsets: dict[str, int] = dataclasses.field(default_factory=dict)
+    subset_seed: int = SUBSET_SEED                # draws the subsets (RandomState(subset_seed)); not the bank's seed
 
     def __post_init__(self) -> None:
         checks = [(self.batch_size > 0, "batch_size", "a positive integer"),
                   (self.num_workers >= 0, "num_workers", "zero or more"),
                   (0 < self.bank_ratio <= 1, "bank_ratio", "in (0, 1]"),
                   (0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32), what numpy's RandomState takes"),
+                  (0 <= self.subset_seed < 2**32, "subset_seed",
+                   "an integer in [0, 2**32), what numpy's RandomState takes"),
                   (self.amp in ("off", "bf16"), "amp", "'off' or 'bf16'"),
                   (self.bank_order in ("random", "list"), "bank_order", "'random' or 'list'"),
                   (self.bootstrap >= 0, "bootstrap", "zero (no intervals) or a number of resamples"),
@@ -66,6 +70,7 @@ class ExperimentConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise UserError(f"config key '{key}' must be {expected}, got {getattr(self, key)!r}")
+        refuse_repeats("ood_data", self.ood_data)
         run_datasets = list(dict.fromkeys(map(display_name, [self.train_data, self.id_data, *self.ood_data])))
         for name, count in self.subsets.items():
             if name not in run_datasets:
@@ -79,6 +84,15 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def refuse_repeats(key: str, names: Sequence[str]) -> None:
+    """A UserError naming the first name `names` gives twice, and both places: one name, one thing (a repeated
+    OOD set would count twice in the averages; a repeated detector's later entry would replace the first)."""
+    for position, name in enumerate(names):
+        if name in names[:position]:
+            raise UserError(f"config key '{key}': '{name}' is given twice (items {names.index(name) + 1} and "
+                            f"{position + 1}); give it once")
 
 
 # the detectors a run compares when none are named: the paper's table rows (run.sh's default list too)
@@ -160,7 +174,9 @@ def resolve_experiment(experiment_file: Path | str | None, flags: Mapping[str, A
     merged.update({key: value for key, value in (flags or {}).items() if value is not None})
     merged.setdefault("detectors", list(DEFAULT_DETECTORS))
     if isinstance(merged.get("detectors"), list):
-        merged["detectors"] = dict(_detector_entry(item) for item in merged["detectors"])
+        entries = [_detector_entry(item) for item in merged["detectors"]]
+        refuse_repeats("detectors", [name for name, _ in entries])
+        merged["detectors"] = dict(entries)
     for override in overrides:
         _apply_override(merged, override)
     if default_subfolder and not merged.get("output_dir") and all(
@@ -201,7 +217,7 @@ def _apply_override(merged: dict[str, Any], override: str) -> None:
         raise UserError(f"--set '{override}': expected key.path=value, e.g. detectors.nnguide.k=100")
     keys = path.split(".")
     try:
-        value = yaml.safe_load(raw_value)
+        value = parse_yaml(raw_value)
     except yaml.YAMLError:
         raise UserError(f"--set '{override}': the value is not valid YAML") from None
     valid_top = [field.name for field in dataclasses.fields(ExperimentConfig)]

@@ -166,7 +166,7 @@ class ImageSets:
         count = self.config.subsets.get(display_name(name))
         if count is not None and count < len(dataset):
             self.subset_sizes[(display_name(name), split)] = (count, len(dataset))
-            dataset = dataset.subset(subset_indices(dataset.labels, count))
+            dataset = dataset.subset(subset_indices(dataset.labels, count, self.config.subset_seed))
         return dataset
 
     def label(self, name: str, split: str) -> str:
