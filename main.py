@@ -24,7 +24,7 @@ from pipeline.config.experiment import DEFAULT_DETECTORS, ExperimentConfig, reso
 from pipeline.config.loading import available
 from pipeline.features.distributed import shutdown
 from pipeline.files import require_writable
-from pipeline.report.outputs import write_result
+from pipeline.report.outputs import check_output_dir, write_result
 from pipeline.run.experiment import run_experiment
 from pipeline.run.sweep import run_sweep, split_sweep
 
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             experiment = resolve_experiment(args.config, flags, args.overrides)
             written = Path(experiment.config.output_dir) / "results.csv"
+            check_output_dir(experiment)
             require_writable(written.parent, "output directory (--output-dir)")
             result = run_experiment(experiment)
             table = write_result(result) if result is not None else ""  # under torchrun, rank 0 has the result

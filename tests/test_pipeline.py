@@ -471,3 +471,42 @@ def test_aggregating_the_default_layout_after_a_sweep_leaves_the_sweeps_runs_out
             assert value == f"{float(written[line[0], ood_data][metric.lower()]):.2f}"
     assert aggregate_main([str(run / "sweep-detectors.nnguide.k")]) == 2  # only a sweep: its table is sweep.md
     assert "sweep.md" in capsys.readouterr().err
+
+
+def test_the_output_folder_belongs_to_the_user(first_run, data_root, tmp_path, capsys):
+    """A run replaces and deletes only files a run of ours wrote there as they are now: a hand-written config.yaml
+    beside results, an edited result file and a folder in a file's place are each refused, naming them, with
+    nothing touched; a folder inside the cache or inside an image set the run reads is refused before any work."""
+    work, argv = first_run
+    output = argv.index("--output-dir")
+
+    def run_into(folder: Path, *extra: str) -> tuple[int, str]:
+        changed = [*argv]
+        changed[output + 1] = str(folder)
+        code = main.main([*with_detectors(changed, "energy"), *extra])
+        return code, capsys.readouterr().err
+
+    mine = tmp_path / "exp"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("# my experiment, with comments\nseed: 0\n")
+    code, error = run_into(mine)
+    assert code == 2 and error.count("\n") == 1 and "config.yaml" in error and str(mine) in error
+    assert (mine / "config.yaml").read_text() == "# my experiment, with comments\nseed: 0\n"
+    assert sorted(path.name for path in mine.iterdir()) == ["config.yaml"]
+
+    ours = tmp_path / "ours"
+    assert run_into(ours)[0] == 0
+    (ours / "notes.txt").write_text("mine")
+    assert run_into(ours)[0] == 0 and (ours / "notes.txt").read_text() == "mine"  # never listed: left alone
+    (ours / "results.md").write_text((ours / "results.md").read_text() + "\nmy remark\n")
+    code, error = run_into(ours)
+    assert code == 2 and "results.md" in error and "my remark" in (ours / "results.md").read_text()
+    (ours / "results.md").unlink()
+    (ours / "results.csv").unlink()
+    (ours / "results.csv").mkdir()
+    code, error = run_into(ours)
+    assert code == 2 and "results.csv/" in error and error.count("\n") == 1
+
+    for inside in (work / "cache" / "out", data_root / "inaturalist/iNaturalist/images/out"):
+        code, error = run_into(inside)
+        assert code == 2 and str(inside) in error and not inside.exists()

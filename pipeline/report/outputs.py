@@ -10,14 +10,16 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from errors import UserError
 from pipeline.files import exclusive_lock, full_disk_is_a_user_error, remove_unfinished_files, write_atomically
-from pipeline.report.plots import score_plot_writers
+from pipeline.config.experiment import ResolvedExperiment, display_name
+from pipeline.report.plots import safe_file_name, score_plot_writers
 from pipeline.report.rows import (AVERAGE_COLUMNS, AVERAGES_FILE, CSV_COLUMNS, OPENOOD_COLUMNS, OPENOOD_FILE,
                                   RESULTS_FILE, csv_text)
 from pipeline.report.scores import SCORES_FILE, scores_writer
@@ -33,6 +35,9 @@ RESULTS_MANIFEST = "results-manifest.json"
 RUN_IDENTITY = ("model", "train_data", "id_data", "ood_data", "detectors")
 _STAGING = ".results-staging"     # a run's files before they are renamed in; a killed run's is removed by the next
 _RESULTS_LOCK = ".results.lock"   # exclusive_lock: one run at a time stages and replaces a folder's results
+
+
+TEXT_FILES = (RESULTS_FILE, OPENOOD_FILE, "results.md", "config.yaml", AVERAGES_FILE)  # result_documents' files
 
 
 def result_documents(result: ExperimentResult) -> tuple[dict[str, str], str]:
@@ -66,6 +71,27 @@ def write_result(result: ExperimentResult, output_dir: Path | str | None = None)
     replace_run_files(Path(output_dir if output_dir is not None else result.config.output_dir), writers,
                       result.config.to_dict())
     return terminal
+
+
+def check_output_dir(experiment: ResolvedExperiment, output_dir: Path | str | None = None) -> None:
+    """Before anything runs: the output folder (default: the config's) lies neither inside the cache nor inside an
+    image folder the run reads (its plots would become images of that set), and holds no file a run would replace
+    that no run of ours wrote."""
+    config = experiment.config
+    output = Path(output_dir if output_dir is not None else config.output_dir)
+    resolved = output.expanduser().resolve()
+    inputs = {"the feature cache (--cache-dir)": Path(config.cache_dir)}
+    for name, dataset in experiment.datasets.items():
+        inputs.update({f"the {split} images of dataset '{name}'": Path(config.data_root) / folder
+                       for split, folder in dataset.splits.items()})
+    for what, place in inputs.items():
+        if resolved.is_relative_to(place.expanduser().resolve()):
+            raise UserError(f"--output-dir {output} is inside {what} ({place}); choose a folder outside it")
+    names = [*TEXT_FILES, SCORES_FILE]
+    if config.plots:
+        names += [f"{kind}_{safe_file_name(display_name(name))}.png" for name in config.ood_data
+                  for kind in ("scores", "roc")]
+    refuse_foreign_files(output, names)
 
 
 def replace_run_files(output_dir: Path, writers: Mapping[str, Callable[[Path], Any]],
@@ -107,6 +133,7 @@ def replace_result_files(output_dir: Path, writers: Mapping[str, Callable[[Path]
             raise ValueError(f"result file name {name!r} is not a plain file name, or is the manifest's")
     output_dir = Path(output_dir)
     with exclusive_lock(output_dir / _RESULTS_LOCK, f"the results in {output_dir}"):
+        refuse_foreign_files(output_dir, writers)
         staging = output_dir / _STAGING
         if staging.is_dir():
             remove_unfinished_files(staging, lambda name: True)
@@ -116,7 +143,7 @@ def replace_result_files(output_dir: Path, writers: Mapping[str, Callable[[Path]
             with full_disk_is_a_user_error(output_dir, name):  # the staging folder is private: no temporaries
                 write(staging / f"{name}.part")
             checksums[name] = hashlib.sha256((staging / f"{name}.part").read_bytes()).hexdigest()
-        replaced = _listed_files(output_dir) | set(writers)
+        replaced = set(_listed_files(output_dir)) | set(writers)
         _write_manifest(output_dir, complete=False, files=dict.fromkeys(sorted(replaced)))
         for name in replaced:
             (output_dir / name).unlink(missing_ok=True)
@@ -133,18 +160,50 @@ def _is_result_file_name(name: str) -> bool:
     return bool(name) and Path(name).name == name and not name.startswith(".") and name != RESULTS_MANIFEST
 
 
-def _listed_files(output_dir: Path) -> set[str]:
-    """The file names the folder's manifest lists (a previous run's, or every file an interrupted one may
-    have left); none without a manifest. Only plain names: an edited manifest cannot reach outside."""
+def _listed_files(output_dir: Path) -> dict[str, str | None]:
+    """{file name: its sha256} of the files the folder's manifest lists (a previous run's), None for the files an
+    interrupted run may have left; none without a manifest. Only plain names: an edited manifest cannot reach
+    outside."""
     manifest = output_dir / RESULTS_MANIFEST
     try:
         files = json.loads(manifest.read_text())["files"]
+        listed = {name: checksum if isinstance(checksum, str) else None for name, checksum in files.items()
+                  if isinstance(name, str) and _is_result_file_name(name)}
     except FileNotFoundError:
-        return set()
-    except (ValueError, KeyError, TypeError):  # ValueError: not JSON; KeyError, TypeError: not a manifest
+        return {}
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not a manifest's layout
         log.warning("%s is not a results manifest; the files it may list are left in place", manifest)
-        return set()
-    return {name for name in files if isinstance(name, str) and _is_result_file_name(name)}
+        return {}
+    return listed
+
+
+def foreign_files(output_dir: Path, names: Iterable[str]) -> list[str]:
+    """Of `names` and the files the folder's manifest lists, those the folder holds that no run of ours wrote as
+    they are now: a file the manifest does not list, one it lists with another checksum (changed since), or a
+    folder in a file's place."""
+    if not output_dir.is_dir():  # nothing there yet (or a file in its place: require_writable reports that)
+        return []
+    listed = _listed_files(output_dir)
+    foreign = []
+    for name in sorted(set(names) | set(listed)):
+        path = output_dir / name
+        if path.is_dir():
+            foreign.append(f"{name}/")
+        elif path.is_file() and (name not in listed or listed[name] not in (None, _file_sha256(path))):
+            foreign.append(name)
+    return foreign
+
+
+def refuse_foreign_files(output_dir: Path, names: Iterable[str]) -> None:
+    """A UserError naming the files of `foreign_files`: a run replaces and deletes only what a run of ours wrote."""
+    foreign = foreign_files(Path(output_dir), names)
+    if foreign:
+        raise UserError(f"{output_dir} holds {', '.join(foreign)}, which no run of this repository wrote there as "
+                        f"they are now; a run never replaces them: move them, or choose another --output-dir")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _write_manifest(output_dir: Path, complete: bool, files: dict[str, str | None]) -> None:

@@ -13,7 +13,7 @@ from errors import UserError
 from ood_evaluation.definitions import BY_NAME
 from pipeline.config.experiment import resolve_experiment
 from pipeline.files import require_writable, write_atomically
-from pipeline.report.outputs import write_result
+from pipeline.report.outputs import check_output_dir, write_result
 from pipeline.report.rows import RESULTS_METRICS, SWEEP_FILE
 from pipeline.report.tables import (TABLE_METRICS, format_markdown, format_terminal, has_interval, intervals_legend,
                                     paper_table)
@@ -44,6 +44,8 @@ def run_sweep(experiment_file: Path | None, flags: dict[str, Any], overrides: li
                                       default_subfolder=f"sweep-{key}") for value in values]
     swept_detector = key.split(".")[1] if key.startswith("detectors.") and key.count(".") >= 2 else None
     output_root = Path(experiments[0].config.output_dir)
+    for value, experiment in zip(values, experiments):
+        check_output_dir(experiment, output_root / f"{key}={value}")
     require_writable(output_root, "output directory (--output-dir)")
     table: list[list[str]] = []
     csv_lines = [f"{key},ood_data,detector,auroc,fpr95"]
