@@ -17,9 +17,11 @@ LINE_FORMAT = "'<image path relative to the image root> <integer label>'"
 
 def read_image_list(list_file: Path) -> tuple[list[str], list[int]]:
     """(image paths, labels) in file order. The label is a line's last whitespace-separated token, so paths
-    may contain spaces; blank lines and lines starting with '#' are skipped."""
+    may contain spaces; blank lines and lines starting with '#' are skipped, and so is a UTF-8 byte-order mark.
+    A path that is absolute or leaves the image root ('..'), or an image listed twice, is a UserError naming
+    the line(s)."""
     try:
-        text = list_file.read_text(encoding="utf-8")
+        text = list_file.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"image list {list_file} does not exist") from None
     except (IsADirectoryError, UnicodeDecodeError) as error:
@@ -27,6 +29,7 @@ def read_image_list(list_file: Path) -> tuple[list[str], list[int]]:
     except PermissionError:
         raise UserError(f"cannot read image list {list_file} (permission denied); make it readable") from None
     image_paths, labels = [], []
+    first_lines: dict[str, int] = {}
     for line_number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -42,6 +45,12 @@ def read_image_list(list_file: Path) -> tuple[list[str], list[int]]:
             raise UserError(f"{where}: the label {label!r} is not an integer; expected {LINE_FORMAT}") from None
         if PurePosixPath(image_path).is_absolute():
             raise UserError(f"{where}: {image_path!r} is absolute; paths are relative to the image root")
+        if ".." in PurePosixPath(image_path).parts:
+            raise UserError(f"{where}: {image_path!r} leaves the image root ('..'); paths are relative to it")
+        if image_path in first_lines:
+            raise UserError(f"{where}: {image_path!r} is listed twice (lines {first_lines[image_path]} and "
+                            f"{line_number}); an image listed twice would be scored twice")
+        first_lines[image_path] = line_number
         image_paths.append(image_path)
     if not image_paths:
         raise UserError(f"image list {list_file} lists no images; expected lines {LINE_FORMAT}")

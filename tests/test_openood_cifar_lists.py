@@ -83,3 +83,21 @@ def test_a_missing_list_is_an_error_naming_it(tmp_path):
     with pytest.raises(UserError) as error:
         build_dataset(load_dataset_config("openood-cifar10"), "train", tmp_path, transform=None)
     assert str(list_file) in str(error.value)
+
+
+def test_list_lines_are_one_image_each_inside_the_root(tmp_path):
+    """A UTF-8 byte-order mark is ignored; a path leaving the image root ('..') is refused like an absolute one; an
+    image listed twice (it would be scored twice) is refused naming both lines."""
+    from dataloaders.imagelist import read_image_list
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "bom.txt").write_text("\ufeffcat/a.png 0\ncat/b.png 1\n", encoding="utf-8")
+    assert read_image_list(lists / "bom.txt") == (["cat/a.png", "cat/b.png"], [0, 1])
+    (lists / "escape.txt").write_text("cat/a.png 0\ncat/../../secret.png 1\n")
+    with pytest.raises(UserError) as escaping:
+        read_image_list(lists / "escape.txt")
+    assert "line 2" in str(escaping.value) and "cat/../../secret.png" in str(escaping.value)
+    (lists / "twice.txt").write_text("cat/a.png 0\ncat/b.png 1\n# comment\ncat/a.png 0\n")
+    with pytest.raises(UserError) as repeated:
+        read_image_list(lists / "twice.txt")
+    assert "'cat/a.png'" in str(repeated.value) and "lines 1 and 4" in str(repeated.value)
