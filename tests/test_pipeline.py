@@ -258,9 +258,11 @@ def test_subsets_are_stratified_marked_in_every_output_and_are_the_full_sets_row
     and the terminal say so, and the subset's features are the full set's features of the same images."""
     work, argv = first_run
     argv = [*with_detectors(argv, "nnguide"), "--set", "detectors.nnguide.k=2", "--set", "subsets.imagenet1k=8",
-            "--set", "subsets.textures=4", "--output-dir", str(work / "subset"), "--no-plots"]
+            "--set", "subsets.textures=4", "--set", "subsets.svhn=500", "--output-dir", str(work / "subset"),
+            "--no-plots"]
     with caplog.at_level("INFO"):
         assert main.main(argv) == 0
+    assert "subsets.svhn=500 is not below the 9 images of svhn's test split" in caplog.text  # the whole set, said
     rows = read_csv(work / "subset/results.csv")
     assert {(row["train_data"], row["id_data"]) for row in rows} == {("imagenet1k[8]", "imagenet1k[8]")}
     assert [row["ood_data"] for row in rows] == ["inaturalist", "textures[4]", "cifar10", "svhn"]
@@ -268,7 +270,8 @@ def test_subsets_are_stratified_marked_in_every_output_and_are_the_full_sets_row
     assert f"**Subsets, not the full sets (a debug run; seeded, stratified by class): {'; '.join(notes)}.**" in \
         (work / "subset/results.md").read_text()
     config = yaml.safe_load((work / "subset/config.yaml").read_text())
-    assert config["subsets"] == {"imagenet1k": 8, "textures": 4} and config["provenance"]["subsets"] == notes
+    assert config["subsets"] == {"imagenet1k": 8, "textures": 4, "svhn": 500}
+    assert config["provenance"]["subsets"] == notes
     assert "extracting 4 of 4 images of imagenet1k[8]-train-seed0" in caplog.text  # bank_ratio 0.5 of the 8
 
     test_split = build_dataset(load_dataset_config("imagenet1k"), "test", data_root, transform=None)

@@ -164,7 +164,10 @@ class ImageSets:
         if dataset.skipped:
             self.skipped_files[f"{display_name(name)}/{split}"] = len(dataset.skipped)
         count = self.config.subsets.get(display_name(name))
-        if count is not None and count < len(dataset):
+        if count is not None and count >= len(dataset):
+            log.warning("subsets.%s=%d is not below the %d images of %s's %s split: the whole split is used",
+                        display_name(name), count, len(dataset), display_name(name), split)
+        elif count is not None:
             self.subset_sizes[(display_name(name), split)] = (count, len(dataset))
             dataset = dataset.subset(subset_indices(dataset.labels, count, self.config.subset_seed))
         return dataset
