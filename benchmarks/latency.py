@@ -102,7 +102,7 @@ def build_random_backbone(config: ModelConfig) -> Backbone:
 
 
 def outputs_from_features(backbone: Backbone, features: torch.Tensor, clip: float | None) -> dict[str, torch.Tensor]:
-    """Raw (N, D) penultimate features -> what detectors see, as pipeline.run.experiment.model_outputs builds it:
+    """Raw (N, D) penultimate features -> what detectors see, as pipeline.run.scoring.model_outputs builds it:
     L2-normalised (ReAct-clipped) features and the classifier's logits of the clipped features."""
     if clip is not None:
         features = apply_react(features, clip)

@@ -34,6 +34,7 @@ ArrayLike = Any  # an (N,) numpy array, sequence or torch tensor of scores
 
 METRICS = METRIC_NAMES  # the distributions' columns, in ood_metrics' order
 HIGHER_IS_BETTER = {metric.name: metric.higher_is_better for metric in _DEFINITIONS}
+SECONDS_PER_DRAW = 2.5e-8  # one score drawn in one resample, metrics included: 1,000 x (50,000 + 10,000) in 1.3-1.5 s
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,17 @@ def paired_differences(differences: np.ndarray, point_differences: Mapping[str, 
                                         a_better=float(np.mean(sign * differences[:, column] > 0)),
                                         tied=float(np.mean(differences[:, column] == 0)))
     return result
+
+
+def check_duration(resamples: int, id_size: int, ood_sizes: Sequence[int], repeats: int = 1,
+                   limit_seconds: float = 3600) -> None:
+    """Raise a ValueError, with the estimate, when `repeats` bootstrap_sets_distribution calls of these sizes
+    would take over `limit_seconds` on one core (about 25 ns per drawn score: docs/benchmarks.md, "Bootstrap
+    intervals"): a request that would take hours is refused before it starts."""
+    seconds = SECONDS_PER_DRAW * resamples * sum(id_size + size for size in ood_sizes) * repeats
+    if seconds > limit_seconds:
+        raise ValueError(f"{resamples} resamples of {id_size} ID and {sum(ood_sizes)} OOD scores would take about "
+                         f"{seconds / 3600:.1f} hours on one core; ask for fewer")
 
 
 def _check_level(level: float) -> None:

@@ -80,8 +80,16 @@ def test_command_line_reads_the_runs_scores_and_names_unknown_detectors(tmp_path
     assert str(tmp_path / "missing" / "scores.npz") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, value", [(["--resamples", "0"], "got 0"), (["--level", "1.5"], "1.5")])
+@pytest.mark.parametrize("argv, value", [(["--resamples", "0"], "got 0"), (["--level", "1.5"], "1.5"),
+                                         (["--seed", "-1"], "-1")])
 def test_bad_resampling_options_are_one_error_line(tmp_path, argv, value, capsys):
     assert main([str(tmp_path), "a", "b", *argv]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and argv[0] in error and value in error
+
+
+def test_a_comparison_that_would_take_hours_is_refused_with_the_estimate(tmp_path, capsys):
+    scores_writer(synthetic_run())(tmp_path / "scores.npz")
+    assert main([str(tmp_path), "good", "weak", "--resamples", "1000000000"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--resamples" in error and "1000000000" in error and "hours" in error

@@ -31,7 +31,8 @@ from dataloaders import DatasetConfig, build_dataset
 from models import ModelConfig, build_backbone, react_threshold
 from pipeline.config.loading import load_model_config
 from pipeline.features.cache import FeatureEntry
-from pipeline.run.experiment import RawFeatures, model_cache_key, model_outputs
+from pipeline.run.experiment import model_cache_key
+from pipeline.run.scoring import RawFeatures, model_outputs
 from pipeline.features.extract import ExtractionSettings, FeatureExtractor
 from tests.checkpoints import lifelike_state_dict, save_as_supcon
 

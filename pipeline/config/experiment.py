@@ -114,9 +114,12 @@ def check_device_name(name: str) -> None:
     if name == "auto":
         return
     try:
-        torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"config key 'device': unknown device {name!r}; use auto, cpu, cuda or cuda:<index>") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # e.g. "meta" holds no data to extract with
+        raise UserError(f"config key 'device': device {name!r} cannot run the pipeline; use auto, cpu, cuda or "
+                        f"cuda:<index>")
 
 
 @dataclasses.dataclass(frozen=True)

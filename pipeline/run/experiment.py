@@ -16,34 +16,19 @@ import torch
 
 from dataloaders import ImageDataset, bank_indices, build_dataset, subset_indices
 from errors import UserError
-from models import Backbone, ModelConfig, apply_react, build_backbone, file_sha256, react_threshold, resolve_checkpoint
+from models import Backbone, ModelConfig, build_backbone, file_sha256, resolve_checkpoint
 from ood_detectors import OODDetector
-from ood_evaluation.bootstrap import bootstrap_averages
-from ood_evaluation.definitions import METRIC_NAMES
-from ood_evaluation.metrics import ood_metrics
+from ood_evaluation.bootstrap import check_duration
 from pipeline.config.experiment import ExperimentConfig, ResolvedExperiment, display_name
 from pipeline.features.distributed import Topology, barrier, init_from_environment
 from pipeline.features.extract import ExtractionSettings, FeatureExtractor
 from pipeline.features.training import trained_checkpoint
 from pipeline.files import require_writable
-from pipeline.run.averages import run_averages
-from pipeline.run.provenance import environment
 from pipeline.result import AverageRow, ExperimentResult, ResultRow, RunScores
+from pipeline.run.provenance import environment
+from pipeline.run.scoring import RawFeatures, detector_inputs, score_detector
 
 log = logging.getLogger(__name__)
-
-BOOTSTRAP_SEED = 0  # the intervals' resampling: fixed, so a rerun gives the same files
-
-
-@dataclass(frozen=True)
-class RawFeatures:
-    """Cached penultimate features (before any clipping) and labels of one image set."""
-
-    features: np.ndarray  # (N, D) float32
-    labels: np.ndarray    # (N,) int64, -1 = unlabelled
-    image_ids: list[str]  # (N,) the dataset's ids of these rows
-    entry: str = ""       # the cache entry's label
-    broken: tuple[str, ...] = ()  # ids of the images left out as undecodable (--skip-broken-images)
 
 
 @dataclass(frozen=True)
@@ -78,26 +63,6 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device '{name}' was asked for but this machine has {torch.cuda.device_count()} "
                         f"CUDA device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
-
-
-def model_outputs(raw: RawFeatures, classifier: torch.nn.Module, clip: float | None,
-                  device: torch.device, name: str) -> dict[str, torch.Tensor]:
-    """What detectors see: L2-normalised features and logits of the (ReAct-clipped) raw features."""
-    features = torch.from_numpy(raw.features).to(device)
-    bad_rows = int((~torch.isfinite(features)).any(dim=1).sum())
-    if bad_rows:
-        raise UserError(f"{name}: {bad_rows} of {len(features)} feature rows are NaN or inf "
-                        f"(check the images and weights, then re-extract with a fresh --cache-dir)")
-    if clip is not None:
-        features = apply_react(features, clip)
-    with torch.inference_mode():
-        logits = classifier(features)
-    bad_rows = int((~torch.isfinite(logits)).any(dim=1).sum())
-    if bad_rows:
-        raise UserError(f"{name}: {bad_rows} of {len(logits)} rows of logits are NaN or inf although the features "
-                        f"are finite (check the classifier's weights in the checkpoint)")
-    return {"feas": torch.nn.functional.normalize(features, dim=1), "logits": logits,
-            "labels": torch.from_numpy(raw.labels).to(device)}
 
 
 def model_cache_key(config: ModelConfig, checkpoint_sha256: str) -> dict:
@@ -228,6 +193,14 @@ def build_detectors(experiment: ResolvedExperiment, model: Model, bank_size: int
     return detectors
 
 
+def check_bootstrap_duration(config: ExperimentConfig, id_size: int, ood_sizes: list[int], detectors: int) -> None:
+    """The intervals' resamples would not take hours: refused before any extraction, with the estimate."""
+    try:
+        check_duration(config.bootstrap, id_size, ood_sizes, repeats=detectors)
+    except ValueError as error:
+        raise UserError(f"config key 'bootstrap': {error} (or 0: no intervals)") from None
+
+
 class Extraction:
     """Raw features of the run's image sets, through the cache."""
 
@@ -278,6 +251,8 @@ def run_experiment(experiment: ResolvedExperiment) -> ExperimentResult | None:
     test_sets, id_name, ood_names = image_sets.test_sets()
     bank_size = len(bank_indices(len(train), config.bank_ratio, config.seed))
     detectors = build_detectors(experiment, model, bank_size, len(train))
+    check_bootstrap_duration(config, len(test_sets[id_name]), [len(test_sets[name]) for name in ood_names],
+                             len(detectors))
 
     extraction = Extraction(config, model, device, topology)
     train_name = image_sets.label(config.train_data, "train")
@@ -286,7 +261,8 @@ def run_experiment(experiment: ResolvedExperiment) -> ExperimentResult | None:
     if not topology.is_main:
         return None
 
-    bank, outputs = detector_inputs(model, bank_raw, test_raws, device, f"{train_name} bank")
+    bank, outputs = detector_inputs(model.backbone.classifier, model.config.react_percentile, bank_raw, test_raws,
+                                    device, f"{train_name} bank")
     id_accuracy = 100 * (outputs[id_name]["logits"].argmax(dim=1) == outputs[id_name]["labels"]).float().mean().item()
     identity = {"model": model.config.name, "train_data": train_name, "id_data": id_name,
                 "checkpoint": model.checkpoint_name}
@@ -312,40 +288,3 @@ def run_experiment(experiment: ResolvedExperiment) -> ExperimentResult | None:
                             image_sets.reader_notes())
 
 
-def detector_inputs(model: Model, bank_raw: RawFeatures, test_raws: dict[str, RawFeatures], device: torch.device,
-                    bank_name: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """`model_outputs` of the bank and of every test set, with ReAct's clip (a quantile of the bank's raw
-    features) when the model config asks for it."""
-    clip = None
-    if model.config.react_percentile is not None:
-        clip = react_threshold(bank_raw.features, model.config.react_percentile)
-        log.info("ReAct: clipping features at %.4f, the %.2f quantile of the bank", clip, model.config.react_percentile)
-    classifier = model.backbone.classifier.to(device)
-    return (model_outputs(bank_raw, classifier, clip, device, bank_name),
-            {name: model_outputs(raw, classifier, clip, device, name) for name, raw in test_raws.items()})
-
-
-def score_detector(detector: str, scores: dict[str, dict[str, np.ndarray]], id_name: str, ood_names: list[str],
-                   identity: dict[str, str], id_accuracy: float, config: ExperimentConfig
-                   ) -> tuple[list[ResultRow], list[AverageRow]]:
-    """One detector's rows (metrics in percent, with intervals) and averages, from its scores of every set. All
-    intervals come from one set of resamples, each drawing the ID images once (ood_evaluation.bootstrap)."""
-    id_scores = scores[id_name][detector]
-    metrics = {name: {metric: 100 * value for metric, value in ood_metrics(id_scores, scores[name][detector]).items()}
-               for name in ood_names}
-    averaged = run_averages(ood_names)
-    intervals = (bootstrap_averages(id_scores, {name: scores[name][detector] for name in ood_names},
-                                    [sets for _, sets in averaged], config.bootstrap, BOOTSTRAP_SEED, config.ci_level)
-                 if config.bootstrap else {})
-
-    def in_percent(found: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-        return {metric: (100 * low, 100 * high) for metric, (low, high) in found.items()}
-
-    rows = [ResultRow(ood_data=name, detector=detector, metrics=metrics[name], id_acc=id_accuracy,
-                      intervals=in_percent(intervals.get((name,), {})), **identity) for name in ood_names]
-    averages = [AverageRow(detector=detector, label=label, ood_sets=tuple(sets),
-                           metrics={metric: sum(metrics[name][metric] for name in sets) / len(sets)
-                                    for metric in METRIC_NAMES},
-                           intervals=in_percent(intervals.get(tuple(sets), {})), **identity)
-                for label, sets in averaged]
-    return rows, averages

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError, did_you_mean
-from ood_evaluation.bootstrap import METRICS, bootstrap_sets_distribution, paired_differences
+from ood_evaluation.bootstrap import METRICS, bootstrap_sets_distribution, check_duration, paired_differences
 from ood_evaluation.metrics import ood_metrics
 from pipeline.report.tables import format_terminal
 from pipeline.report.scores import read_scores
@@ -69,11 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--level", type=float, default=0.95, help="interval level (default: 0.95)")
     args = parser.parse_args(argv)
     try:
-        if args.resamples < 1 or not 0 < args.level < 1:
-            raise UserError(f"--resamples must be positive and --level in (0, 1), got {args.resamples} and "
-                            f"{args.level}")
-        table = compare(read_scores(args.run_dir), args.a, args.b, args.metrics, args.resamples, args.seed,
-                        args.level)
+        if args.resamples < 1 or not 0 < args.level < 1 or args.seed < 0:
+            raise UserError(f"--resamples must be positive, --level in (0, 1) and --seed zero or more, got "
+                            f"{args.resamples}, {args.level} and {args.seed}")
+        stored = read_scores(args.run_dir)
+        try:  # two detectors' resamples
+            check_duration(args.resamples, len(stored.image_ids[stored.id_set]),
+                           [len(stored.image_ids[name]) for name in stored.ood_sets], repeats=2)
+        except ValueError as error:
+            raise UserError(f"--resamples: {error}") from None
+        table = compare(stored, args.a, args.b, args.metrics, args.resamples, args.seed, args.level)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
