@@ -456,3 +456,48 @@ def test_verify_image_content_recomputes_the_rows_of_an_image_replaced_behind_th
     assert "extracting" not in run("caught-again", "--verify-image-content")
     results = {name: (tmp_path / name / "results.csv").read_text() for name in ("stale", "caught", "first")}
     assert results["caught"] != results["stale"] == results["first"]
+
+
+def test_an_image_replaced_during_extraction_is_recomputed_by_the_next_verifying_run(tmp_path, bitmaps,
+                                                                                     monkeypatch, caplog):
+    """--verify-image-content records the hash of the bytes read for the network: a file replaced right after it
+    was decoded (same size, modification time restored) no longer matches, and the next verifying run recomputes
+    its rows, which then equal the new image's features."""
+    import logging
+
+    import torch
+    import torchvision
+
+    from dataloaders.base import FileImageDataset
+    from pipeline.features.extract import ExtractionSettings, FeatureExtractor
+    from tests.test_reliability import CountingBackbone
+
+    dataset = build_dataset(DatasetConfig(name="integrity", format="class_folders", splits={"test": "data"}),
+                            "test", tmp_path, transform=torchvision.transforms.ToTensor())
+    settings = ExtractionSettings(torch.device("cpu"), batch_size=2, num_workers=0, amp="off", channels_last=False,
+                                  chunk_size=3, verify_image_content=True)
+
+    def features(cache: Path) -> np.ndarray:
+        extractor = FeatureExtractor(CountingBackbone(), {"model": "counting"}, cache, settings)
+        return extractor.features(dataset, {"dataset": "integrity", "images": dataset.fingerprint()}, "integrity")
+
+    decode = FileImageDataset.__getitem__
+
+    def decode_then_replace(self, index):
+        decoded = decode(self, index)
+        if index == 1 and not replaced:  # the image has been read: now replace it, as another process might
+            replace_keeping_size(bitmaps[1], seed=3)
+            os.utime(bitmaps[1], ns=(LONG_AGO_NS, LONG_AGO_NS))
+            replaced.append(index)
+        return decoded
+
+    replaced: list[int] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(FileImageDataset, "__getitem__", decode_then_replace)
+        stale = features(tmp_path / "cache")
+    assert replaced == [1]
+    with caplog.at_level(logging.WARNING):
+        again = features(tmp_path / "cache")
+    assert "rows_000000000_000000003" in caplog.text and "changed" in caplog.text
+    np.testing.assert_array_equal(again, features(tmp_path / "fresh"))  # the new image's features
+    assert not np.array_equal(again[1], stale[1])

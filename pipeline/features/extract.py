@@ -169,6 +169,10 @@ class FeatureExtractor:
         then bit-identical)."""
         batches = [list(range(first, min(first + self.settings.batch_size, end)))
                    for start, end in ranges for first in range(start, end, self.settings.batch_size)]
+        # the images' content hashes, taken before they are read for the network: a file replaced while the run
+        # extracts leaves a recorded hash that no longer matches it, and the next verifying run recomputes its rows
+        hashes = ({(start, end): images_sha256(start, end) for start, end in ranges}
+                  if images_sha256 and self.topology.is_main else {})
         if self.topology.distributed:
             computed = self._forward_distributed(dataset, batches, entry, label)
             if not self.topology.is_main:
@@ -180,7 +184,7 @@ class FeatureExtractor:
             forward = contextlib.closing(forwarded)  # closed on an error too, which ends its loader's workers
             computed = zip(batches, forwarded)
         with forward:
-            written = self._write_ranges(ranges, computed, entry, images_sha256)
+            written = self._write_ranges(ranges, computed, entry, hashes)
         if self.topology.distributed:
             for rank in range(self.topology.world_size):
                 (entry.directory / f"shard-{rank:05d}.npz").unlink()
@@ -189,9 +193,9 @@ class FeatureExtractor:
 
     def _write_ranges(self, ranges: list[tuple[int, int]],
                       computed: Iterator[tuple[list[int], tuple[np.ndarray, list[int]]]], entry: FeatureEntry,
-                      images_sha256: Callable[[int, int], str] | None) -> list[StoredRows]:
+                      hashes: dict[tuple[int, int], str]) -> list[StoredRows]:
         """Write each of `ranges` from the `computed` batches (in row order, each within one range) as soon as it
-        is complete."""
+        is complete, with its images' content hash when `hashes` has one."""
         written: list[StoredRows] = []
         for start, end in ranges:
             block = np.empty((end - start, self.backbone.feature_dim), dtype=np.float32)
@@ -202,8 +206,7 @@ class FeatureExtractor:
                 block[batch_rows[0] - start:batch_rows[-1] + 1 - start] = batch
                 broken += batch_broken
                 filled += len(batch)
-            written.append(entry.write_rows(start, block, broken,
-                                            images_sha256(start, end) if images_sha256 else None))
+            written.append(entry.write_rows(start, block, broken, hashes.get((start, end))))
         return written
 
     def _forward_distributed(self, dataset: ImageDataset, batches: list[list[int]], entry: FeatureEntry, label: str
