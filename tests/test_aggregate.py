@@ -401,3 +401,28 @@ def test_an_asymmetric_interval_is_shown_as_its_bounds():
     """A percentile interval of an FPR95 of 0 reaches up only: '0.00 ± 10.71' would read as a negative FPR."""
     assert with_interval("0.00", (0.0, 21.42)) == "0.00 [0.00, 21.42]"
     assert with_interval("-", (0.0, 21.42)) == "-" and with_interval("3.10", None) == "3.10"
+
+
+def test_result_files_are_checked_before_they_are_tabulated(tmp_path, capsys):
+    """An edited results.csv, an interrupted run's folder and a file that is not text are each one error line
+    naming the file; a results.csv without a manifest beside it is read as it is."""
+    write_run(tmp_path / "runs/a", run_rows(REACT_IMAGENET[:2]))
+    assert main([str(tmp_path / "runs")]) == 0
+    capsys.readouterr()
+    results = tmp_path / "runs/a/results.csv"
+    original = results.read_text()
+
+    def refused(*fragments: str) -> None:
+        assert main([str(tmp_path / "runs")]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and all(fragment in error for fragment in fragments), error
+
+    results.write_text(original.replace("11.12", "1.12"))                   # a number changed by hand
+    refused(str(results), "checksum")
+    results.write_text(original)
+    manifest = tmp_path / "runs/a/results-manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
+    refused("interrupted", str(tmp_path / "runs/a"))
+    manifest.unlink()
+    results.write_bytes(b"\xff\xfe" + original.encode("utf-16-le"))       # saved as UTF-16 by an editor
+    refused(str(results), "UTF-8")

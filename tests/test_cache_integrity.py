@@ -25,7 +25,8 @@ import pipeline.report.outputs
 from errors import UserError
 from pipeline.features.cache import FeatureEntry
 from pipeline.files import exclusive_lock, is_temporary, write_atomically
-from pipeline.report.outputs import RESULTS_MANIFEST, replace_run_files, result_documents, write_result
+from pipeline.report.manifest import RESULTS_MANIFEST
+from pipeline.report.outputs import replace_run_files, result_documents, write_result
 from tests.fake_results import fake_result
 from tests.main_process import start_main
 from tests.test_reliability import ONE_THREAD, REPO, CountingBackbone, colour_dataset, extract, main_arguments

@@ -93,3 +93,40 @@ def test_a_comparison_that_would_take_hours_is_refused_with_the_estimate(tmp_pat
     assert main([str(tmp_path), "good", "weak", "--resamples", "1000000000"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "--resamples" in error and "1000000000" in error and "hours" in error
+
+
+def test_stored_scores_are_checked_before_they_are_believed(tmp_path, capsys):
+    """scores.npz against the run's manifest and against itself: a file changed since the run wrote it, an
+    interrupted run's folder, a truncated file and scores that do not match their ids are each one error line."""
+    from tests.fake_results import fake_result
+    from pipeline.report.outputs import write_result
+    rows = [{"model": "m", "train_data": "t", "id_data": "id", "ood_data": "near", "detector": detector,
+             "auroc": 90.0, "fpr95": 30.0, "id_acc": 75.0} for detector in ("good", "weak")]
+    write_result(fake_result(rows), tmp_path / "run")
+    assert main([str(tmp_path / "run"), "good", "weak", "--resamples", "20"]) == 0
+    capsys.readouterr()
+
+    def refused(folder, *fragments):
+        assert main([str(folder), "good", "weak", "--resamples", "20"]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and all(fragment in error for fragment in fragments), error
+
+    scores = tmp_path / "run/scores.npz"
+    original = scores.read_bytes()
+    scores.write_bytes(original[:len(original) // 2])                     # truncated after the run
+    refused(tmp_path / "run", str(scores), "checksum")
+    manifest = tmp_path / "run/results-manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
+    scores.write_bytes(original)
+    refused(tmp_path / "run", "interrupted", str(tmp_path / "run"))
+    manifest.unlink()                                                   # no manifest: read as it is, but checked
+    scores.write_bytes(original[:len(original) // 2])
+    refused(tmp_path / "run", str(scores))
+    stored = synthetic_run()
+    stored.image_ids["near"] = stored.image_ids["near"][:-1]             # one id fewer than the scores
+    scores_writer_unchecked = {**{f"ids:{name}": ids for name, ids in stored.image_ids.items()},
+                               **{f"scores:{name}": np.stack(list(by.values())) for name, by in stored.scores.items()},
+                               "detectors": np.array(stored.detectors), "sets": np.array(list(stored.scores))}
+    (tmp_path / "bad").mkdir()
+    np.savez(tmp_path / "bad/scores.npz", **scores_writer_unchecked)
+    refused(tmp_path / "bad", "'near'", "expected finite")

@@ -5,9 +5,7 @@ averages.csv, results.md, config.yaml, scores.npz and the plots, replacing the p
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -17,8 +15,9 @@ from typing import Any
 import yaml
 
 from errors import UserError
-from pipeline.files import exclusive_lock, full_disk_is_a_user_error, remove_unfinished_files, write_atomically
+from pipeline.files import exclusive_lock, full_disk_is_a_user_error, remove_unfinished_files
 from pipeline.config.experiment import ResolvedExperiment, display_name
+from pipeline.report.manifest import file_sha256, is_result_file_name, listed_files, write_manifest
 from pipeline.report.plots import safe_file_name, score_plot_writers
 from pipeline.report.rows import (AVERAGE_COLUMNS, AVERAGES_FILE, CSV_COLUMNS, OPENOOD_COLUMNS, OPENOOD_FILE,
                                   RESULTS_FILE, csv_text)
@@ -29,8 +28,6 @@ from pipeline.result import ExperimentResult
 
 log = logging.getLogger(__name__)
 
-# the output folder's record of its result files: {"complete": bool, "files": {name: sha256}, "written": ISO UTC}
-RESULTS_MANIFEST = "results-manifest.json"
 # the keys of config.yaml that make a run another run: its results are not comparable rows of the same table
 RUN_IDENTITY = ("model", "train_data", "id_data", "ood_data", "detectors")
 _STAGING = ".results-staging"     # a run's files before they are renamed in; a killed run's is removed by the next
@@ -110,7 +107,7 @@ def replace_run_files(output_dir: Path, writers: Mapping[str, Callable[[Path], A
 
 def _run_identity_on_disk(output_dir: Path) -> dict[str, Any] | None:
     """RUN_IDENTITY's values from the config.yaml of the results the folder holds; None without any."""
-    if "config.yaml" not in _listed_files(output_dir):
+    if "config.yaml" not in listed_files(output_dir):
         return None
     try:
         config = yaml.safe_load((output_dir / "config.yaml").read_text())
@@ -129,7 +126,7 @@ def replace_result_files(output_dir: Path, writers: Mapping[str, Callable[[Path]
     saying "complete": false, whose files the next run removes. Files the manifest never listed (the user's own,
     a sweep's subfolders) are left alone."""
     for name in writers:
-        if not _is_result_file_name(name):
+        if not is_result_file_name(name):
             raise ValueError(f"result file name {name!r} is not a plain file name, or is the manifest's")
     output_dir = Path(output_dir)
     with exclusive_lock(output_dir / _RESULTS_LOCK, f"the results in {output_dir}"):
@@ -143,38 +140,15 @@ def replace_result_files(output_dir: Path, writers: Mapping[str, Callable[[Path]
             with full_disk_is_a_user_error(output_dir, name):  # the staging folder is private: no temporaries
                 write(staging / f"{name}.part")
             checksums[name] = hashlib.sha256((staging / f"{name}.part").read_bytes()).hexdigest()
-        replaced = set(_listed_files(output_dir)) | set(writers)
-        _write_manifest(output_dir, complete=False, files=dict.fromkeys(sorted(replaced)))
+        replaced = set(listed_files(output_dir)) | set(writers)
+        write_manifest(output_dir, complete=False, files=dict.fromkeys(sorted(replaced)))
         for name in replaced:
             (output_dir / name).unlink(missing_ok=True)
         for name in writers:
             os.replace(staging / f"{name}.part", output_dir / name)
-        _write_manifest(output_dir, complete=True, files=checksums)
+        write_manifest(output_dir, complete=True, files=checksums)
         staging.rmdir()
     return [output_dir / name for name in writers]
-
-
-def _is_result_file_name(name: str) -> bool:
-    """A name within the folder (no separator, not '.' or '..'), not hidden (those are the writer's own) and
-    not the manifest's."""
-    return bool(name) and Path(name).name == name and not name.startswith(".") and name != RESULTS_MANIFEST
-
-
-def _listed_files(output_dir: Path) -> dict[str, str | None]:
-    """{file name: its sha256} of the files the folder's manifest lists (a previous run's), None for the files an
-    interrupted run may have left; none without a manifest. Only plain names: an edited manifest cannot reach
-    outside."""
-    manifest = output_dir / RESULTS_MANIFEST
-    try:
-        files = json.loads(manifest.read_text())["files"]
-        listed = {name: checksum if isinstance(checksum, str) else None for name, checksum in files.items()
-                  if isinstance(name, str) and _is_result_file_name(name)}
-    except FileNotFoundError:
-        return {}
-    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not a manifest's layout
-        log.warning("%s is not a results manifest; the files it may list are left in place", manifest)
-        return {}
-    return listed
 
 
 def foreign_files(output_dir: Path, names: Iterable[str]) -> list[str]:
@@ -183,13 +157,13 @@ def foreign_files(output_dir: Path, names: Iterable[str]) -> list[str]:
     folder in a file's place."""
     if not output_dir.is_dir():  # nothing there yet (or a file in its place: require_writable reports that)
         return []
-    listed = _listed_files(output_dir)
+    listed = listed_files(output_dir)
     foreign = []
     for name in sorted(set(names) | set(listed)):
         path = output_dir / name
         if path.is_dir():
             foreign.append(f"{name}/")
-        elif path.is_file() and (name not in listed or listed[name] not in (None, _file_sha256(path))):
+        elif path.is_file() and (name not in listed or listed[name] not in (None, file_sha256(path))):
             foreign.append(name)
     return foreign
 
@@ -200,13 +174,3 @@ def refuse_foreign_files(output_dir: Path, names: Iterable[str]) -> None:
     if foreign:
         raise UserError(f"{output_dir} holds {', '.join(foreign)}, which no run of this repository wrote there as "
                         f"they are now; a run never replaces them: move them, or choose another --output-dir")
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_manifest(output_dir: Path, complete: bool, files: dict[str, str | None]) -> None:
-    written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    manifest = {"complete": complete, "files": files, "written": written}
-    write_atomically(output_dir / RESULTS_MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1) + "\n"))

@@ -10,6 +10,7 @@ from typing import Any
 
 from errors import UserError
 from ood_evaluation.definitions import METRIC_NAMES
+from pipeline.report.manifest import check_against_manifest
 from pipeline.result import AverageRow, ResultRow
 
 RESULTS_FILE = "results.csv"
@@ -67,7 +68,8 @@ def read_rows(path: Path, openood: bool = False) -> list[ResultRow]:
     """The rows of a results.csv (results_openood.csv with `openood`), `source` = the file. Files without the
     checkpoint or interval columns (one run of the model's own checkpoint, no intervals) are read too."""
     columns, metrics = (OPENOOD_COLUMNS, OPENOOD_METRICS) if openood else (CSV_COLUMNS, RESULTS_METRICS)
-    with path.open(newline="") as handle:
+    check_against_manifest(path)
+    with _open_text(path) as handle:
         reader = csv.DictReader(handle)
         missing = [name for name in columns if name not in (reader.fieldnames or [])
                    and name != "checkpoint" and "_ci_" not in name]
@@ -85,9 +87,18 @@ def read_rows(path: Path, openood: bool = False) -> list[ResultRow]:
     return rows
 
 
+def _open_text(path: Path) -> io.StringIO:
+    """A result file's text, as CSV reads it; a file that is not UTF-8 text is a UserError naming it."""
+    try:
+        return io.StringIO(path.read_text(encoding="utf-8"), newline="")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a UTF-8 text file: not a result file of this repository") from None
+
+
 def read_averages(path: Path, source: str) -> list[AverageRow]:
     """The rows of an averages.csv, with `source` = the results file they belong to."""
-    with path.open(newline="") as handle:
+    check_against_manifest(path)
+    with _open_text(path) as handle:
         records = list(csv.DictReader(handle))
     averages = []
     for line_number, record in enumerate(records, start=2):

@@ -3,12 +3,14 @@ re-scoring. Arrays only (numpy's own format, read with allow_pickle=False): the 
 (the ID set first), and per set its image ids and a (detectors, images) matrix of scores."""
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from errors import UserError
+from pipeline.report.manifest import check_against_manifest
 from pipeline.result import RunScores
 
 SCORES_FILE = "scores.npz"
@@ -31,17 +33,25 @@ def scores_writer(scores: RunScores) -> Callable[[Path], None]:
 
 
 def read_scores(run_dir: Path) -> RunScores:
-    """The scores.npz of a run's output folder; a UserError names the file when it is missing or not one."""
+    """The scores.npz of a run's output folder, checked against the folder's manifest and against itself (one
+    finite score per image id, per detector, for every set); a UserError names the file and what is wrong."""
     path = Path(run_dir) / SCORES_FILE
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: is {run_dir} a run's output folder (written by this version)?")
+    check_against_manifest(path)
     try:
         with np.load(path, allow_pickle=False) as stored:
             detectors = [str(name) for name in stored["detectors"]]
             sets = [str(name) for name in stored["sets"]]
             image_ids = {name: stored[f"ids:{name}"] for name in sets}
-            scores = {name: dict(zip(detectors, stored[f"scores:{name}"])) for name in sets}
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist: is {run_dir} a run's output folder (written by this version)?") \
-            from None
-    except (OSError, ValueError, KeyError) as error:  # not a zip / not numpy's format / a key missing
+            matrices = {name: stored[f"scores:{name}"] for name in sets}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # not numpy's, or cut short
         raise UserError(f"{path} is not a scores file of this repository ({error})") from None
-    return RunScores(sets[0], detectors, image_ids, scores)
+    for name, matrix in matrices.items():
+        expected = (len(detectors), len(image_ids[name]))
+        if matrix.ndim != 2 or matrix.shape != expected or not np.isfinite(matrix).all() or not expected[1]:
+            raise UserError(f"{path}: the scores of set '{name}' are {matrix.dtype} {matrix.shape}, expected finite "
+                            f"numbers of shape {expected} (detectors, images)")
+    if not sets or len(set(detectors)) < len(detectors):
+        raise UserError(f"{path}: no sets, or a detector named twice ({detectors})")
+    return RunScores(sets[0], detectors, image_ids, {name: dict(zip(detectors, matrices[name])) for name in sets})
