@@ -37,8 +37,8 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if key in first_lines:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (lines {first_lines[key]} and {line})", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (lines "
+                                                        f"{first_lines[key]} and {line})", key_node.start_mark)
             first_lines[key] = line
         return super().construct_mapping(node, deep)
 
