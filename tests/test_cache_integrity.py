@@ -422,3 +422,23 @@ def test_main_killed_while_writing_then_rerun_leaves_no_leftovers_and_whole_resu
     for name, sha256 in listed["files"].items():
         assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest() == sha256
     assert not [path for path in tmp_path.rglob("*") if is_temporary(path.name) or path.suffix == ".part"]
+
+
+def test_an_entry_this_user_cannot_write_is_read_when_complete_and_named_when_not(tmp_path, monkeypatch, caplog):
+    """Another user's entry in a shared cache (this process runs as root, which may write anywhere, so
+    writability is what the entry reports): complete, its rows are read without its lock and nothing in it is
+    touched; lacking rows, the run stops with one error naming the entry."""
+    dataset = colour_dataset(10)
+    complete = extract(tmp_path / "cache", CountingBackbone(), dataset)
+    entry = entry_folder(tmp_path / "cache")
+    before = {path.name: path.stat().st_mtime_ns for path in entry.iterdir()}
+    monkeypatch.setattr(FeatureEntry, "writable", lambda self: False)
+    backbone = CountingBackbone()
+    with caplog.at_level(logging.INFO):
+        np.testing.assert_array_equal(extract(tmp_path / "cache", backbone, dataset), complete)
+    assert backbone.forwarded == 0 and "read-only" in caplog.text
+    assert {path.name: path.stat().st_mtime_ns for path in entry.iterdir()} == before
+    (entry / "rows_000000009_000000010.npy").unlink()
+    with pytest.raises(UserError) as lacking:
+        extract(tmp_path / "cache", CountingBackbone(), dataset)
+    assert str(entry) in str(lacking.value) and "9..9" in str(lacking.value) and "not writable" in str(lacking.value)

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,6 +64,13 @@ class FeatureEntry:
         stored = self._stored_key(report_corrupt=False)
         if stored is not None and stored != json.loads(json.dumps(key)):
             raise UserError(f"cache entry {self.directory} holds a different key; delete the folder")
+
+    def writable(self) -> bool:
+        """Whether this user can take the entry's lock and write in it (a missing entry can be made)."""
+        if not self.directory.exists():
+            return True
+        lock = self.directory / "lock"
+        return os.access(self.directory, os.W_OK | os.X_OK) and (not lock.exists() or os.access(lock, os.W_OK))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

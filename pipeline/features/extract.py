@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from dataloaders import ImageDataset
 from dataloaders.base import BrokenImageError
+from errors import UserError
 from models import Backbone
 from pipeline.features.cache import FeatureEntry, StoredRows, assemble, missing_ranges
 from pipeline.features.distributed import Topology, barrier, broadcast_ranges, shard_bounds
@@ -111,6 +112,8 @@ class FeatureExtractor:
         num_rows = len(dataset) if num_rows is None else num_rows
         entry = self._entry(dataset_key, label)
         main = self.topology.is_main
+        if main and not entry.writable():
+            return self._assembled(self._read_only(entry, num_rows, label, dataset), num_rows, dataset, label)
         stored: list[StoredRows] = []
         with entry.locked() if main else contextlib.nullcontext():  # rank 0 holds it for all ranks
             missing: list[tuple[int, int]] = []
@@ -133,6 +136,29 @@ class FeatureExtractor:
                 log.info("%s: all %d images' features are cached in %s", label, num_rows, entry.directory)
         if not main:  # only rank 0 scores
             return Extracted(np.empty((0, self.backbone.feature_dim), dtype=np.float32), [])
+        return self._assembled(stored, num_rows, dataset, label)
+
+    def _read_only(self, entry: FeatureEntry, num_rows: int, label: str, dataset: ImageDataset) -> list[StoredRows]:
+        """The verified rows of an entry this user cannot write (another user's, in a shared cache), read without
+        its lock and deleting nothing; a UserError when rows are missing or fail their checks, since they cannot
+        be computed into it."""
+        if self.settings.recompute or self.topology.distributed:
+            raise UserError(f"cache entry {entry.directory} is not writable by this user: it cannot be "
+                            f"{'recomputed' if self.settings.recompute else 'shared out over torchrun ranks'}; "
+                            f"use another --cache-dir")
+        images_sha256 = self._images_sha256(dataset)
+        stored = [rows for start, end in entry.stored_ranges() if start < num_rows
+                  if (rows := entry.read_verified(start, end, self.backbone.feature_dim, images_sha256))]
+        missing = missing_ranges(stored, num_rows, self.settings.chunk_size)
+        if missing:
+            raise UserError(f"cache entry {entry.directory} is not writable by this user and lacks verified rows "
+                            f"{missing[0][0]}..{missing[-1][1] - 1} of the {num_rows} images of {label}: ask its "
+                            f"owner to run this once, or use another --cache-dir")
+        log.info("%s: all %d images' features are cached in %s (read-only)", label, num_rows, entry.directory)
+        return stored
+
+    def _assembled(self, stored: list[StoredRows], num_rows: int, dataset: ImageDataset, label: str) -> Extracted:
+        """Rows [0, num_rows) of `stored`; a broken image stops the run unless skip_broken_images."""
         features, broken = assemble(stored, num_rows)
         if broken and not self.settings.skip_broken_images:
             try:  # decode the first one again for the reason; the cache recorded it from an earlier run
