@@ -24,6 +24,7 @@ import main
 import pipeline.report.outputs
 from errors import UserError
 from pipeline.features.cache import FeatureEntry
+from pipeline.features.extract import ExtractionSettings, FeatureExtractor
 from pipeline.files import exclusive_lock, is_temporary, write_atomically
 from pipeline.report.manifest import RESULTS_MANIFEST
 from pipeline.report.outputs import replace_run_files, result_documents, write_result
@@ -442,3 +443,33 @@ def test_an_entry_this_user_cannot_write_is_read_when_complete_and_named_when_no
     with pytest.raises(UserError) as lacking:
         extract(tmp_path / "cache", CountingBackbone(), dataset)
     assert str(entry) in str(lacking.value) and "9..9" in str(lacking.value) and "not writable" in str(lacking.value)
+
+
+class BatchSensitiveBackbone(CountingBackbone):
+    """Mean colour plus a thousandth of its batch's mean: each row depends on the batch it is computed in, as
+    convolution kernels chosen per batch shape can make a real network's last bits depend on it."""
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        colours = super().features(images)
+        return colours + 1e-3 * colours.mean(dim=0, keepdim=True)
+
+
+def test_a_bank_extended_from_a_smaller_one_equals_a_fresh_extraction(tmp_path):
+    """The 4-row prefix ends inside the batch [3, 5) of the chunk [3, 6): extending it to 10 rows recomputes row 3
+    in that batch, so the entry holds what a fresh 10-row extraction holds, byte for byte."""
+    dataset = colour_dataset(10)
+
+    def features(cache: Path, num_rows: int) -> np.ndarray:
+        settings = ExtractionSettings(torch.device("cpu"), batch_size=2, num_workers=0, amp="off",
+                                      channels_last=False, chunk_size=3)
+        extractor = FeatureExtractor(BatchSensitiveBackbone(), {"model": "counting"}, cache, settings)
+        return extractor.features(dataset, {"dataset": "colours", "images": dataset.fingerprint()}, "colours",
+                                  num_rows)
+
+    prefix = features(tmp_path / "grown", 4)
+    grown = features(tmp_path / "grown", 10)
+    fresh = features(tmp_path / "fresh", 10)
+    assert not np.array_equal(prefix[3], fresh[3])     # row 3 alone in its batch differs: the test has teeth
+    np.testing.assert_array_equal(grown, fresh)
+    assert sorted(path.name for path in entry_folder(tmp_path / "grown").glob("rows_*.npy")) == \
+        sorted(path.name for path in entry_folder(tmp_path / "fresh").glob("rows_*.npy"))

@@ -109,7 +109,7 @@ class FeatureEntry:
     def clear(self) -> None:
         """Delete every rows file and its sidecar (`--recompute`); the key stays."""
         for start, end in self.stored_ranges():
-            self._delete(start, end)
+            self.delete_rows(start, end)
 
     def load(self, num_rows: int, feature_dim: int,
              images_sha256: Callable[[int, int], str] | None = None) -> list[StoredRows]:
@@ -126,7 +126,7 @@ class FeatureEntry:
                 continue
             rows = self.read_verified(start, end, feature_dim, images_sha256)
             if rows is None:
-                self._delete(start, end)
+                self.delete_rows(start, end)
             else:
                 loaded.append(rows)
         return loaded
@@ -188,7 +188,7 @@ class FeatureEntry:
                 return None
         return StoredRows(start, end, array, tuple(sidecar.get("broken_rows", ())))
 
-    def _delete(self, start: int, end: int) -> None:
+    def delete_rows(self, start: int, end: int) -> None:
         for suffix in (".npy", ".json"):  # the data first: a rows file never outlives its sidecar
             self._path(start, end, suffix).unlink(missing_ok=True)
 
@@ -196,22 +196,36 @@ class FeatureEntry:
         return self.directory / f"rows_{start:09d}_{end:09d}{suffix}"
 
 
-def missing_ranges(stored: list[StoredRows], num_rows: int, chunk_size: int) -> list[tuple[int, int]]:
-    """Row ranges of [0, num_rows) not in `stored`, cut into pieces of at most chunk_size rows."""
-    missing, position = [], 0
-    for start, end in sorted((rows.start, rows.end) for rows in stored) + [(num_rows, num_rows)]:
-        gap_end = min(start, num_rows)
-        for piece_start in range(position, gap_end, chunk_size):
-            missing.append((piece_start, min(piece_start + chunk_size, gap_end)))
-        position = max(position, end)
-        if position >= num_rows:
-            break
-    return missing
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One chunk of the entry's grid to (re)write, rows [start, end): the rows from `compute_from` on are forwarded,
+    the ones before it come from the stored files."""
+
+    start: int
+    compute_from: int
+    end: int
 
 
-def assemble(stored: list[StoredRows], num_rows: int) -> tuple[np.ndarray, list[int]]:
-    """Rows [0, num_rows) as one float32 array, and the broken rows among them; all must be stored."""
-    parts, broken, position = [], [], 0
+def plan_chunks(stored: list[StoredRows], num_rows: int, chunk_size: int, batch_size: int) -> list[ChunkPlan]:
+    """The chunks [k * chunk_size, (k + 1) * chunk_size) of [0, num_rows) that `stored` does not cover whole, each
+    forwarded from its first uncovered row rounded down to a batch boundary of the chunk. So every row is
+    computed in the batch a fresh extraction computes it in, whatever the cache held before: the last, partial
+    chunk of a smaller bank of the same order keeps its rows up to that boundary and recomputes the rest."""
+    covered = np.zeros(num_rows, dtype=bool)
+    for rows in stored:
+        covered[rows.start:min(rows.end, num_rows)] = True
+    plans = []
+    for start in range(0, num_rows, chunk_size):
+        end = min(start + chunk_size, num_rows)
+        if not covered[start:end].all():
+            first_missing = int(np.argmin(covered[start:end]))
+            plans.append(ChunkPlan(start, start + first_missing // batch_size * batch_size, end))
+    return plans
+
+
+def assemble(stored: list[StoredRows], num_rows: int, start: int = 0) -> tuple[np.ndarray, list[int]]:
+    """Rows [start, num_rows) as one float32 array, and the broken rows among them; all must be stored."""
+    parts, broken, position = [], [], start
     for rows in sorted(stored, key=lambda rows: (rows.start, rows.end)):
         if position >= num_rows:
             break

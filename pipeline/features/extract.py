@@ -16,7 +16,7 @@ from dataloaders import ImageDataset
 from dataloaders.base import BrokenImageError
 from errors import UserError
 from models import Backbone
-from pipeline.features.cache import FeatureEntry, StoredRows, assemble, missing_ranges
+from pipeline.features.cache import ChunkPlan, FeatureEntry, StoredRows, assemble, plan_chunks
 from pipeline.features.distributed import Topology, barrier, broadcast_ranges, shard_bounds
 from pipeline.files import write_atomically
 
@@ -115,8 +115,8 @@ class FeatureExtractor:
         if main and not entry.writable():
             return self._assembled(self._read_only(entry, num_rows, label, dataset), num_rows, dataset, label)
         stored: list[StoredRows] = []
+        plans: list[ChunkPlan] = []
         with entry.locked() if main else contextlib.nullcontext():  # rank 0 holds it for all ranks
-            missing: list[tuple[int, int]] = []
             images_sha256 = self._images_sha256(dataset)
             if main:
                 if self.settings.recompute and entry.directory not in self._recomputed:
@@ -124,14 +124,16 @@ class FeatureExtractor:
                     entry.clear()
                     self._recomputed.add(entry.directory)
                 stored = entry.load(num_rows, self.backbone.feature_dim, images_sha256)  # other widths: recomputed
-                missing = missing_ranges(stored, num_rows, self.settings.chunk_size)
+                plans = plan_chunks(stored, num_rows, self.settings.chunk_size, self.settings.batch_size)
             # the other ranks write their shards only after this broadcast, so never while rank 0, under the
             # lock, removes the files a killed run left in the entry
-            missing = broadcast_ranges(missing, self.topology)
+            missing = broadcast_ranges([(plan.compute_from, plan.end) for plan in plans], self.topology)
             if missing:
                 todo = sum(end - start for start, end in missing)
                 log.info("extracting %d of %d images of %s (cache: %s)", todo, num_rows, label, entry.directory)
-                stored += self._extract(dataset, missing, entry, label, images_sha256)
+                written = self._extract(dataset, missing, plans, stored, entry, label, images_sha256)
+                stored = [rows for rows in stored if not any(plan.start <= rows.start and rows.end <= plan.end
+                                                             for plan in plans)] + written
             else:
                 log.info("%s: all %d images' features are cached in %s", label, num_rows, entry.directory)
         if not main:  # only rank 0 scores
@@ -149,11 +151,11 @@ class FeatureExtractor:
         images_sha256 = self._images_sha256(dataset)
         stored = [rows for start, end in entry.stored_ranges() if start < num_rows
                   if (rows := entry.read_verified(start, end, self.backbone.feature_dim, images_sha256))]
-        missing = missing_ranges(stored, num_rows, self.settings.chunk_size)
+        missing = plan_chunks(stored, num_rows, self.settings.chunk_size, self.settings.batch_size)
         if missing:
             raise UserError(f"cache entry {entry.directory} is not writable by this user and lacks verified rows "
-                            f"{missing[0][0]}..{missing[-1][1] - 1} of the {num_rows} images of {label}: ask its "
-                            f"owner to run this once, or use another --cache-dir")
+                            f"{missing[0].compute_from}..{missing[-1].end - 1} of the {num_rows} images of {label}: "
+                            f"ask its owner to run this once, or use another --cache-dir")
         log.info("%s: all %d images' features are cached in %s (read-only)", label, num_rows, entry.directory)
         return stored
 
@@ -186,9 +188,11 @@ class FeatureExtractor:
             return None
         return lambda start, end: dataset.content_fingerprint(range(start, end))
 
-    def _extract(self, dataset: ImageDataset, ranges: list[tuple[int, int]], entry: FeatureEntry, label: str,
+    def _extract(self, dataset: ImageDataset, ranges: list[tuple[int, int]], plans: list[ChunkPlan],
+                 stored: list[StoredRows], entry: FeatureEntry, label: str,
                  images_sha256: Callable[[int, int], str] | None = None) -> list[StoredRows]:
-        """Compute the rows of `ranges` and write each range once complete.
+        """Compute the rows of `ranges` (on rank 0, those of `plans`) and write each planned chunk once complete,
+        its first rows taken from `stored`.
 
         A batch never spans two ranges, so every row is computed in the same batch whether the extraction
         ran in one go, resumed after an interruption, or was split across torchrun ranks (CPU results are
@@ -197,7 +201,7 @@ class FeatureExtractor:
                    for start, end in ranges for first in range(start, end, self.settings.batch_size)]
         # the images' content hashes, taken before they are read for the network: a file replaced while the run
         # extracts leaves a recorded hash that no longer matches it, and the next verifying run recomputes its rows
-        hashes = ({(start, end): images_sha256(start, end) for start, end in ranges}
+        hashes = ({(plan.start, plan.end): images_sha256(plan.start, plan.end) for plan in plans}
                   if images_sha256 and self.topology.is_main else {})
         if self.topology.distributed:
             computed = self._forward_distributed(dataset, batches, entry, label)
@@ -210,29 +214,35 @@ class FeatureExtractor:
             forward = contextlib.closing(forwarded)  # closed on an error too, which ends its loader's workers
             computed = zip(batches, forwarded)
         with forward:
-            written = self._write_ranges(ranges, computed, entry, hashes)
+            written = self._write_chunks(plans, stored, computed, entry, hashes)
         if self.topology.distributed:
             for rank in range(self.topology.world_size):
                 (entry.directory / f"shard-{rank:05d}.npz").unlink()
             barrier(self.topology)
         return written
 
-    def _write_ranges(self, ranges: list[tuple[int, int]],
+    def _write_chunks(self, plans: list[ChunkPlan], stored: list[StoredRows],
                       computed: Iterator[tuple[list[int], tuple[np.ndarray, list[int]]]], entry: FeatureEntry,
                       hashes: dict[tuple[int, int], str]) -> list[StoredRows]:
-        """Write each of `ranges` from the `computed` batches (in row order, each within one range) as soon as it
-        is complete, with its images' content hash when `hashes` has one."""
+        """Write each planned chunk as soon as the `computed` batches (in row order, each within one chunk) complete
+        it, its rows before `compute_from` taken from `stored`; then delete the stored files it supersedes."""
         written: list[StoredRows] = []
-        for start, end in ranges:
-            block = np.empty((end - start, self.backbone.feature_dim), dtype=np.float32)
+        for plan in plans:
+            block = np.empty((plan.end - plan.start, self.backbone.feature_dim), dtype=np.float32)
             broken: list[int] = []
-            filled = 0
-            while filled < end - start:  # the computed batches come in row order and never span two ranges
+            if plan.compute_from > plan.start:
+                block[:plan.compute_from - plan.start], broken = assemble(stored, plan.compute_from, plan.start)
+            filled = plan.compute_from - plan.start
+            while filled < plan.end - plan.start:  # the computed batches come in row order and never span two chunks
                 batch_rows, (batch, batch_broken) = next(computed)
-                block[batch_rows[0] - start:batch_rows[-1] + 1 - start] = batch
+                block[batch_rows[0] - plan.start:batch_rows[-1] + 1 - plan.start] = batch
                 broken += batch_broken
                 filled += len(batch)
-            written.append(entry.write_rows(start, block, broken, hashes.get((start, end))))
+            written.append(entry.write_rows(plan.start, block, broken, hashes.get((plan.start, plan.end))))
+            for rows in stored:
+                if plan.start <= rows.start and rows.end <= plan.end and (rows.start, rows.end) != (plan.start,
+                                                                                                   plan.end):
+                    entry.delete_rows(rows.start, rows.end)
         return written
 
     def _forward_distributed(self, dataset: ImageDataset, batches: list[list[int]], entry: FeatureEntry, label: str
