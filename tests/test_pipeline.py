@@ -516,3 +516,33 @@ def test_the_output_folder_belongs_to_the_user(first_run, data_root, tmp_path, c
     for inside in (work / "cache" / "out", data_root / "inaturalist/iNaturalist/images/out"):
         code, error = run_into(inside)
         assert code == 2 and str(inside) in error and not inside.exists()
+
+
+def test_the_same_command_gives_the_same_files_on_an_empty_and_on_a_warm_cache(first_run, tmp_path, monkeypatch):
+    """A 36-image bank on an empty cache, and after runs that left a 24-image bank of the same seed, another seed's
+    bank and other OOD sets in the cache: the same scores and the same result files, byte for byte. The network
+    is made batch-sensitive (each feature moves by a thousandth of its batch's mean), as real kernels can be, so a
+    row computed in another batch than a fresh extraction's would show."""
+    from models import Backbone
+    from pipeline.report.scores import read_scores
+    features = Backbone.features
+    monkeypatch.setattr(Backbone, "features", lambda self, images: (lambda raw: raw + 1e-3 * raw.mean(
+        dim=0, keepdim=True))(features(self, images)))
+    _, argv = first_run
+    cache, output = argv.index("--cache-dir"), argv.index("--output-dir")
+
+    def run(cache_dir: Path, out: Path, *extra: str) -> None:
+        changed = [*argv]
+        changed[cache + 1], changed[output + 1] = str(cache_dir), str(out)
+        assert main.main([*with_detectors(changed, "nnguide", "knn", "energy"), *extra]) == 0
+
+    run(tmp_path / "empty", tmp_path / "cold", "--bank-ratio", "0.75")
+    run(tmp_path / "warm", tmp_path / "before-1", "--bank-ratio", "0.5")
+    run(tmp_path / "warm", tmp_path / "before-2", "--seed", "1", "--ood-data", "cifar10", "textures")
+    run(tmp_path / "warm", tmp_path / "warm-run", "--bank-ratio", "0.75")
+    cold, warm = read_scores(tmp_path / "cold"), read_scores(tmp_path / "warm-run")
+    for name in cold.scores:
+        for detector in ("nnguide", "knn"):
+            np.testing.assert_array_equal(warm.scores[name][detector], cold.scores[name][detector])
+    for name in ("results.csv", "results_openood.csv", "averages.csv", "results.md"):
+        assert (tmp_path / "warm-run" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes(), name
