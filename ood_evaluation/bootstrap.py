@@ -136,15 +136,20 @@ def paired_differences(differences: np.ndarray, point_differences: Mapping[str, 
     return result
 
 
-def check_duration(resamples: int, id_size: int, ood_sizes: Sequence[int], repeats: int = 1,
-                   limit_seconds: float = 3600) -> None:
-    """Raise a ValueError, with the estimate, when `repeats` bootstrap_sets_distribution calls of these sizes
-    would take over `limit_seconds` on one core (about 25 ns per drawn score: docs/benchmarks.md, "Bootstrap
-    intervals"): a request that would take hours is refused before it starts."""
+def check_cost(resamples: int, id_size: int, ood_sizes: Sequence[int], repeats: int = 1,
+               limit_seconds: float = 3600, limit_bytes: float = 2 ** 31) -> None:
+    """Raise a ValueError, with the estimate, when `repeats` bootstrap_sets_distribution calls of these sizes would
+    take over `limit_seconds` on one core (about 25 ns per drawn score: docs/benchmarks.md, "Bootstrap intervals")
+    or hold over `limit_bytes` of resampled metrics at once (48 bytes per resample and set, three such arrays for
+    a paired comparison): a request that would take hours or exhaust memory is refused before it starts."""
     seconds = SECONDS_PER_DRAW * resamples * sum(id_size + size for size in ood_sizes) * repeats
     if seconds > limit_seconds:
         raise ValueError(f"{resamples} resamples of {id_size} ID and {sum(ood_sizes)} OOD scores would take about "
                          f"{seconds / 3600:.1f} hours on one core; ask for fewer")
+    held = 3 * resamples * len(ood_sizes) * len(METRICS) * 8
+    if held > limit_bytes:
+        raise ValueError(f"{resamples} resamples of {len(ood_sizes)} OOD sets would hold about {held / 2 ** 30:.1f} "
+                         f"GiB of resampled metrics; ask for fewer")
 
 
 def _check_level(level: float) -> None:

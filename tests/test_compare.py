@@ -130,3 +130,11 @@ def test_stored_scores_are_checked_before_they_are_believed(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     np.savez(tmp_path / "bad/scores.npz", **scores_writer_unchecked)
     refused(tmp_path / "bad", "'near'", "expected finite")
+
+
+def test_a_comparison_that_would_exhaust_memory_is_refused_with_the_estimate(tmp_path, capsys):
+    """Few scores, many resamples: quick to draw, but the resampled metrics alone would take gigabytes."""
+    scores_writer(synthetic_run())(tmp_path / "scores.npz")
+    assert main([str(tmp_path), "good", "weak", "--resamples", "20000000"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "20000000" in error and "GiB" in error

@@ -18,7 +18,7 @@ from dataloaders import ImageDataset, bank_indices, build_dataset, subset_indice
 from errors import UserError
 from models import Backbone, ModelConfig, build_backbone, file_sha256, resolve_checkpoint
 from ood_detectors import OODDetector
-from ood_evaluation.bootstrap import check_duration
+from ood_evaluation.bootstrap import check_cost
 from pipeline.config.experiment import ExperimentConfig, ResolvedExperiment, display_name
 from pipeline.features.distributed import Topology, barrier, init_from_environment
 from pipeline.features.extract import ExtractionSettings, FeatureExtractor
@@ -196,7 +196,7 @@ def build_detectors(experiment: ResolvedExperiment, model: Model, bank_size: int
 def check_bootstrap_duration(config: ExperimentConfig, id_size: int, ood_sizes: list[int], detectors: int) -> None:
     """The intervals' resamples would not take hours: refused before any extraction, with the estimate."""
     try:
-        check_duration(config.bootstrap, id_size, ood_sizes, repeats=detectors)
+        check_cost(config.bootstrap, id_size, ood_sizes, repeats=detectors)
     except ValueError as error:
         raise UserError(f"config key 'bootstrap': {error} (or 0: no intervals)") from None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError, did_you_mean
-from ood_evaluation.bootstrap import METRICS, bootstrap_sets_distribution, check_duration, paired_differences
+from ood_evaluation.bootstrap import METRICS, bootstrap_sets_distribution, check_cost, paired_differences
 from ood_evaluation.metrics import ood_metrics
 from pipeline.report.tables import format_terminal
 from pipeline.report.scores import read_scores
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{args.resamples}, {args.level} and {args.seed}")
         stored = read_scores(args.run_dir)
         try:  # two detectors' resamples
-            check_duration(args.resamples, len(stored.image_ids[stored.id_set]),
+            check_cost(args.resamples, len(stored.image_ids[stored.id_set]),
                            [len(stored.image_ids[name]) for name in stored.ood_sets], repeats=2)
         except ValueError as error:
             raise UserError(f"--resamples: {error}") from None
