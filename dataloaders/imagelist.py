@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -45,7 +46,7 @@ def read_image_list(list_file: Path) -> tuple[list[str], list[int]]:
             raise UserError(f"{where}: the label {label!r} is not an integer; expected {LINE_FORMAT}") from None
         if PurePosixPath(image_path).is_absolute():
             raise UserError(f"{where}: {image_path!r} is absolute; paths are relative to the image root")
-        if ".." in PurePosixPath(image_path).parts:
+        if posixpath.normpath(image_path).split("/")[0] == "..":
             raise UserError(f"{where}: {image_path!r} leaves the image root ('..'); paths are relative to it")
         if image_path in first_lines:
             raise UserError(f"{where}: {image_path!r} is listed twice (lines {first_lines[image_path]} and "
