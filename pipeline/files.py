@@ -123,9 +123,14 @@ def require_writable(folder: Path, what: str) -> None:
     folder = Path(folder)
     created = [parent for parent in [folder, *folder.parents] if not parent.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        for attempt in range(10):  # another process (a torchrun rank) may remove the folder it made meanwhile
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    break
+            except (FileNotFoundError, FileExistsError):
+                if attempt == 9:
+                    raise
     except OSError as error:
         raise UserError(f"{what} {folder} is not writable ({error.strerror}); choose another folder") from None
     finally:
