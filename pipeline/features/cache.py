@@ -111,24 +111,25 @@ class FeatureEntry:
         for start, end in self.stored_ranges():
             self.delete_rows(start, end)
 
-    def load(self, num_rows: int, feature_dim: int,
-             images_sha256: Callable[[int, int], str] | None = None) -> list[StoredRows]:
+    def load(self, num_rows: int, feature_dim: int, images_sha256: Callable[[int, int], str] | None = None,
+             delete_failed: bool = True) -> list[StoredRows]:
         """Every rows file that overlaps [0, num_rows), each read once and verified against its sidecar and
         against the model's feature width `feature_dim`.
 
         A file that is unreadable, whose checksum or shape differs from its sidecar, or whose rows are not
         `feature_dim` wide (a folder copied from another model, an edited model config) is reported, deleted
         and left out, to be recomputed. With `images_sha256` ((start, end) -> the content hash of those rows'
-        images now), so is a file whose recorded hash differs or that was written without one."""
+        images now), so is a file whose recorded hash differs or that was written without one. Without
+        `delete_failed` (an entry this user cannot write), such files are only left out."""
         loaded = []
         for start, end in self.stored_ranges():
             if start >= num_rows:
                 continue
             rows = self.read_verified(start, end, feature_dim, images_sha256)
-            if rows is None:
-                self.delete_rows(start, end)
-            else:
+            if rows is not None:
                 loaded.append(rows)
+            elif delete_failed:
+                self.delete_rows(start, end)
         return loaded
 
     def write_rows(self, start: int, features: np.ndarray, broken: list[int],
@@ -204,6 +205,10 @@ class ChunkPlan:
     start: int
     compute_from: int
     end: int
+
+    def supersedes(self, rows: StoredRows) -> bool:
+        """Whether the chunk's new file replaces the stored file `rows`: one that lies within the chunk."""
+        return self.start <= rows.start and rows.end <= self.end
 
 
 def plan_chunks(stored: list[StoredRows], num_rows: int, chunk_size: int, batch_size: int) -> list[ChunkPlan]:

@@ -132,8 +132,7 @@ class FeatureExtractor:
                 todo = sum(end - start for start, end in missing)
                 log.info("extracting %d of %d images of %s (cache: %s)", todo, num_rows, label, entry.directory)
                 written = self._extract(dataset, missing, plans, stored, entry, label, images_sha256)
-                stored = [rows for rows in stored if not any(plan.start <= rows.start and rows.end <= plan.end
-                                                             for plan in plans)] + written
+                stored = [rows for rows in stored if not any(plan.supersedes(rows) for plan in plans)] + written
             else:
                 log.info("%s: all %d images' features are cached in %s", label, num_rows, entry.directory)
         if not main:  # only rank 0 scores
@@ -148,9 +147,7 @@ class FeatureExtractor:
             raise UserError(f"cache entry {entry.directory} is not writable by this user: it cannot be "
                             f"{'recomputed' if self.settings.recompute else 'shared out over torchrun ranks'}; "
                             f"use another --cache-dir")
-        images_sha256 = self._images_sha256(dataset)
-        stored = [rows for start, end in entry.stored_ranges() if start < num_rows
-                  if (rows := entry.read_verified(start, end, self.backbone.feature_dim, images_sha256))]
+        stored = entry.load(num_rows, self.backbone.feature_dim, self._images_sha256(dataset), delete_failed=False)
         missing = plan_chunks(stored, num_rows, self.settings.chunk_size, self.settings.batch_size)
         if missing:
             raise UserError(f"cache entry {entry.directory} is not writable by this user and lacks verified rows "
@@ -240,8 +237,7 @@ class FeatureExtractor:
                 filled += len(batch)
             written.append(entry.write_rows(plan.start, block, broken, hashes.get((plan.start, plan.end))))
             for rows in stored:
-                if plan.start <= rows.start and rows.end <= plan.end and (rows.start, rows.end) != (plan.start,
-                                                                                                   plan.end):
+                if plan.supersedes(rows) and (rows.start, rows.end) != (plan.start, plan.end):  # same name: replaced
                     entry.delete_rows(rows.start, rows.end)
         return written
 
