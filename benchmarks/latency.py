@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from errors import UserError  # noqa: E402
-from models import ARCHITECTURES, Backbone, ModelConfig, apply_react, react_threshold  # noqa: E402
+from models import Backbone, ModelConfig, find_head, react_threshold  # noqa: E402
+from models.base import architecture_builder  # noqa: E402
 from ood_detectors import OODDetector  # noqa: E402
 from pipeline.config.experiment import detector_spec  # noqa: E402
 from pipeline.config.loading import load_detector_config, load_model_config  # noqa: E402
@@ -94,8 +95,8 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
 def build_random_backbone(config: ModelConfig) -> Backbone:
     """The config's architecture with random weights, in eval mode; a failure names the model."""
     try:
-        model, head = ARCHITECTURES.get(config.architecture)(config.num_classes, config.transform.crop)
-        return Backbone(model, head).eval()
+        model, head = architecture_builder(config.architecture)(config.num_classes, config.transform.crop)
+        return Backbone(model.eval(), *find_head(model.eval(), config.transform.crop, config.head or head))
     except (AssertionError, RuntimeError, ValueError, TypeError) as error:
         raise UserError(f"model '{config.name}': cannot build architecture '{config.architecture}' at "
                         f"{config.transform.crop} px: {error}") from None
@@ -104,9 +105,8 @@ def build_random_backbone(config: ModelConfig) -> Backbone:
 def outputs_from_features(backbone: Backbone, features: torch.Tensor, clip: float | None) -> dict[str, torch.Tensor]:
     """Raw (N, D) penultimate features -> what detectors see, as pipeline.run.scoring.model_outputs builds it:
     L2-normalised (ReAct-clipped) features and the classifier's logits of the clipped features."""
-    if clip is not None:
-        features = apply_react(features, clip)
-    return {"feas": torch.nn.functional.normalize(features, dim=1), "logits": backbone.classifier(features)}
+    features, logits = backbone.outputs(features, clip)
+    return {"feas": torch.nn.functional.normalize(features, dim=1), "logits": logits}
 
 
 def forward_outputs(backbone: Backbone, images: torch.Tensor, clip: float | None,

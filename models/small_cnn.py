@@ -23,5 +23,5 @@ class SmallCNN(nn.Module):
 
 
 @ARCHITECTURES.register("small_cnn")
-def _small_cnn(num_classes: int, image_size: int) -> tuple[nn.Module, str]:
-    return SmallCNN(num_classes), "fc"
+def _small_cnn(num_classes: int, image_size: int) -> tuple[nn.Module, tuple[str]]:
+    return SmallCNN(num_classes), ("fc",)

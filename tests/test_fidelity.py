@@ -31,7 +31,6 @@ from dataloaders import DatasetConfig, build_dataset
 from models import ModelConfig, build_backbone, react_threshold
 from pipeline.config.loading import load_model_config
 from pipeline.features.cache import FeatureEntry
-from pipeline.run.experiment import model_cache_key
 from pipeline.run.scoring import RawFeatures, model_outputs
 from pipeline.features.extract import ExtractionSettings, FeatureExtractor
 from tests.checkpoints import lifelike_state_dict, save_as_supcon
@@ -233,7 +232,7 @@ def pipeline_side(config: ModelConfig, pretrained: Path, folder: Path, cache: Pa
     raw = FeatureExtractor(backbone, {"model": config.name}, cache, settings).features(
         dataset, {"dataset": "photos"}, "photos")
     threshold = None if config.react_percentile is None else react_threshold(raw, config.react_percentile)
-    outputs = model_outputs(RawFeatures(raw, dataset.labels, dataset.image_ids), backbone.classifier, threshold,
+    outputs = model_outputs(RawFeatures(raw, dataset.labels, dataset.image_ids), backbone, threshold,
                             torch.device("cpu"), "photos")
     return inputs, raw, threshold, outputs
 
@@ -287,7 +286,7 @@ def test_backbone_computes_what_the_reference_code_computes(model_name, image_fo
 def test_paper_vit_features_are_cached_apart_from_the_post_layernorm_ones(tmp_path):
     """Entries extracted before the ViT's feature became the pre-LayerNorm token must not be reused."""
     config = load_model_config("vit-b16-swag-e2e-v1")
-    key = model_cache_key(config, checkpoint_sha256="0" * 64)
+    key = config.cache_key(checkpoint_sha256="0" * 64)
     post_layernorm_key = {**key, "architecture": "vit_b_16"}  # the key those entries were written under
     assert config.architecture == "vit_b_16_pre_ln"
     entries = {FeatureEntry(tmp_path, {**model_key, "dataset": "photos"}, "photos").directory

@@ -18,7 +18,7 @@ from PIL import Image
 
 from errors import UserError
 from models import (ARCHITECTURES, Backbone, ModelConfig, TransformConfig, apply_react, build_backbone, file_sha256,
-                    react_threshold, resolve_checkpoint)
+                    find_head, react_threshold, resolve_checkpoint)
 from tests.checkpoints import write_torchvision_checkpoint
 
 SUPCON = ModelConfig(name="resnet50-supcon", architecture="resnet50", checkpoint="resnet50-supcon.pt",
@@ -69,9 +69,7 @@ def test_supcon_checkpoint_saved_from_data_parallel_loads_the_same_weights(tmp_p
 
     backbone = build_backbone(SUPCON, tmp_path)
 
-    fc = {f"fc.{key}": tensor for key, tensor in backbone.classifier.state_dict().items()}
-    loaded = backbone.trunk.state_dict() | fc
-    torch.testing.assert_close(loaded, supcon_file[1])
+    torch.testing.assert_close(backbone.model.state_dict(), supcon_file[1])
 
 
 FULL_SIZE = ("regnet_y_16gf", "vit_b_16", "vit_b_16_pre_ln")  # 84M / 86M parameters to initialise: about 1 s each
@@ -84,12 +82,12 @@ def test_trunk_and_classifier_reproduce_the_torchvision_forward(architecture):
     model, head = ARCHITECTURES.get(architecture)(10, 32)
     model.eval()
     head_inputs = []
-    first_part = head if isinstance(head, str) else head[0]  # e.g. the ViT's final LayerNorm, then its head
+    first_part = head[0]  # e.g. the ViT's final LayerNorm, then its head
     model.get_submodule(first_part).register_forward_hook(lambda module, inputs, output: head_inputs.append(inputs[0]))
     images = torch.randn(2, 3, 32, 32)
     expected_logits = model(images)
 
-    features, logits = Backbone(model, head).eval()(images)
+    features, logits = Backbone(model.eval(), *find_head(model, 32, head))(images)
 
     torch.testing.assert_close(logits, expected_logits)
     expected_features = head_inputs[0] if head_inputs[0].ndim == 2 else head_inputs[0][:, 0]  # a ViT's class token
@@ -100,7 +98,7 @@ def test_trunk_and_classifier_reproduce_the_torchvision_forward(architecture):
 def test_torchvision_checkpoint_loads_strictly(tmp_path):
     state_dict = write_torchvision_checkpoint(tmp_path / "mobilenet_v2-7ebf99e0.pth", "mobilenet_v2")
     config = ModelConfig(name="mobilenet_v2", architecture="mobilenet_v2", checkpoint="mobilenet_v2-7ebf99e0.pth",
-                         checkpoint_format="torchvision", transform=TransformConfig(resize=64, crop=64))
+                         checkpoint_format="state_dict", transform=TransformConfig(resize=64, crop=64))
     reference = torchvision.models.mobilenet_v2()
     reference.load_state_dict(state_dict)
     images = torch.randn(2, 3, 64, 64)
@@ -118,7 +116,7 @@ def test_float16_checkpoint_loads_as_float32_as_a_copying_load_would(tmp_path):
     half = {key: tensor.half() if tensor.is_floating_point() else tensor for key, tensor in state_dict.items()}
     torch.save(half, tmp_path / "half.pth")
     config = ModelConfig(name="mobilenet_v2", architecture="mobilenet_v2", checkpoint="half.pth",
-                         checkpoint_format="torchvision", transform=TransformConfig(resize=64, crop=64))
+                         checkpoint_format="state_dict", transform=TransformConfig(resize=64, crop=64))
     reference = torchvision.models.mobilenet_v2()
     reference.load_state_dict(half)
     images = torch.randn(2, 3, 64, 64)
@@ -130,20 +128,23 @@ def test_float16_checkpoint_loads_as_float32_as_a_copying_load_would(tmp_path):
     torch.testing.assert_close(backbone(images)[1], reference.eval()(images), rtol=0, atol=0)
 
 
-def test_architecture_with_a_tensor_no_checkpoint_holds_is_a_programming_error(tmp_path, monkeypatch):
-    """A buffer outside the state dict (persistent=False) would stay on the meta device, without values."""
-    def with_unsaved_buffer(num_classes: int, image_size: int) -> tuple[torch.nn.Module, str]:
+def test_a_buffer_no_checkpoint_holds_keeps_the_value_the_architecture_builds(tmp_path, monkeypatch):
+    """A buffer outside the state dict (persistent=False, as timm's position indices) has no value on the meta
+    device: the model is then built for real and the checkpoint copied into it."""
+    def with_unsaved_buffer(num_classes: int, image_size: int) -> tuple[torch.nn.Module, tuple[str]]:
         model = torchvision.models.mobilenet_v2(num_classes=num_classes)
-        model.register_buffer("scale", torch.ones(3), persistent=False)
-        return model, "classifier"
+        model.register_buffer("scale", torch.arange(3.0) + 2, persistent=False)
+        return model, ("classifier",)
 
     monkeypatch.setitem(ARCHITECTURES._builders, "mobilenet_v2_unsaved_buffer", with_unsaved_buffer)
-    write_torchvision_checkpoint(tmp_path / "weights.pth", "mobilenet_v2")
+    state_dict = write_torchvision_checkpoint(tmp_path / "weights.pth", "mobilenet_v2")
     config = ModelConfig(name="m", architecture="mobilenet_v2_unsaved_buffer", checkpoint="weights.pth",
-                         checkpoint_format="torchvision", transform=TransformConfig(resize=64, crop=64))
-    with pytest.raises(RuntimeError) as error:
-        build_backbone(config, tmp_path)
-    assert "'mobilenet_v2_unsaved_buffer'" in str(error.value) and "['scale']" in str(error.value)
+                         checkpoint_format="state_dict", transform=TransformConfig(resize=64, crop=64))
+
+    backbone = build_backbone(config, tmp_path)
+
+    torch.testing.assert_close(backbone.model.scale, torch.tensor([2.0, 3.0, 4.0]))
+    torch.testing.assert_close(backbone.model.state_dict(), state_dict, rtol=0, atol=0)
 
 
 def test_missing_checkpoint_names_where_it_looked_and_where_to_get_it(tmp_path, monkeypatch):
@@ -245,7 +246,7 @@ def test_model_config_rejects_unknown_names_and_bad_react_percentile():
     assert "'resnet5'" in str(error.value) and "'resnet50'" in str(error.value)  # the name and the suggestion
     with pytest.raises(UserError) as error:
         dataclasses.replace(SUPCON, checkpoint_format="timm")
-    assert all(value in str(error.value) for value in ("'timm'", "supcon", "torchvision"))
+    assert all(value in str(error.value) for value in ("'timm'", "supcon", "state_dict"))
     with pytest.raises(UserError) as error:
         dataclasses.replace(SUPCON, react_percentile=95)
     assert "react_percentile" in str(error.value) and "95" in str(error.value)

@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 import yaml
+from torch.utils.data import Dataset
 
 from dataloaders import DatasetConfig
 from dataloaders.bank import SUBSET_SEED
 from errors import UserError, did_you_mean
-from models import ModelConfig
+from models import ModelConfig, PythonModel
 from ood_detectors import OODDetector, create_detector
 from pipeline.config.loading import (from_mapping, load_dataset_config, load_detector_config, load_model_config,
                                      load_yaml, parse_yaml)
@@ -142,34 +143,47 @@ class ResolvedExperiment:
     any image is read; the run uses these as they are. `config` is what the user set (config.yaml records it)."""
 
     config: ExperimentConfig
-    model: ModelConfig                       # the model's YAML, with the config's `checkpoint` applied
-    datasets: Mapping[str, DatasetConfig]    # the train, ID and OOD datasets, by the name the config gives
+    model: ModelConfig | PythonModel         # the model's YAML, with the config's `checkpoint` applied, or yours
+    datasets: Mapping[str, DatasetConfig | Dataset]  # the train, ID and OOD datasets, by the name the config gives
     detectors: Mapping[str, DetectorSpec]    # by table name, in table order
 
     def replace(self, **changes: Any) -> ResolvedExperiment:
-        """The experiment of the config with `changes` applied, resolved again."""
-        return resolve(dataclasses.replace(self.config, **changes))
+        """The experiment of the config with `changes` applied, resolved again (with the same Python objects)."""
+        model = self.model if isinstance(self.model, PythonModel) else None
+        return resolve(dataclasses.replace(self.config, **changes), model,
+                       {name: source for name, source in self.datasets.items()
+                        if not isinstance(source, DatasetConfig)})
 
 
-def resolve(config: ExperimentConfig) -> ResolvedExperiment:
+def resolve(config: ExperimentConfig, model: PythonModel | None = None,
+            datasets: Mapping[str, Dataset] | None = None) -> ResolvedExperiment:
     """Every name of `config` resolved (a UserError names one that does not exist) and every detector built once
-    to check its hyper-parameters: what can fail before extraction fails now, not after hours of it."""
-    model = load_model_config(config.model)
-    if config.checkpoint:
-        model = dataclasses.replace(model, checkpoint=config.checkpoint, train=None)
-    datasets = {name: load_dataset_config(name)
-                for name in dict.fromkeys([config.train_data, config.id_data, *config.ood_data])}
-    return ResolvedExperiment(config, model, datasets, {name: detector_spec(name, entry)
-                                                        for name, entry in config.detectors.items()})
+    to check its hyper-parameters: what can fail before extraction fails now, not after hours of it. `model` and
+    `datasets` stand for the names they carry."""
+    if model is None:
+        model_config = load_model_config(config.model)
+        if config.checkpoint:
+            model_config = dataclasses.replace(model_config, checkpoint=config.checkpoint, train=None)
+    elif config.checkpoint:
+        raise UserError(f"config key 'checkpoint' names a weights file of a model YAML; the Python model "
+                        f"'{model.name}' brings its own weights")
+    given = dict(datasets or {})
+    sources = {name: given[name] if name in given else load_dataset_config(name)
+               for name in dict.fromkeys([config.train_data, config.id_data, *config.ood_data])}
+    return ResolvedExperiment(config, model or model_config, sources, {name: detector_spec(name, entry)
+                                                                       for name, entry in config.detectors.items()})
 
 
 def resolve_experiment(experiment_file: Path | str | None, flags: Mapping[str, Any] | None = None,
-                       overrides: Sequence[str] = (), default_subfolder: str = "") -> ResolvedExperiment:
+                       overrides: Sequence[str] = (), default_subfolder: str = "", *,
+                       model: PythonModel | None = None, datasets: Mapping[str, Dataset] | None = None
+                       ) -> ResolvedExperiment:
     """Merge an experiment YAML, the CLI flags that were given, and `--set key.path=value` overrides, and resolve
-    the result.
+    the result. A Python `model` is the run's model (the config's `model` is its name); `datasets` are torch
+    Datasets that the config's train_data / id_data / ood_data name (see docs/your-model.md).
 
     Without an output_dir anywhere, results go to default_output_dir(model, ID set)/`default_subfolder`."""
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = {"model": model.name} if model is not None else {}
     source = "command line"
     if experiment_file is not None:
         merged.update(load_yaml(Path(experiment_file)))
@@ -185,7 +199,17 @@ def resolve_experiment(experiment_file: Path | str | None, flags: Mapping[str, A
     if default_subfolder and not merged.get("output_dir") and all(
             isinstance(merged.get(key), str) for key in ("model", "id_data")):
         merged["output_dir"] = str(Path(default_output_dir(merged["model"], merged["id_data"])) / default_subfolder)
-    return resolve(from_mapping(ExperimentConfig, merged, source))
+    config = from_mapping(ExperimentConfig, merged, source)
+    if model is not None and config.model != model.name:
+        raise UserError(f"config key 'model' is '{config.model}', but the Python model given is '{model.name}'")
+    run_datasets = [config.train_data, config.id_data, *config.ood_data]
+    for name, dataset in (datasets or {}).items():
+        if name not in run_datasets:
+            raise UserError(f"datasets: '{name}' is not a dataset of this run{did_you_mean(name, run_datasets)}; "
+                            f"name it in train_data, id_data or ood_data")
+        if not isinstance(dataset, Dataset):
+            raise UserError(f"datasets: '{name}' must be a torch Dataset, got {type(dataset).__name__}")
+    return resolve(config, model, datasets)
 
 
 def _detector_entry(item: Any) -> tuple[str, dict[str, Any]]:

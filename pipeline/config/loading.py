@@ -111,6 +111,10 @@ def _coerce(value: Any, expected: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"{where} must be a list, got {value!r}")
         return [_coerce(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is tuple and args[-1:] == (Ellipsis,):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(item, args[0], f"{where}[{i}]") for i, item in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise UserError(f"{where} must be a list of {len(args)} values, got {value!r}")

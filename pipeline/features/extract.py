@@ -123,7 +123,7 @@ class FeatureExtractor:
                     log.info("%s: --recompute, deleting the cached features in %s", label, entry.directory)
                     entry.clear()
                     self._recomputed.add(entry.directory)
-                stored = entry.load(num_rows, self.backbone.feature_dim, images_sha256)  # other widths: recomputed
+                stored = entry.load(num_rows, self.backbone.row_dim, images_sha256)  # other widths: recomputed
                 plans = plan_chunks(stored, num_rows, self.settings.chunk_size, self.settings.batch_size)
             # the other ranks write their shards only after this broadcast, so never while rank 0, under the
             # lock, removes the files a killed run left in the entry
@@ -136,7 +136,7 @@ class FeatureExtractor:
             else:
                 log.info("%s: all %d images' features are cached in %s", label, num_rows, entry.directory)
         if not main:  # only rank 0 scores
-            return Extracted(np.empty((0, self.backbone.feature_dim), dtype=np.float32), [])
+            return Extracted(np.empty((0, self.backbone.row_dim), dtype=np.float32), [])
         return self._assembled(stored, num_rows, dataset, label)
 
     def _read_only(self, entry: FeatureEntry, num_rows: int, label: str, dataset: ImageDataset) -> list[StoredRows]:
@@ -147,7 +147,7 @@ class FeatureExtractor:
             raise UserError(f"cache entry {entry.directory} is not writable by this user: it cannot be "
                             f"{'recomputed' if self.settings.recompute else 'shared out over torchrun ranks'}; "
                             f"use another --cache-dir")
-        stored = entry.load(num_rows, self.backbone.feature_dim, self._images_sha256(dataset), delete_failed=False)
+        stored = entry.load(num_rows, self.backbone.row_dim, self._images_sha256(dataset), delete_failed=False)
         missing = plan_chunks(stored, num_rows, self.settings.chunk_size, self.settings.batch_size)
         if missing:
             raise UserError(f"cache entry {entry.directory} is not writable by this user and lacks verified rows "
@@ -225,7 +225,7 @@ class FeatureExtractor:
         it, its rows before `compute_from` taken from `stored`; then delete the stored files it supersedes."""
         written: list[StoredRows] = []
         for plan in plans:
-            block = np.empty((plan.end - plan.start, self.backbone.feature_dim), dtype=np.float32)
+            block = np.empty((plan.end - plan.start, self.backbone.row_dim), dtype=np.float32)
             broken: list[int] = []
             if plan.compute_from > plan.start:
                 block[:plan.compute_from - plan.start], broken = assemble(stored, plan.compute_from, plan.start)
@@ -247,7 +247,7 @@ class FeatureExtractor:
         the batches of all shards in order, as `_forward` yields them with their rows (the shards stay until
         `_extract` has written the rows files)."""
         first, last = shard_bounds(len(batches), self.topology)
-        parts, broken = [np.empty((0, self.backbone.feature_dim), dtype=np.float32)], []
+        parts, broken = [np.empty((0, self.backbone.row_dim), dtype=np.float32)], []
         for batch, batch_broken in self._forward(dataset, batches[first:last], label):
             parts.append(batch)
             broken += batch_broken
@@ -288,7 +288,7 @@ class FeatureExtractor:
                     indices, images, errors = batch_data
                     if errors and not settings.skip_broken_images:
                         raise _broken_image_error(next(iter(errors.values())))
-                    batch = np.full((len(indices), self.backbone.feature_dim), np.nan, dtype=np.float32)  # (B, D)
+                    batch = np.full((len(indices), self.backbone.row_dim), np.nan, dtype=np.float32)  # (B, D)
                     if images is not None:
                         images = images.to(settings.device, non_blocking=True)
                         if settings.channels_last:

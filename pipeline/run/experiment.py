@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dataloaders import ImageDataset, bank_indices, build_dataset, subset_indices
+from dataloaders import DatasetConfig, ImageDataset, bank_indices, build_dataset, subset_indices
+from dataloaders.torch_datasets import TorchImageDataset
 from errors import UserError
-from models import Backbone, ModelConfig, build_backbone, file_sha256, resolve_checkpoint
+from models import Backbone, PythonModel, build_backbone, file_sha256, resolve_checkpoint
 from ood_detectors import OODDetector
 from ood_evaluation.bootstrap import check_cost
 from pipeline.config.experiment import ExperimentConfig, ResolvedExperiment, display_name
@@ -65,20 +67,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def model_cache_key(config: ModelConfig, checkpoint_sha256: str) -> dict:
-    """What a model's cached features depend on besides the images: its name, its architecture (which fixes
-    the feature definition, e.g. the ViT's class token before or after the final LayerNorm), the weights and
-    the transform."""
-    return {"model": config.name, "architecture": config.architecture, "checkpoint_sha256": checkpoint_sha256,
-            "transform": dataclasses.asdict(config.transform)}
-
-
 @dataclass(frozen=True)
 class Model:
-    """The run's backbone with its config, the name of its weights for results.csv, and its cache key."""
+    """The run's backbone, how images reach it, the name of its weights for results.csv, and its cache key."""
 
-    config: ModelConfig
+    name: str
     backbone: Backbone
+    transform: Callable             # PIL image -> (3, H, W) tensor
+    react_percentile: float | None  # ReAct's clip quantile of the bank's features; None = no clipping
     checkpoint_name: str
     cache_key: dict
 
@@ -87,6 +83,11 @@ def load_model(experiment: ResolvedExperiment, device: torch.device, topology: T
     """The experiment's backbone; a model that ships no weights is trained first (by rank 0 under torchrun, the
     others then read its cached weights)."""
     config, model_config = experiment.config, experiment.model
+    if isinstance(model_config, PythonModel):
+        key = model_config.cache_key()
+        return Model(model_config.name, model_config.backbone(), model_config.image_transform(),
+                     model_config.react_percentile,
+                     f"{type(model_config.module).__name__} weights {key['weights_sha256'][:12]}", key)
     checkpoint_name = model_config.checkpoint  # as configured: results.csv's checkpoint column
     if model_config.train is not None:
         if not topology.is_main:
@@ -95,37 +96,29 @@ def load_model(experiment: ResolvedExperiment, device: torch.device, topology: T
                                      device)
         if topology.is_main:
             barrier(topology)
-        model_config = dataclasses.replace(model_config, checkpoint=str(weights), checkpoint_format="torchvision")
+        model_config = dataclasses.replace(model_config, checkpoint=str(weights), checkpoint_format="state_dict")
         checkpoint_name = f"trained at start-up ({weights.name})"  # not the cache's absolute path
     checkpoint = resolve_checkpoint(model_config, Path(config.pretrained_dir))
     backbone = build_backbone(model_config, Path(config.pretrained_dir))
-    return Model(model_config, backbone, checkpoint_name, model_cache_key(model_config, file_sha256(checkpoint)))
+    return Model(model_config.name, backbone, model_config.transform.build(), model_config.react_percentile,
+                 checkpoint_name, model_config.cache_key(file_sha256(checkpoint)))
 
 
 class ImageSets:
     """The run's datasets, listed (not decoded) with the model's transform: subsets applied, and what was skipped
     or cut recorded for the provenance."""
 
-    def __init__(self, experiment: ResolvedExperiment) -> None:
+    def __init__(self, experiment: ResolvedExperiment, transform: Callable) -> None:
         self.config = config = experiment.config
-        self.dataset_configs = experiment.datasets
+        self.sources = experiment.datasets
         self.data_root = Path(config.data_root).expanduser()
-        self.transform = experiment.model.transform.build()
+        self.transform = transform
+        self._python_datasets: dict[str, TorchImageDataset] = {}  # read once to fingerprint them: kept
         self.skipped_files: dict[str, int] = {}  # "<set>/<split>" -> files skipped while listing
         self.subset_sizes: dict[tuple[str, str], tuple[int, int]] = {}  # (dataset, split) -> (kept, of) images
 
     def dataset(self, name: str, split: str) -> ImageDataset:
-        dataset_config = self.dataset_configs[name]
-        if self.config.skip_broken_images and dataset_config.format == "image_list":
-            # an image list can name files that are gone: with the flag they are skipped and counted too
-            dataset_config = dataclasses.replace(dataset_config,
-                                                 options={**dataset_config.options, "skip_missing": True})
-        try:
-            dataset = build_dataset(dataset_config, split, self.data_root, self.transform, self.config.download)
-        except UserError as error:
-            if self.data_root.is_dir():
-                raise
-            raise UserError(f"the data root {self.data_root} does not exist (set --data-root): {error}") from None
+        dataset = self._read(name, split)
         if dataset.skipped:
             self.skipped_files[f"{display_name(name)}/{split}"] = len(dataset.skipped)
         count = self.config.subsets.get(display_name(name))
@@ -136,6 +129,23 @@ class ImageSets:
             self.subset_sizes[(display_name(name), split)] = (count, len(dataset))
             dataset = dataset.subset(subset_indices(dataset.labels, count, self.config.subset_seed))
         return dataset
+
+    def _read(self, name: str, split: str) -> ImageDataset:
+        """One split of a configured dataset; a dataset given as a Python object is all its splits."""
+        source = self.sources[name]
+        if not isinstance(source, DatasetConfig):
+            if name not in self._python_datasets:
+                self._python_datasets[name] = TorchImageDataset(name, source, self.transform)
+            return self._python_datasets[name]
+        if self.config.skip_broken_images and source.format == "image_list":
+            # an image list can name files that are gone: with the flag they are skipped and counted too
+            source = dataclasses.replace(source, options={**source.options, "skip_missing": True})
+        try:
+            return build_dataset(source, split, self.data_root, self.transform, self.config.download)
+        except UserError as error:
+            if self.data_root.is_dir():
+                raise
+            raise UserError(f"the data root {self.data_root} does not exist (set --data-root): {error}") from None
 
     def label(self, name: str, split: str) -> str:
         """A dataset's name in tables, plots and the cache: display_name, plus "[kept]" when cut to a subset
@@ -187,7 +197,7 @@ def build_detectors(experiment: ResolvedExperiment, model: Model, bank_size: int
             detector.check_feature_dim(model.backbone.feature_dim)
             detector.check_bank_size(bank_size)
         except ValueError as error:
-            raise UserError(f"detector '{table_name}': {error} (model '{model.config.name}': "
+            raise UserError(f"detector '{table_name}': {error} (model '{model.name}': "
                             f"{model.backbone.feature_dim}-d features; bank: {bank_size} images = "
                             f"{config.bank_ratio} x {train_size})") from None
     return detectors
@@ -245,7 +255,7 @@ def run_experiment(experiment: ResolvedExperiment) -> ExperimentResult | None:
         logging.getLogger().setLevel(logging.WARNING)  # one rank reports
     device = resolve_device(device_name)
     model = load_model(experiment, device, topology)
-    image_sets = ImageSets(experiment)
+    image_sets = ImageSets(experiment, model.transform)
     # every folder is listed before anything is extracted, so a missing OOD set fails in seconds
     train = image_sets.dataset(config.train_data, "train")
     test_sets, id_name, ood_names = image_sets.test_sets()
@@ -261,10 +271,10 @@ def run_experiment(experiment: ResolvedExperiment) -> ExperimentResult | None:
     if not topology.is_main:
         return None
 
-    bank, outputs = detector_inputs(model.backbone.classifier, model.config.react_percentile, bank_raw, test_raws,
-                                    device, f"{train_name} bank")
+    bank, outputs = detector_inputs(model.backbone, model.react_percentile, bank_raw, test_raws, device,
+                                    f"{train_name} bank")
     id_accuracy = 100 * (outputs[id_name]["logits"].argmax(dim=1) == outputs[id_name]["labels"]).float().mean().item()
-    identity = {"model": model.config.name, "train_data": train_name, "id_data": id_name,
+    identity = {"model": model.name, "train_data": train_name, "id_data": id_name,
                 "checkpoint": model.checkpoint_name}
     scores = {name: {} for name in outputs}
     rows: list[ResultRow] = []

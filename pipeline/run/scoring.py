@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from errors import UserError
-from models import apply_react, react_threshold
+from models import Backbone, react_threshold
 from ood_evaluation.bootstrap import bootstrap_averages
 from ood_evaluation.definitions import METRIC_NAMES
 from ood_evaluation.metrics import ood_metrics
@@ -33,18 +33,16 @@ class RawFeatures:
     broken: tuple[str, ...] = ()  # ids of the images left out as undecodable (--skip-broken-images)
 
 
-def model_outputs(raw: RawFeatures, classifier: torch.nn.Module, clip: float | None,
-                  device: torch.device, name: str) -> dict[str, torch.Tensor]:
-    """What detectors see: L2-normalised features and logits of the (ReAct-clipped) raw features."""
-    features = torch.from_numpy(raw.features).to(device)
-    bad_rows = int((~torch.isfinite(features)).any(dim=1).sum())
+def model_outputs(raw: RawFeatures, backbone: Backbone, clip: float | None, device: torch.device, name: str
+                  ) -> dict[str, torch.Tensor]:
+    """What detectors see: L2-normalised features and logits of the cached rows (features ReAct-clipped)."""
+    rows = torch.from_numpy(raw.features).to(device)
+    bad_rows = int((~torch.isfinite(rows)).any(dim=1).sum())
     if bad_rows:
-        raise UserError(f"{name}: {bad_rows} of {len(features)} feature rows are NaN or inf "
+        raise UserError(f"{name}: {bad_rows} of {len(rows)} feature rows are NaN or inf "
                         f"(check the images and weights, then re-extract with a fresh --cache-dir)")
-    if clip is not None:
-        features = apply_react(features, clip)
     with torch.inference_mode():
-        logits = classifier(features)
+        features, logits = backbone.outputs(rows, clip)
     bad_rows = int((~torch.isfinite(logits)).any(dim=1).sum())
     if bad_rows:
         raise UserError(f"{name}: {bad_rows} of {len(logits)} rows of logits are NaN or inf although the features "
@@ -53,7 +51,7 @@ def model_outputs(raw: RawFeatures, classifier: torch.nn.Module, clip: float | N
             "labels": torch.from_numpy(raw.labels).to(device)}
 
 
-def detector_inputs(classifier: torch.nn.Module, react_percentile: float | None, bank_raw: RawFeatures,
+def detector_inputs(backbone: Backbone, react_percentile: float | None, bank_raw: RawFeatures,
                     test_raws: dict[str, RawFeatures], device: torch.device, bank_name: str
                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """`model_outputs` of the bank and of every test set, with ReAct's clip (the `react_percentile` quantile of the
@@ -62,9 +60,9 @@ def detector_inputs(classifier: torch.nn.Module, react_percentile: float | None,
     if react_percentile is not None:
         clip = react_threshold(bank_raw.features, react_percentile)
         log.info("ReAct: clipping features at %.4f, the %.2f quantile of the bank", clip, react_percentile)
-    classifier = classifier.to(device)
-    return (model_outputs(bank_raw, classifier, clip, device, bank_name),
-            {name: model_outputs(raw, classifier, clip, device, name) for name, raw in test_raws.items()})
+    backbone = backbone.to(device)
+    return (model_outputs(bank_raw, backbone, clip, device, bank_name),
+            {name: model_outputs(raw, backbone, clip, device, name) for name, raw in test_raws.items()})
 
 
 def score_detector(detector: str, scores: dict[str, dict[str, np.ndarray]], id_name: str, ood_names: list[str],
