@@ -17,7 +17,7 @@ fi
 echo "Installing into $("$python_bin" -c 'import sys; print(sys.prefix)') with $faiss_package"
 "$python_bin" -m pip install --quiet --disable-pip-version-check -r "$repo_dir/requirements.txt" "$faiss_package"
 "$python_bin" - <<'PY'
-import faiss, numpy, sklearn, torch, torchvision, yaml  # noqa: F401  (fails loudly if anything is missing)
+import faiss, numpy, safetensors, sklearn, timm, torch, torchvision, yaml  # noqa: F401  (fails loudly if anything is missing)
 gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 print(f"OK: torch {torch.__version__}, torchvision {torchvision.__version__}, faiss {faiss.__version__} ({gpus} GPU(s) visible to faiss)")
 PY

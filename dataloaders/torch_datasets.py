@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -41,6 +42,8 @@ class TorchImageDataset(ImageDataset):
         image, label = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
         if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
             image = Image.fromarray(image)
+        if isinstance(label, torch.Tensor) and label.ndim == 0 and not label.is_floating_point():
+            label = label.item()  # e.g. torchvision's FakeData
         if not isinstance(image, Image.Image) or isinstance(label, bool) or not isinstance(label, (int, np.integer)):
             raise UserError(f"dataset '{name}': item {index} is {_describe(item)}; expected (PIL image or (H, W, 3) "
                             f"uint8 array, int label), e.g. a torchvision dataset made with transform=None")

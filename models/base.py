@@ -204,16 +204,23 @@ def find_head(model: nn.Module, image_size: int | tuple[int, int], head: tuple[s
         raise UserError(f"{type(model).__name__}'s forward returns {shape}, not (N, num_classes) logits")
     last = [name for name, output in outputs.items() if output is logits]
     if not last:
-        where = f"the head's last part '{head[-1]}'" if head else "no nn.Linear"
-        raise UserError(f"{type(model).__name__}: {where} computes the model's output, so there is no penultimate "
-                        f"feature to take before it; name the head's submodules with 'head'")
+        problem = (f"the head's last part '{head[-1]}' does not compute the model's output" if head else
+                   "no nn.Linear computes the model's output, so there is no penultimate feature before it")
+        raise UserError(f"{type(model).__name__}: {problem}; name the head's submodules with 'head'")
     head = head or tuple(last[-1:])
     linears = [module for name in head for module in named[name].modules() if isinstance(module, nn.Linear)]
     if len(linears) != 1:
         raise UserError(f"head {list(head)} of {type(model).__name__} must hold exactly one nn.Linear, found "
                         f"{len(linears)}; name the submodules from the feature to the logits")
-    with torch.inference_mode():
-        features = Backbone(model, head, 0).features(images)
+    linear_inputs: list[Tensor] = []
+    hook = linears[0].register_forward_pre_hook(lambda module, inputs: linear_inputs.append(inputs[0]))
+    try:
+        with torch.inference_mode():
+            features = Backbone(model, head, 0).features(images)
+    except RuntimeError:  # the Linear, which still runs under the pass-through hooks, refused the input's width
+        features = linear_inputs[-1] if linear_inputs else torch.empty(0)
+    finally:
+        hook.remove()
     if features.ndim != 2 or features.shape[1] != linears[0].in_features:
         raise UserError(f"head {list(head)} of {type(model).__name__}: its nn.Linear takes "
                         f"{linears[0].in_features}-wide inputs, but the feature before it has shape "
@@ -237,11 +244,12 @@ def _forward(model: nn.Module, images: Tensor) -> object:
 
 
 def build_backbone(config: ModelConfig, pretrained_dir: Path) -> Backbone:
-    """The configured architecture with its checkpoint loaded strictly, in eval mode."""
-    checkpoint = resolve_checkpoint(config, pretrained_dir)
+    """The configured architecture with its checkpoint loaded strictly, in eval mode; its head is checked before
+    the checkpoint is looked for."""
     build = partial(architecture_builder(config.architecture), config.num_classes, config.transform.crop)
     model, head = _build_uninitialised(build)
     head, feature_dim = find_head(model.eval(), config.transform.crop, config.head or head)
+    checkpoint = resolve_checkpoint(config, pretrained_dir)
     expected = model.state_dict()
     state_dict = match_model_keys(read_state_dict(checkpoint, config.checkpoint_format), expected)
     check_state_dict(expected, state_dict, f"checkpoint {checkpoint} does not fit architecture "

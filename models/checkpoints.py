@@ -75,8 +75,8 @@ def _read_file(path: Path) -> object:
             raise UserError(f"{path} is a truncated or corrupt safetensors file ({error}); re-download it") from None
     # torch.save writes a zip archive, or (legacy) a pickle that starts with the PROTO opcode
     if start[:2] != b"PK" and start[:1] != pickle.PROTO:
-        raise UserError(f"{path} is not a checkpoint (neither a PyTorch zip archive or pickle, nor a safetensors "
-                        f"file); re-download it")
+        raise UserError(f"{path} is not a PyTorch checkpoint (a zip archive or a pickle) nor a safetensors file; "
+                        f"re-download it")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)

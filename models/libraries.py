@@ -42,8 +42,8 @@ def library_builder(name: str) -> ArchitectureBuilder:
                                                                        **sized(size)), ())
     timm = _timm()
     model = name.removeprefix(TIMM)
-    if not timm.is_model(model):
-        base = model.partition(".")[0]
+    base, _, tag = model.partition(".")
+    if not timm.is_model(base) or (tag and model not in timm.list_pretrained(f"{base}.*")):
         known = timm.list_pretrained(f"{base}.*") if timm.is_model(base) else timm.list_models()
         raise UserError(f"timm has no model '{model}'{did_you_mean(model, known)}")
     return lambda num_classes, size: (timm.create_model(model, pretrained=False, num_classes=num_classes), ())

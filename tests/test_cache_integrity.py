@@ -40,7 +40,7 @@ class WiderBackbone(CountingBackbone):
 
     def __init__(self, feature_dim: int) -> None:
         super().__init__()
-        self.feature_dim = feature_dim
+        self.feature_dim = self.row_dim = feature_dim
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(super().features(images), (0, self.feature_dim - 3))  # (N, feature_dim)
