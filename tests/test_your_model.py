@@ -27,6 +27,7 @@ from pipeline.features.extract import ExtractionSettings, FeatureExtractor
 from pipeline.run.scoring import RawFeatures, model_outputs
 from tests.checkpoints import lifelike_state_dict
 from tests.datagen import write_flat_folder
+from tests.main_process import start_main
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -386,7 +387,6 @@ def doc_blocks(language: str) -> list[str]:
 
 @pytest.mark.slow  # two main.py runs (a ConvNeXt-T at 224 px) and the Python example
 def test_the_examples_of_the_docs_page_run_as_printed(data_root, tmp_path, monkeypatch):
-    from tests.main_process import run_main
     yamls, commands, (python_example,) = doc_blocks("yaml"), doc_blocks("bash"), doc_blocks("python")
     pretrained = tmp_path / "pretrained"
     pretrained.mkdir()
@@ -403,8 +403,9 @@ def test_the_examples_of_the_docs_page_run_as_printed(data_root, tmp_path, monke
                      tmp_path / "cache", "--output-dir", tmp_path / name, "--device", "cpu", "--num-workers", "0",
                      "--set", "bank_ratio=1.0", "--set", "bootstrap=10", "--set", "plots=false",
                      "--detectors", "nnguide", "knn", "energy"])
-    for process in run_main(*runs):
-        assert process.returncode == 0, process.stderr
+    for process in [start_main(arguments) for arguments in runs]:
+        _, stderr = process.communicate(timeout=900)  # a guard against a hang only
+        assert process.returncode == 0, stderr
     for yaml_text in yamls:
         name = re.search(r"# configs/models/([\w-]+)\.yaml", yaml_text).group(1)
         assert (tmp_path / name / "results.csv").read_text().count("\n") == 1 + 2 * 3  # 2 OOD sets x 3 detectors
