@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--bank-size", type=int, default=12811, help="1%% of ImageNet; 1281167 for all of it")
     parser.add_argument("--bank-dtype", default="float32", choices=["float32", "float16"],
                         help="knn/nnguide bank precision; float16 also reports how far scores move from float32")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="knn/nnguide search precision (bf16: bf16 candidates, the fp32 neighbours)")
     parser.add_argument("--queries", type=int, nargs=2, default=[50000, 10000], metavar=("ID", "OOD"),
                         help="query rows: ID and OOD (default: ImageNet's 50,000 validation images and 10,000 OOD)")
     parser.add_argument("--official", action="store_true",
@@ -88,7 +90,8 @@ def main() -> None:
     fp16_effects = []
     for detector_name in args.detectors:
         searches = detector_name in ("knn", "nnguide")
-        kwargs = {"backend": args.backend, "bank_dtype": args.bank_dtype} if searches else {}
+        kwargs = ({"backend": args.backend, "bank_dtype": args.bank_dtype, "precision": args.precision}
+                  if searches else {})
         detector, fit_seconds = timed(lambda: create_detector(detector_name, **kwargs).fit(bank), device)
         scores = detector.score_samples(queries)  # warm-up (moves the bank to the device, autotuning)
         _, score_seconds = timed(lambda: detector.score_samples(queries), device, args.repeats)

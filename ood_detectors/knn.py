@@ -23,20 +23,22 @@ class KNN(OODDetector):
     k: int = 10
     backend: str = "auto"  # nearest-neighbour search: "auto", "faiss", "torch" or "numpy" (see search.py)
     bank_dtype: str = "float32"  # "float16": half the memory, similarities to about 3 digits (see search.py)
+    precision: str = "auto"  # "fp32", "bf16" (bf16 candidates, the fp32 neighbours) or "auto" (see search.py)
 
     fit_fields = ("feas",)
     score_fields = ("feas",)
 
     def __post_init__(self) -> None:
         check_positive_int(self.k, "knn: k")
-        check_search_options(self.backend, self.bank_dtype, "knn")
+        check_search_options(self.backend, self.bank_dtype, self.precision, "knn")
 
     def check_bank_size(self, bank_size: int) -> None:
         """The k-th neighbour must exist in the bank."""
         check_k_fits_bank(self.k, bank_size, "knn")
 
     def _fit(self, outputs: Outputs) -> None:
-        self.index_ = InnerProductSearch(outputs["feas"], backend=self.backend, bank_dtype=self.bank_dtype)
+        self.index_ = InnerProductSearch(outputs["feas"], backend=self.backend, bank_dtype=self.bank_dtype,
+                                         precision=self.precision)
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         return self.index_.search(outputs["feas"], self.k)[:, -1]

@@ -53,6 +53,7 @@ class NNGuide(OODDetector):
     base: str = "energy"
     backend: str = "auto"  # nearest-neighbour search: "auto", "faiss", "torch" or "numpy" (see search.py)
     bank_dtype: str = "float32"  # "float16": half the memory, similarities to about 3 digits (see search.py)
+    precision: str = "auto"  # "fp32", "bf16" (bf16 candidates, the fp32 neighbours) or "auto" (see search.py)
     base_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     confidence: str | None = None  # C from S (see CONFIDENCES); None: bank_min_shift for vim, else raw
     bank_confidence: str = "base"  # what scales the bank features: "base" (C) or "energy"
@@ -62,7 +63,7 @@ class NNGuide(OODDetector):
 
     def __post_init__(self) -> None:
         check_positive_int(self.k, "nnguide: k")
-        check_search_options(self.backend, self.bank_dtype, "nnguide")
+        check_search_options(self.backend, self.bank_dtype, self.precision, "nnguide")
         if self.base not in BASE_SCORES:
             raise ValueError(f"nnguide: base must be one of {', '.join(BASE_SCORES)}, got {self.base!r}")
         if self.confidence is None:
@@ -103,7 +104,8 @@ class NNGuide(OODDetector):
         bank_confidence = (energy(outputs["logits"]) if self.bank_confidence == "energy"
                            else to_confidence(bank_scores, self.confidence, self.offset_))  # (M,)
         scaled_bank = outputs["feas"] * bank_confidence[:, None]           # (M, D)
-        self.index_ = InnerProductSearch(scaled_bank, backend=self.backend, bank_dtype=self.bank_dtype)
+        self.index_ = InnerProductSearch(scaled_bank, backend=self.backend, bank_dtype=self.bank_dtype,
+                                         precision=self.precision)
 
     def _score(self, outputs: Outputs) -> torch.Tensor:
         guidance = self.index_.search(outputs["feas"], self.k).mean(dim=1)  # (N,)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from ood_detectors import create_detector
-from ood_detectors.search import (MATMULS, InnerProductSearch, build_faiss_index, faiss_available,
-                                  fastest_cpu_matmul)
+from ood_detectors.search import MATMULS, InnerProductSearch, build_faiss_index, faiss_available
 from tests.main_process import start_main
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
@@ -44,18 +43,16 @@ def test_blocked_search_merges_bank_and_query_chunks_exactly(backend):
     np.testing.assert_allclose(whole.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_uses_the_faster_cpu_matmul_only_where_it_matters(monkeypatch):
-    """'auto' on a CPU measures once which matmul is faster, for searches big enough to gain from it; a small
-    search uses torch's without measuring; a forced backend is kept."""
-    import ood_detectors.search as search
-    measured = []
-    monkeypatch.setattr(search, "fastest_cpu_matmul", lambda dim: measured.append(dim) or "numpy")
+def test_auto_uses_numpys_matmul_for_large_cpu_searches_and_torchs_for_small_ones():
+    """The CPU rule (docs/design.md): numpy's matmul from 1e11 flops, torch's below (no OpenBLAS threads left
+    spinning beside torch's work), torch's on any accelerator; a forced backend is kept."""
     bank = random_unit_rows(1000, 100, seed=14)
     index = InnerProductSearch(bank, backend="auto")
-    assert index.matmul_for(torch.zeros(10, 100)) == "torch" and measured == []  # 2e6 flops
-    assert index.matmul_for(torch.zeros(499_999, 100)) == "torch" and measured == []  # just under 1e11 flops
-    assert index.matmul_for(torch.empty(500_000, 100)) == "numpy" and measured == [100]  # 1e11 flops
+    assert index.matmul_for(torch.zeros(10, 100)) == "torch"  # 2e6 flops
+    assert index.matmul_for(torch.zeros(499_999, 100)) == "torch"  # just under 1e11 flops
+    assert index.matmul_for(torch.empty(500_000, 100)) == "numpy"  # 1e11 flops
     assert InnerProductSearch(bank, backend="numpy").matmul_for(torch.zeros(10, 100)) == "numpy"
+    assert InnerProductSearch(bank, backend="torch").matmul_for(torch.empty(500_000, 100)) == "torch"
     with pytest.raises(ValueError) as error:
         InnerProductSearch(bank, backend="numpy").matmul_for(torch.zeros(3, 100, device="meta"))
     assert "'numpy'" in str(error.value) and "meta" in str(error.value)  # the backend and the queries' device
@@ -67,7 +64,23 @@ def test_each_cpu_matmul_writes_the_product_into_the_buffer(matmul):
     queries, block, out = random_unit_rows(5, 8, seed=15), random_unit_rows(7, 8, seed=16), torch.full((5, 7), 9.0)
     MATMULS[matmul](queries, block, out)
     torch.testing.assert_close(out, queries @ block.T)
-    assert fastest_cpu_matmul(8) in MATMULS
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize(("bank_rows", "k"), [(2000, 10), (1000, 1), (333, 10), (12, 12)])
+def test_blocked_search_returns_the_rows_of_the_largest_similarities(backend, bank_rows, k):
+    """Wide blocks rank only the k column groups with the largest maxima (and the columns left over, here 2000 =
+    62 x 32 + 16); narrow ones rank every column. The values are brute force's, and the rows are k distinct rows
+    with those similarities, on non-negative rows with a duplicated bank row (exact ties)."""
+    bank = random_unit_rows(bank_rows, 24, seed=17).abs()
+    bank[-1] = bank[0]
+    queries = random_unit_rows(90, 24, seed=18).abs()
+    values, rows = InnerProductSearch(bank, backend=backend).top_k(queries, k)
+    similarities = queries @ bank.T
+    expected = similarities.topk(k, dim=1).values
+    torch.testing.assert_close(values, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values, similarities.gather(1, rows), rtol=1e-6, atol=1e-6)
+    assert (rows.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct rows, each with its similarity
 
 
 @needs_faiss
