@@ -1,7 +1,8 @@
 """Backbone registry: architectures (registered, torchvision/<name>, timm/<name>), safe checkpoint loading, ReAct,
 and networks given as Python objects; a Backbone gives features and logits."""
-from models.base import ARCHITECTURES, Backbone, ModelConfig, TrainingRecipe, build_backbone, find_head
-from models.checkpoints import file_sha256, resolve_checkpoint
+from models.base import (ARCHITECTURES, Backbone, ModelConfig, TrainingRecipe, build_backbone, find_head,
+                         resolve_checkpoint)
+from models.checkpoints import file_sha256
 from models.python import PythonModel
 from models.react import apply_react, react_threshold
 from models.transforms import TransformConfig

@@ -18,8 +18,7 @@ import torchvision
 from torch import Tensor, nn
 
 from errors import UserError, did_you_mean
-from models.checkpoints import (CHECKPOINT_FORMATS, check_state_dict, match_model_keys, read_state_dict,
-                                resolve_checkpoint)
+from models.checkpoints import CHECKPOINT_FORMATS, check_state_dict, match_model_keys, read_state_dict
 from models.libraries import (TIMM, ArchitectureBuilder, is_library_architecture, library_builder, timm_transform,
                               timm_version, torchvision_weights, weights_transform)
 from models.openood_resnet18 import ResNet18_32x32
@@ -241,6 +240,22 @@ def _forward(model: nn.Module, images: Tensor) -> object:
         height, width = images.shape[2:]
         raise UserError(f"{type(model).__name__} cannot forward {height}x{width} images (the transform's "
                         f"output): {reason}") from None
+
+
+def resolve_checkpoint(config: ModelConfig, pretrained_dir: Path) -> Path:
+    """The checkpoint file: the path as given, else in `pretrained_dir`, else in the torch hub cache (where
+    torchvision's own downloads go)."""
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    candidates = [Path(config.checkpoint).expanduser(), Path(pretrained_dir) / config.checkpoint,
+                  hub_dir / config.checkpoint]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    source = (f"download it from {config.checkpoint_url} and put it in {pretrained_dir} as {config.checkpoint}"
+              if config.checkpoint_url else f"{Path(pretrained_dir) / 'README.md'} and the model's YAML say where to "
+                                            f"get it")
+    raise UserError(f"checkpoint '{config.checkpoint}' of model '{config.name}' not found in {pretrained_dir} "
+                    f"nor in the torch hub cache {hub_dir}; {source}")
 
 
 def build_backbone(config: ModelConfig, pretrained_dir: Path) -> Backbone:

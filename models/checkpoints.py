@@ -1,4 +1,4 @@
-"""Weights files: found, read safely (tensors only, never pickled code) and turned into the model's state dict.
+"""Weights files: read safely (tensors only, never pickled code) and turned into the model's state dict.
 
 Read: a `torch.save` file (zip or legacy pickle) with `weights_only=True`, or a `.safetensors` file. Layouts
 (`checkpoint_format`): `state_dict` takes a plain state dict or one wrapped as training scripts save it
@@ -14,7 +14,6 @@ import pickle
 import re
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import safetensors
 import safetensors.torch
@@ -24,9 +23,6 @@ from torch import Tensor
 from errors import UserError
 from registry import Registry
 
-if TYPE_CHECKING:
-    from models.base import ModelConfig
-
 # The keys under which training scripts nest the state dict, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 
@@ -34,22 +30,6 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 # first name part that the model lacks is removed later, by `match_model_keys`).
 StateDictReader = Callable[[object, Path], dict[str, Tensor]]
 CHECKPOINT_FORMATS: Registry[StateDictReader] = Registry("checkpoint format")
-
-
-def resolve_checkpoint(config: ModelConfig, pretrained_dir: Path) -> Path:
-    """The checkpoint file: the path as given, else in `pretrained_dir`, else in the torch hub cache (where
-    torchvision's own downloads go)."""
-    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    candidates = [Path(config.checkpoint).expanduser(), Path(pretrained_dir) / config.checkpoint,
-                  hub_dir / config.checkpoint]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    source = (f"download it from {config.checkpoint_url} and put it in {pretrained_dir} as {config.checkpoint}"
-              if config.checkpoint_url else f"{Path(pretrained_dir) / 'README.md'} and the model's YAML say where to "
-                                            f"get it")
-    raise UserError(f"checkpoint '{config.checkpoint}' of model '{config.name}' not found in {pretrained_dir} "
-                    f"nor in the torch hub cache {hub_dir}; {source}")
 
 
 def file_sha256(path: Path) -> str:
