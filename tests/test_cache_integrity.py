@@ -12,8 +12,6 @@ import shutil
 import stat
 import subprocess
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,8 @@ from pipeline.report.manifest import RESULTS_MANIFEST
 from pipeline.report.outputs import replace_run_files, result_documents, write_result
 from tests.fake_results import fake_result
 from tests.main_process import start_main
-from tests.test_reliability import ONE_THREAD, REPO, CountingBackbone, colour_dataset, extract, main_arguments
+from tests.test_reliability import (HANG, ONE_THREAD, REPO, CountingBackbone, colour_dataset, extract,
+                                   main_arguments, wait_for)
 
 PIPELINE_FILES = {"results.csv", "results_openood.csv", "results.md", "config.yaml"}
 
@@ -49,13 +48,6 @@ class WiderBackbone(CountingBackbone):
 def entry_folder(cache: Path) -> Path:
     (entry,) = (cache / "counting").iterdir()
     return entry
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def cleanup_message(caplog: pytest.LogCaptureFixture) -> str:
@@ -156,10 +148,11 @@ def test_a_live_lock_holders_temporary_file_is_not_removed(tmp_path, caplog):
         with exclusive_lock(entry / "lock", "a test"):  # another run, in the middle of writing a file
             live.write_bytes(b"being written")
             second.start()
-            wait_for(lambda: str(entry / "lock") in caplog.text)  # the second run waits for this lock
+            wait_for(lambda: str(entry / "lock") in caplog.text, "the second run to wait for the lock")
             assert live.read_bytes() == b"being written"
             os.replace(live, entry / "finished.bin")  # the holder completes its write, then lets go
-        second.join(timeout=10)
+        second.join(timeout=HANG)
+        assert not second.is_alive()
     assert (entry / "finished.bin").read_bytes() == b"being written"
     assert "unfinished" not in caplog.text
     np.testing.assert_array_equal(results["features"], clean)
@@ -190,9 +183,9 @@ def test_a_waiting_run_says_what_it_waits_for_and_takes_the_lock_once_released(t
         with exclusive_lock(lock, "the entry"):
             waiter = threading.Thread(target=take)
             waiter.start()
-            wait_for(lambda: "the entry" in caplog.text)
+            wait_for(lambda: "the entry" in caplog.text, "the waiter to say what it waits for")
             assert not taken.is_set()
-        waiter.join(timeout=10)
+        waiter.join(timeout=HANG)
     assert taken.is_set() and str(lock) in caplog.text
 
 
@@ -399,7 +392,7 @@ def test_main_killed_while_writing_then_rerun_leaves_no_leftovers_and_whole_resu
     def run(kill_at: str) -> subprocess.CompletedProcess:
         process = start_main(arguments, env={**ONE_THREAD, "KILL_AT": kill_at},
                              script=script if kill_at else REPO / "main.py")
-        stdout, stderr = process.communicate(timeout=180)
+        stdout, stderr = process.communicate(timeout=HANG)
         return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
     assert run("rows").returncode == 137

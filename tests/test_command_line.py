@@ -12,7 +12,7 @@ import torch
 
 import main
 from errors import UserError
-from pipeline.config.experiment import DEFAULT_DETECTORS, resolve_experiment
+from pipeline.config.experiment import DEFAULT_DETECTORS, ResolvedExperiment, resolve_experiment
 from pipeline.config.loading import available
 from pipeline.run.experiment import ImageSets
 from pipeline.run.provenance import environment, git_state
@@ -171,7 +171,10 @@ def test_another_subset_seed_is_another_cache_entry_and_the_same_seed_finds_its_
     flags = {"model": str(small_model_yaml), "train_data": "imagenet1k", "id_data": "imagenet1k",
              "ood_data": ["textures"], "detectors": ["energy"], "data_root": str(data_root)}
     # textures: 2 classes of 5 test images; 4 keeps 2 of each class's 5, which the seed picks
-    subsets = {seed: ImageSets(resolve_experiment(None, flags, ["subsets.textures=4", f"subset_seed={seed}"]))
+    def image_sets(experiment: ResolvedExperiment) -> ImageSets:
+        return ImageSets(experiment, experiment.model.transform.build())
+
+    subsets = {seed: image_sets(resolve_experiment(None, flags, ["subsets.textures=4", f"subset_seed={seed}"]))
                .dataset("textures", "test") for seed in (0, 1)}
     assert len(subsets[0]) == len(subsets[1]) == 4 and subsets[0].image_ids != subsets[1].image_ids
     assert subsets[0].fingerprint() != subsets[1].fingerprint()
