@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from dataloaders.base import ArrayImageDataset
-from pipeline.features.extract import ExtractionSettings, FeatureExtractor
+from pipeline.features.extract import ExtractionSettings, FeatureExtractor, quiet_when_the_run_stops
 from tests.datagen import write_class_folders, write_flat_folder
 from tests.main_process import MainProcess, start_main
 
@@ -284,6 +284,23 @@ def test_a_second_signal_while_stopping_exits_at_once_without_a_traceback(data_r
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == "interrupted again; exiting now (rerun the same command to resume)"
+
+
+def test_a_loader_worker_prints_no_traceback_for_a_handover_the_stopping_run_cut(monkeypatch, capsys):
+    """A worker's shared-memory handover thread fails when the main process stops mid-batch; its traceback
+    would follow main.py's one-line notice. Other errors of a worker's threads are still printed."""
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # Python's own, as in a worker
+    quiet_when_the_run_stops(worker_id=0)
+
+    def fail(error: BaseException) -> None:
+        raise error
+    for error in (ConnectionResetError("reset by peer"), BrokenPipeError(), EOFError(), ValueError("a real bug")):
+        thread = threading.Thread(target=fail, args=(error,))
+        thread.start()
+        thread.join()
+    printed = capsys.readouterr().err
+    assert "ValueError: a real bug" in printed
+    assert not [name for name in ("ConnectionResetError", "BrokenPipeError", "EOFError") if name in printed]
 
 
 @pytest.fixture(scope="module")

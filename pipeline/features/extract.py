@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -54,8 +55,20 @@ def make_loader(dataset: Dataset, settings: ExtractionSettings, batches: list[li
     read once per model), and persistence only keeps workers between passes of the same loader."""
     batching = {"batch_sampler": batches} if batches is not None else {"batch_size": settings.batch_size}
     return DataLoader(dataset, shuffle=False, num_workers=settings.num_workers, collate_fn=collate_fn,
-                      pin_memory=settings.device.type == "cuda",
+                      pin_memory=settings.device.type == "cuda", worker_init_fn=quiet_when_the_run_stops,
                       prefetch_factor=4 if settings.num_workers > 0 else None, **batching)
+
+
+def quiet_when_the_run_stops(worker_id: int) -> None:
+    """In a loader worker: the thread that hands a batch's shared memory to the main process fails with a
+    ConnectionError or EOFError when the main process stops mid-handover (Ctrl-C, SIGTERM). That is the run
+    stopping, not an error: its traceback is not printed beside main.py's one-line notice."""
+    print_error = threading.excepthook
+
+    def hook(failure: threading.ExceptHookArgs) -> None:
+        if not issubclass(failure.exc_type, (ConnectionError, EOFError)):
+            print_error(failure)
+    threading.excepthook = hook
 
 
 class _DecodedOrBroken(Dataset):
