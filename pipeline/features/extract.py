@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import threading
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 import torch
@@ -60,15 +61,15 @@ def make_loader(dataset: Dataset, settings: ExtractionSettings, batches: list[li
 
 
 def quiet_when_the_run_stops(worker_id: int) -> None:
-    """In a loader worker: the thread that hands a batch's shared memory to the main process fails with a
-    ConnectionError or EOFError when the main process stops mid-handover (Ctrl-C, SIGTERM). That is the run
-    stopping, not an error: its traceback is not printed beside main.py's one-line notice."""
-    print_error = threading.excepthook
+    """In a loader worker: multiprocessing's thread that hands a batch's shared memory to the main process
+    reports the ConnectionError or EOFError it meets when the main process stops mid-handover (Ctrl-C, SIGTERM)
+    through sys.excepthook. That is the run stopping, not an error: no traceback beside main.py's notice."""
+    print_error = sys.excepthook
 
-    def hook(failure: threading.ExceptHookArgs) -> None:
-        if not issubclass(failure.exc_type, (ConnectionError, EOFError)):
-            print_error(failure)
-    threading.excepthook = hook
+    def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            print_error(kind, error, traceback)
+    sys.excepthook = hook
 
 
 class _DecodedOrBroken(Dataset):
