@@ -19,14 +19,18 @@ import sys
 import textwrap
 from pathlib import Path
 
-from errors import UserError
-from pipeline.config.experiment import DEFAULT_DETECTORS, ExperimentConfig, resolve_experiment
-from pipeline.config.loading import available
-from pipeline.features.distributed import shutdown
-from pipeline.files import require_writable
-from pipeline.report.outputs import check_output_dir, write_result
-from pipeline.run.experiment import run_experiment
-from pipeline.run.sweep import run_sweep, split_sweep
+# read once, when numpy loads OpenBLAS: its idle threads then sleep after 2^20 cycles instead of spinning for
+# 2^28 (about 0.1 s) and taking a core from the search's top-k (docs/design.md, "The CPU search kernel")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
+from errors import UserError  # noqa: E402
+from pipeline.config.experiment import DEFAULT_DETECTORS, ExperimentConfig, resolve_experiment  # noqa: E402
+from pipeline.config.loading import available  # noqa: E402
+from pipeline.features.distributed import shutdown  # noqa: E402
+from pipeline.files import require_writable  # noqa: E402
+from pipeline.report.outputs import check_output_dir, write_result  # noqa: E402
+from pipeline.run.experiment import run_experiment  # noqa: E402
+from pipeline.run.sweep import run_sweep, split_sweep  # noqa: E402
 
 
 DEMO_EXPERIMENT = Path(__file__).resolve().parent / "configs" / "experiments" / "demo.yaml"

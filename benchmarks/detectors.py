@@ -10,12 +10,15 @@ Usage: python benchmarks/detectors.py [--small] [--device cuda] [--backend auto]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")  # as main.py sets it
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ood_detectors import available_detectors, create_detector  # noqa: E402

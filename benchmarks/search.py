@@ -18,8 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")  # as main.py sets it
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ood_detectors.search import InnerProductSearch, faiss_available, native_bf16  # noqa: E402
@@ -124,7 +126,8 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 path (slow where bf16 is emulated)")
     args = parser.parse_args()
     print(f"{cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}, numpy {np.__version__}; "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
+          f"OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']}; "
           f"load average {os.getloadavg()[0]:.2f}")
     for name in args.shapes:
         run_shape(name, *SHAPES[name], args.repeats, not args.no_bf16)

@@ -201,7 +201,7 @@ class InnerProductSearch:
         queries = queries.detach().to(compute_dtype).contiguous()
         bank_rows = min(self.size, self.bank_block_rows)
         query_rows = max(1, min(queries.shape[0], self.chunk_bytes // (4 * bank_rows)))
-        buffer = torch.empty(query_rows * bank_rows, dtype=compute_dtype, device=device)
+        buffer = _scratch(query_rows * bank_rows, compute_dtype, device)
         values = torch.full((queries.shape[0], k), -torch.inf, device=device)  # running top-k, decreasing
         rows = torch.zeros((queries.shape[0], k), dtype=torch.int64, device=device)
         for b_start in range(0, self.size, bank_rows):
@@ -225,8 +225,7 @@ class InnerProductSearch:
         largest_norms = bank_norms.max(dim=1).values                         # (3,)
         bank_rows = min(self.size, self.bank_block_rows)
         query_rows = max(1, min(queries.shape[0], self.chunk_bytes // (4 * bank_rows)))
-        buffer = (torch.empty(query_rows * bank_rows, dtype=torch.bfloat16, device=device)
-                  if device.type == "cpu" else None)
+        buffer = _scratch(query_rows * bank_rows, torch.bfloat16, device) if device.type == "cpu" else None
         values = torch.empty((queries.shape[0], k), device=device)
         rows = torch.empty((queries.shape[0], k), dtype=torch.int64, device=device)
         for q_start in range(0, queries.shape[0], query_rows):
@@ -291,6 +290,14 @@ class InnerProductSearch:
         return _on_device(bank16, device, self._bf16_resident), norms.to(device)
 
 
+def _scratch(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised 1-D buffer. On CPUs numpy allocates it, and asks Linux for huge pages (torch's large
+    allocations fault in 4 KB pages, inside the first matmul: 7% of a search's time on a 2-core VM)."""
+    if device.type != "cpu":
+        return torch.empty(size, dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(size * dtype.itemsize, np.uint8)).view(dtype)
+
+
 def _on_device(bank: torch.Tensor, device: torch.device, resident: dict[torch.device, torch.Tensor]) -> torch.Tensor:
     """`bank` on `device` when it fits there (copied once, kept in `resident`), else where it is, to be streamed
     in blocks."""
@@ -303,17 +310,12 @@ def _on_device(bank: torch.Tensor, device: torch.device, resident: dict[torch.de
 
 
 def group_maxima(similarities: torch.Tensor, k: int) -> torch.Tensor:
-    """(q, groups) maxima of column groups: group g of a (q, b) block holds columns g, g + groups, ...
-    (size = GROUP of them, or 1 when b is under GROUP * (k + 1)); the last b mod size columns are in no group.
-
-    Taken by numpy on CPUs (strided maxima are a contiguous elementwise maximum there), torch elsewhere."""
+    """(q, groups) maxima of column groups: group g of a (q, b) block holds columns g * size ... g * size + size - 1
+    (size = GROUP, or 1 when b is under GROUP * (k + 1)); the last b mod size columns are in no group."""
     width = similarities.shape[1]
     size = GROUP if width // GROUP > k else 1
     groups = width // size
-    body = similarities[:, :groups * size].view(similarities.shape[0], size, groups)
-    if body.device.type == "cpu" and body.dtype == torch.float32:
-        return torch.from_numpy(body.numpy().max(axis=1))
-    return body.amax(dim=1)
+    return similarities[:, :groups * size].view(similarities.shape[0], groups, size).amax(dim=2)
 
 
 def _group_size(maxima: torch.Tensor, width: int) -> int:
@@ -323,8 +325,8 @@ def _group_size(maxima: torch.Tensor, width: int) -> int:
 
 def _columns(groups: torch.Tensor, maxima: torch.Tensor, width: int) -> torch.Tensor:
     """(..., size) block columns of the group ids `groups`, for a block of `width` columns and its `maxima`."""
-    count = maxima.shape[1]
-    return groups[..., None] + count * torch.arange(_group_size(maxima, width), device=groups.device)
+    size = _group_size(maxima, width)
+    return groups[..., None] * size + torch.arange(size, device=groups.device)
 
 
 def _ungrouped(maxima: torch.Tensor, width: int) -> torch.Tensor:
@@ -340,13 +342,13 @@ def top_of_groups(similarities: torch.Tensor, maxima: torch.Tensor, k: int) -> t
     count, size = maxima.shape[1], _group_size(maxima, width)
     top_groups = maxima.topk(min(k, count), dim=1, sorted=False).indices       # (q, n)
     n = top_groups.shape[1]
-    body = similarities[:, :count * size].view(rows, size, count)
-    candidates = torch.cat([body.gather(2, top_groups[:, None, :].expand(-1, size, -1)).flatten(1),
-                            similarities[:, count * size:]], dim=1)            # (q, size * n + ungrouped)
+    body = similarities[:, :count * size].view(rows, count, size)
+    candidates = torch.cat([body.gather(1, top_groups[:, :, None].expand(-1, -1, size)).flatten(1),
+                            similarities[:, count * size:]], dim=1)            # (q, n * size + ungrouped)
     values, picked = candidates.topk(min(k, width), dim=1)
-    # candidate p < size * n is member p // n of group top_groups[p % n]; the others are the ungrouped columns
-    grouped = top_groups.gather(1, picked % n) + count * (picked // n)
-    return values.float(), torch.where(picked < size * n, grouped, picked - size * n + count * size)
+    # candidate p < n * size is member p mod size of group top_groups[p // size]; the others are the ungrouped columns
+    grouped = top_groups.gather(1, (picked // size).clamp(max=n - 1)) * size + picked % size
+    return values.float(), torch.where(picked < n * size, grouped, picked - n * size + count * size)
 
 
 def block_top_k(similarities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
