@@ -3,8 +3,9 @@
 For the issue's shapes (a 1% ImageNet bank, 12,811 x 2048, 15,000 queries, k=10) and for one bank block of the
 full 1.28M bank (65,536 rows, the queries of one 256 MB similarity block), it prints our fp32 search's time as a
 fraction of (a) the best fp32 matmul of the same shape in this process (numpy's and torch's, into a fresh and
-into a reused output), (b) numpy's matmul in a subprocess without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, with the
-kernel threadpoolctl reports, and (c) faiss-cpu's IndexFlatIP; then the bf16 path and its candidates per query.
+into a reused output; timed in turn with our search, round by round), (b) numpy's matmul in a subprocess
+without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, with the kernel threadpoolctl reports, and (c) faiss-cpu's
+IndexFlatIP; then the bf16 path and its candidates per query.
 Usage: python benchmarks/search.py [--repeats 3] [--shapes issue block] [--no-bf16]
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")  # as main.py sets it
 
@@ -24,7 +26,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ood_detectors.search import InnerProductSearch, faiss_available, native_bf16  # noqa: E402
+from ood_detectors.bf16 import native_bf16  # noqa: E402
+from ood_detectors import search  # noqa: E402
+from ood_detectors.search import InnerProductSearch, faiss_available  # noqa: E402
 
 SHAPES = {"issue": (12811, 15000), "block": (65536, 1024)}  # (bank rows, queries); width 2048, k = 10
 SUBPROCESS = """
@@ -51,13 +55,21 @@ def features(n: int, dim: int, seed: int) -> torch.Tensor:
 
 def best_seconds(fn, repeats: int) -> float:
     """Best wall time of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return interleaved_best_seconds({"": fn}, repeats)[""]
+
+
+def interleaved_best_seconds(fns: dict, repeats: int) -> dict[str, float]:
+    """Best wall time of each function over `repeats` rounds that call every function once, in turn, after one
+    warm-up round: a machine whose speed drifts slows all of them alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def cpu_model() -> str:
@@ -76,20 +88,48 @@ def subprocess_matmul(rows: int, queries: int, dim: int, repeats: int) -> dict:
     return json.loads(result.stdout)
 
 
+def where_the_time_goes(index: InnerProductSearch, query: torch.Tensor, k: int) -> dict[str, float]:
+    """Seconds of one search spent in its matmuls, block top-ks and merges (each wrapped in a timer), and the rest."""
+    spent = {"matmul": 0.0, "block top-k": 0.0, "merge": 0.0}
+
+    def timer(part, fn):
+        def timed(*args):
+            start = time.perf_counter()
+            result = fn(*args)
+            spent[part] += time.perf_counter() - start
+            return result
+        return timed
+
+    with mock.patch.dict(search.MATMULS, {name: timer("matmul", fn) for name, fn in search.MATMULS.items()}), \
+            mock.patch.object(search, "block_top_k", timer("block top-k", search.block_top_k)), \
+            mock.patch.object(search, "merge_top_k", timer("merge", search.merge_top_k)):
+        start = time.perf_counter()
+        index.search(query, k)
+        total = time.perf_counter() - start
+    return {**spent, "rest": total - sum(spent.values())}
+
+
 def run_shape(name: str, rows: int, queries: int, repeats: int, bf16: bool) -> None:
     dim, k = 2048, 10
     bank, query = features(rows, dim, seed=0), features(queries, dim, seed=1)
     flops = 2 * rows * queries * dim
     out = np.empty((queries, rows), np.float32)
     bank_np, query_np = bank.numpy(), query.numpy()
-    seconds = {
-        "numpy matmul, fresh output": best_seconds(lambda: query_np @ bank_np.T, repeats),
-        "numpy matmul, reused output": best_seconds(lambda: np.matmul(query_np, bank_np.T, out=out), repeats),
-        "torch matmul, fresh output": best_seconds(lambda: query @ bank.T, repeats),
-    }
-    out = None  # frees the product before the searches
     index = InnerProductSearch(bank, backend="auto", precision="fp32")
-    ours = best_seconds(lambda: index.search(query, k), repeats)
+    searches = {"ours": lambda: index.search(query, k)}
+    if faiss_available():
+        import faiss
+        flat = faiss.IndexFlatIP(dim)
+        flat.add(bank_np)
+        searches["faiss"] = lambda: flat.search(query_np, k)
+    seconds = interleaved_best_seconds({
+        **searches,
+        "numpy matmul, fresh output": lambda: query_np @ bank_np.T,
+        "numpy matmul, reused output": lambda: np.matmul(query_np, bank_np.T, out=out),
+        "torch matmul, fresh output": lambda: query @ bank.T,
+    }, repeats)
+    ours, faiss_seconds = seconds.pop("ours"), seconds.pop("faiss", None)
+    out = None  # frees the product
     print(f"\n{name}: bank {rows} x {dim}, {queries} queries, k={k}; our fp32 search uses "
           f"{index.matmul_for(query)}'s matmul")
     print("| | seconds | GFLOP/s | ours / this (time) |\n|---|---:|---:|---:|")
@@ -99,15 +139,15 @@ def run_shape(name: str, rows: int, queries: int, repeats: int, bf16: bool) -> N
     machine = subprocess_matmul(rows, queries, dim, repeats)
     print(f"| (b) numpy matmul, own process, kernel {'/'.join(map(str, machine['blas']))} | {machine['seconds']:.3f} "
           f"| {flops / machine['seconds'] / 1e9:.0f} | {ours / machine['seconds']:.3f} |")
-    if faiss_available():
-        import faiss
-        flat = faiss.IndexFlatIP(dim)
-        flat.add(bank_np)
-        faiss_seconds = best_seconds(lambda: flat.search(query_np, k), repeats)
+    if faiss_seconds is not None:
         print(f"| (c) faiss IndexFlatIP.search | {faiss_seconds:.3f} | {flops / faiss_seconds / 1e9:.0f} "
               f"| {ours / faiss_seconds:.3f} |")
     best_in_process = min(seconds.values())
     print(f"fp32 search / best in-process matmul: {best_in_process / ours:.3f} of its speed")
+    parts = where_the_time_goes(index, query, k)
+    total = sum(parts.values())
+    print("inside one search: " + ", ".join(f"{part} {value:.3f} s ({value / total:.1%})"
+                                            for part, value in parts.items()))
     if bf16:
         half = InnerProductSearch(bank, backend="torch", precision="bf16")
         bf16_product = best_seconds(lambda: query.bfloat16() @ bank.bfloat16().T, 1)

@@ -1,34 +1,30 @@
 """Exact top-k inner-product search against a fixed bank: faiss (`IndexFlatIP`) or blocked matmul + top-k.
 
 The index is built once (in a detector's `fit`) and reused for every query set. The blocked backends walk the
-bank in blocks and the queries in chunks, keeping a running top-k, so memory stays bounded; a bank too large for
-the queries' GPU stays in host memory and is streamed to it. On a CPU the matmul is numpy's for searches of at
-least NUMPY_MIN_FLOPS and torch's below; on GPUs it is torch's. `precision="bf16"` finds candidates with a
-bfloat16 product and ranks them by their fp32 similarities: the fp32 search's neighbours, faster where the
-hardware multiplies bf16 ("auto" chooses it there for large searches). `bank_dtype="float16"` stores (and on
-GPUs multiplies) the bank in half precision: similarities keep about 3 significant digits.
-Why, and what it costs: docs/design.md ("Exact search, bounded memory", "The CPU search kernel",
-"bf16 candidates, fp32 neighbours").
+bank in blocks and the queries in chunks, keeping a running top-k (topk.py), so memory stays bounded; a bank
+too large for the queries' GPU stays in host memory and is streamed to it. On a CPU the matmul is numpy's for
+searches of at least NUMPY_MIN_FLOPS and torch's below; on GPUs it is torch's. `precision="bf16"` finds
+candidates with a bfloat16 product and ranks them by their fp32 similarities (bf16.py): the fp32 search's
+neighbours, faster where the hardware multiplies bf16 ("auto" chooses it there for large searches).
+`bank_dtype="float16"` stores (and on GPUs multiplies) the bank in half precision: similarities keep about 3
+significant digits. Why, and what it costs: docs/design.md ("Exact search, bounded memory", "The CPU search
+kernel", "bf16 candidates, fp32 neighbours").
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from ood_detectors import bf16
+from ood_detectors.topk import block_top_k, merge_top_k, similarity_buffer
 
 BACKENDS = ("auto", "faiss", "torch", "numpy")
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 PRECISIONS = ("auto", "fp32", "bf16")
 FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection limit
 NUMPY_MIN_FLOPS = 1e11  # CPU 'auto': numpy's matmul from this many flops, torch's below (docs/design.md)
-BF16_MIN_FLOPS = 1e11   # precision 'auto': bf16 candidates from this many flops, where bf16 is native
-GROUP = 32              # block top-k: columns per group whose maximum is taken (docs/design.md)
-BF16_UNIT_ROUNDOFF = 2.0 ** -8
-ACCUMULATION_UNIT_ROUNDOFF = 2.0 ** -23  # fp32 sums, rounded to nearest (2^-24) or truncated (tensor cores)
-BOUND_SCALE = 1.0  # multiplies the bf16 rounding bound (docs/design.md); the tests show 0.5 loses neighbours
 
 
 def faiss_available() -> bool:
@@ -70,25 +66,6 @@ def check_search_options(backend: str, bank_dtype: str, precision: str, detector
                          f"got backend '{backend}', bank_dtype '{bank_dtype}' (use 'auto' or 'torch', 'float32')")
 
 
-@functools.cache
-def _cpu_has_bf16() -> bool:
-    """Whether this CPU's flags (Linux's /proc/cpuinfo) include AVX512-BF16 or AMX-BF16."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("flags")), [])
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 in hardware: a CUDA GPU with bf16 tensor cores, or a CPU with
-    AVX512-BF16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and _cpu_has_bf16()
-
-
 def _numpy_matmul(queries: torch.Tensor, block: torch.Tensor, out: torch.Tensor) -> None:
     """out = queries @ block.T with numpy's BLAS; CPU float32 tensors, `out` contiguous (shares their memory)."""
     np.matmul(queries.numpy(), block.numpy().T, out=out.numpy())
@@ -107,7 +84,7 @@ class InnerProductSearch:
     `bank` is an (M, D) float tensor; a bank that is not 2-D, empty or not float is a ValueError, and so is
     backend="faiss" with a bank that does not fit in the GPUs' free memory. `precision`: "fp32", "bf16"
     (bf16 candidates, fp32 neighbours) or "auto" (bf16 where the device multiplies it natively and the search
-    has at least BF16_MIN_FLOPS; see docs/design.md).
+    has at least bf16.MIN_FLOPS; see docs/design.md).
     """
 
     def __init__(self, bank: torch.Tensor, backend: str = "auto", bank_dtype: str = "float32",
@@ -138,6 +115,7 @@ class InnerProductSearch:
         self._resident = {self._bank.device: self._bank}  # copies on query devices, made once
         self._bf16_bank: tuple[torch.Tensor, torch.Tensor] | None = None  # made at the first bf16 search
         self._bf16_resident: dict[torch.device, torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # similarity blocks, reused
 
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         """(N, k) float32 top-k inner products of (N, D) `queries`, on their device; ValueError for another D, or
@@ -155,9 +133,14 @@ class InnerProductSearch:
                 raise ValueError(f"k={k}: faiss on GPUs finds at most {FAISS_GPU_MAX_K} neighbours; "
                                  "use backend='auto' for larger k")
             return self._search_faiss(queries, k)
+        bank_rows = min(self.size, self.bank_block_rows)
+        query_rows = max(1, min(queries.shape[0], self.chunk_bytes // (4 * bank_rows)))  # one block's rows
         if self.uses_bf16(queries):
-            return self._search_bf16(queries, k)
-        return self._search_blocks(queries, k, self.matmul_for(queries))
+            buffer = (self._buffer(query_rows * bank_rows, torch.bfloat16, queries.device)
+                      if queries.device.type == "cpu" else None)  # GPUs return the product in float32
+            return bf16.top_k(queries, k, self._bank, *self._bf16_bank_on(queries.device), bank_rows, query_rows,
+                              self.chunk_bytes, buffer)
+        return self._search_blocks(queries, k, self.matmul_for(queries), bank_rows, query_rows)
 
     def _flops(self, queries: torch.Tensor) -> int:
         return 2 * queries.shape[0] * self.size * self.dim
@@ -168,7 +151,7 @@ class InnerProductSearch:
         if self.precision != "auto":
             return self.precision == "bf16"
         return (self.backend in ("auto", "torch") and self.dtype == torch.float32
-                and self._flops(queries) >= BF16_MIN_FLOPS and native_bf16(queries.device))
+                and self._flops(queries) >= bf16.MIN_FLOPS and bf16.native_bf16(queries.device))
 
     def matmul_for(self, queries: torch.Tensor) -> str:
         """The fp32 matmul a blocked search of `queries` uses: torch's on GPUs, the forced one, or on a CPU numpy's
@@ -192,16 +175,15 @@ class InnerProductSearch:
             rows.append(torch.from_numpy(chunk_rows))
         return torch.cat(values).to(queries.device), torch.cat(rows).to(queries.device)
 
-    def _search_blocks(self, queries: torch.Tensor, k: int, matmul: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_blocks(self, queries: torch.Tensor, k: int, matmul: str, bank_rows: int,
+                       query_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Running top-k over bank blocks x query chunks, each similarity block written into one reused buffer."""
         device = queries.device
         bank = _on_device(self._bank, device, self._resident)
         # half-precision matmuls only where they are fast (GPUs); on CPUs, half is a storage format
         compute_dtype = self.dtype if device.type == "cuda" else torch.float32
         queries = queries.detach().to(compute_dtype).contiguous()
-        bank_rows = min(self.size, self.bank_block_rows)
-        query_rows = max(1, min(queries.shape[0], self.chunk_bytes // (4 * bank_rows)))
-        buffer = _scratch(query_rows * bank_rows, compute_dtype, device)
+        buffer = self._buffer(query_rows * bank_rows, compute_dtype, device)
         values = torch.full((queries.shape[0], k), -torch.inf, device=device)  # running top-k, decreasing
         rows = torch.zeros((queries.shape[0], k), dtype=torch.int64, device=device)
         for b_start in range(0, self.size, bank_rows):
@@ -216,86 +198,22 @@ class InnerProductSearch:
                 values[part], rows[part] = merge_top_k(values[part], rows[part], block_values, columns + b_start, k)
         return values, rows
 
-    def _search_bf16(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fp32 top-k, ranked among candidates found with a bf16 product: every bank row whose bf16
-        similarity is within the rounding bounds of the k-th largest (docs/design.md, "bf16 candidates, fp32
-        neighbours"). Query chunks outer, so each chunk's candidates are final after one pass over the bank."""
-        device = queries.device
-        bank16, bank_norms = self._bf16_bank_on(device)
-        largest_norms = bank_norms.max(dim=1).values                         # (3,)
-        bank_rows = min(self.size, self.bank_block_rows)
-        query_rows = max(1, min(queries.shape[0], self.chunk_bytes // (4 * bank_rows)))
-        buffer = _scratch(query_rows * bank_rows, torch.bfloat16, device) if device.type == "cpu" else None
-        values = torch.empty((queries.shape[0], k), device=device)
-        rows = torch.empty((queries.shape[0], k), dtype=torch.int64, device=device)
-        for q_start in range(0, queries.shape[0], query_rows):
-            chunk = queries[q_start:q_start + query_rows].detach().to(torch.float32)
-            chunk16 = chunk.to(torch.bfloat16)
-            query_norms = _norms(chunk, chunk16)                             # (3, q)
-            best = torch.full((chunk.shape[0], k), -torch.inf, device=device)  # by bf16 similarity
-            best_rows = torch.zeros((chunk.shape[0], k), dtype=torch.int64, device=device)
-            candidates = []
-            for b_start in range(0, self.size, bank_rows):
-                block16 = bank16[b_start:b_start + bank_rows].to(device, non_blocking=True)
-                similarities = _bf16_product(chunk16, block16, buffer)       # (q, b)
-                roundoff = 0.0 if similarities.dtype == torch.float32 else BF16_UNIT_ROUNDOFF
-                maxima = group_maxima(similarities, k)
-                block_values, columns = top_of_groups(similarities, maxima, k)
-                best, best_rows = merge_top_k(best, best_rows, block_values, columns + b_start, k)
-                # a superset of the final candidates: the running k-th is at most the final one, and no row's
-                # bound exceeds the one with the bank's largest norms
-                largest_bound = rounding_bound(query_norms, largest_norms[:, None],
-                                               2 * query_norms[2] * largest_norms[2], roundoff, self.dim)
-                threshold = _float32_at_most(best[:, -1].double() - 2 * largest_bound)
-                query_index, column, similarity = entries_at_least(similarities, maxima, threshold)
-                candidates.append((query_index, column + b_start, similarity))
-            query_index, row, similarity = (torch.cat(parts) for parts in zip(*candidates))
-            # the final rule: within the bound of this row plus the largest bound of the k bf16-best rows
-            best_bound = rounding_bound(query_norms[:, :, None], bank_norms[:, best_rows], best.double(), roundoff,
-                                        self.dim).max(dim=1).values          # (q,)
-            bound = rounding_bound(query_norms[:, query_index], bank_norms[:, row], similarity.double(), roundoff,
-                                   self.dim)
-            keep = similarity.double() >= best[query_index, -1].double() - best_bound[query_index] - bound
-            query_index, row = query_index[keep], row[keep]
-            exact = self._fp32_similarities(chunk, query_index, row)
-            part = slice(q_start, q_start + chunk.shape[0])
-            values[part], rows[part] = _top_k_per_query(query_index, row, exact, chunk.shape[0], k)
-        return values, rows
-
-    def _fp32_similarities(self, queries: torch.Tensor, query_index: torch.Tensor,
-                           row: torch.Tensor) -> torch.Tensor:
-        """<queries[query_index], bank[row]> in float32, pair by pair, a chunk_bytes budget of rows at a time."""
-        pairs = max(1, self.chunk_bytes // (8 * self.dim))
-        results = []
-        for start in range(0, len(row), pairs):
-            bank_rows = self._bank.index_select(0, row[start:start + pairs].to(self._bank.device))
-            query_rows = queries.index_select(0, query_index[start:start + pairs])
-            results.append(torch.einsum("pd,pd->p", query_rows, bank_rows.to(queries.device)))
-        return torch.cat(results) if results else queries.new_empty(0)
+    def _buffer(self, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A similarity buffer of at least `size` elements, kept for the next search: a fresh one's pages fault
+        inside the first matmul (5% of a search on a 2-core VM)."""
+        key = (device, dtype)
+        if key not in self._buffers or self._buffers[key].numel() < size:
+            self._buffers[key] = similarity_buffer(size, dtype, device)
+        return self._buffers[key]
 
     def _bf16_bank_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bank in bf16 on `device` (when it fits there, else in host memory), made once, and its rows'
-        norms (3, M) float64: ||b||, ||b - bf16(b)||, ||bf16(b)||."""
+        """The bank in bf16 on `device` (when it fits there, else in host memory) and its rows' norms on `device`,
+        both made at the first bf16 search."""
         if self._bf16_bank is None:
-            bank16 = torch.empty(self._bank.shape, dtype=torch.bfloat16, device=self._bank.device)
-            norms = torch.empty((3, self.size), dtype=torch.float64, device=self._bank.device)
-            piece = max(1, self.chunk_bytes // (16 * self.dim))
-            for start in range(0, self.size, piece):
-                part = self._bank[start:start + piece]
-                bank16[start:start + piece] = part
-                norms[:, start:start + piece] = _norms(part, bank16[start:start + piece])
-            self._bf16_bank = bank16, norms
-            self._bf16_resident[bank16.device] = bank16
+            self._bf16_bank = bf16.round_bank(self._bank, self.chunk_bytes)
+            self._bf16_resident[self._bank.device] = self._bf16_bank[0]
         bank16, norms = self._bf16_bank
         return _on_device(bank16, device, self._bf16_resident), norms.to(device)
-
-
-def _scratch(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised 1-D buffer. On CPUs numpy allocates it, and asks Linux for huge pages (torch's large
-    allocations fault in 4 KB pages, inside the first matmul: 7% of a search's time on a 2-core VM)."""
-    if device.type != "cpu":
-        return torch.empty(size, dtype=dtype, device=device)
-    return torch.from_numpy(np.empty(size * dtype.itemsize, np.uint8)).view(dtype)
 
 
 def _on_device(bank: torch.Tensor, device: torch.device, resident: dict[torch.device, torch.Tensor]) -> torch.Tensor:
@@ -307,131 +225,6 @@ def _on_device(bank: torch.Tensor, device: torch.device, resident: dict[torch.de
         else:
             return bank
     return resident[device]
-
-
-def group_maxima(similarities: torch.Tensor, k: int) -> torch.Tensor:
-    """(q, groups) maxima of column groups: group g of a (q, b) block holds columns g * size ... g * size + size - 1
-    (size = GROUP, or 1 when b is under GROUP * (k + 1)); the last b mod size columns are in no group."""
-    width = similarities.shape[1]
-    size = GROUP if width // GROUP > k else 1
-    groups = width // size
-    return similarities[:, :groups * size].view(similarities.shape[0], groups, size).amax(dim=2)
-
-
-def _group_size(maxima: torch.Tensor, width: int) -> int:
-    """Columns per group of a block of `width` columns with these (q, groups) maxima."""
-    return 1 if maxima.shape[1] == width else GROUP
-
-
-def _columns(groups: torch.Tensor, maxima: torch.Tensor, width: int) -> torch.Tensor:
-    """(..., size) block columns of the group ids `groups`, for a block of `width` columns and its `maxima`."""
-    size = _group_size(maxima, width)
-    return groups[..., None] * size + torch.arange(size, device=groups.device)
-
-
-def _ungrouped(maxima: torch.Tensor, width: int) -> torch.Tensor:
-    """The columns in no group: the last width mod GROUP of a block grouped by GROUP, none otherwise."""
-    return torch.arange(maxima.shape[1] * _group_size(maxima, width), width, device=maxima.device)
-
-
-def top_of_groups(similarities: torch.Tensor, maxima: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The min(k, b) largest entries of each row of a (q, b) block, decreasing (float32), and their columns.
-
-    They lie in the k groups with the largest maxima or among the columns in no group, so only those are read."""
-    rows, width = similarities.shape
-    count, size = maxima.shape[1], _group_size(maxima, width)
-    top_groups = maxima.topk(min(k, count), dim=1, sorted=False).indices       # (q, n)
-    n = top_groups.shape[1]
-    body = similarities[:, :count * size].view(rows, count, size)
-    candidates = torch.cat([body.gather(1, top_groups[:, :, None].expand(-1, -1, size)).flatten(1),
-                            similarities[:, count * size:]], dim=1)            # (q, n * size + ungrouped)
-    values, picked = candidates.topk(min(k, width), dim=1)
-    # candidate p < n * size is member p mod size of group top_groups[p // size]; the others are the ungrouped columns
-    grouped = top_groups.gather(1, (picked // size).clamp(max=n - 1)) * size + picked % size
-    return values.float(), torch.where(picked < n * size, grouped, picked - n * size + count * size)
-
-
-def block_top_k(similarities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The min(k, b) largest entries of each row of a (q, b) similarity block, decreasing, and their columns:
-    one read of the block (its group maxima), then a top-k over k groups (docs/design.md)."""
-    return top_of_groups(similarities, group_maxima(similarities, k), k)
-
-
-def merge_top_k(values: torch.Tensor, rows: torch.Tensor, new_values: torch.Tensor, new_rows: torch.Tensor,
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest of two (q, *) sets of values and their rows, decreasing."""
-    merged, picked = torch.cat([values, new_values], dim=1).topk(k, dim=1)
-    return merged, torch.cat([rows, new_rows], dim=1).gather(1, picked)
-
-
-def entries_at_least(similarities: torch.Tensor, maxima: torch.Tensor,
-                     threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(query index, column, float32 value) of every entry >= threshold[query] (float32) of a (q, b) block,
-    reading only the groups whose maximum reaches the threshold and the columns in no group."""
-    rows, width = similarities.shape
-    query_index, group = (maxima.float() >= threshold[:, None]).nonzero(as_tuple=True)
-    columns = _columns(group, maxima, width)                                    # (P, size)
-    query_index = query_index[:, None].expand_as(columns)
-    ungrouped = _ungrouped(maxima, width)
-    query_index = torch.cat([query_index.flatten(), torch.arange(rows, device=similarities.device)
-                             .repeat_interleave(len(ungrouped))])
-    columns = torch.cat([columns.flatten(), ungrouped.repeat(rows)])
-    values = similarities[query_index, columns].float()
-    keep = values >= threshold[query_index]
-    return query_index[keep], columns[keep], values[keep]
-
-
-def _bf16_product(queries16: torch.Tensor, block16: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
-    """queries16 @ block16.T: in float32 on GPUs (out_dtype), in bf16 into `buffer` on CPUs, where torch's bf16
-    product has no float32 output (its bf16 rounding enters the bound)."""
-    if buffer is None:
-        return torch.mm(queries16, block16.T, out_dtype=torch.float32)
-    out = buffer[:queries16.shape[0] * block16.shape[0]].view(queries16.shape[0], block16.shape[0])
-    return torch.mm(queries16, block16.T, out=out)
-
-
-def _norms(rows: torch.Tensor, rows16: torch.Tensor) -> torch.Tensor:
-    """(3, n) float64: ||x||, ||x - bf16(x)||, ||bf16(x)|| of (n, D) float32 rows and their bf16 roundings
-    (x - bf16(x) is exact in float32)."""
-    return torch.stack([torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
-                        for x in (rows, rows - rows16.float(), rows16)])
-
-
-def rounding_bound(query_norms: torch.Tensor, bank_norms: torch.Tensor, similarity: torch.Tensor,
-                   output_roundoff: float, dim: int) -> torch.Tensor:
-    """A bound on |bf16 product's similarity - fp32 similarity| of a query and a bank row, elementwise (float64).
-
-    query_norms and bank_norms: `_norms`'s three rows, broadcast together; `similarity`: the bf16 product's value
-    (its output rounding is output_roundoff * |value| / (1 - output_roundoff)). Derived in docs/design.md
-    ("bf16 candidates, fp32 neighbours"); times BOUND_SCALE, and 2^-20 more for this float64 evaluation."""
-    gamma = dim * ACCUMULATION_UNIT_ROUNDOFF / (1 - dim * ACCUMULATION_UNIT_ROUNDOFF)
-    (query, query_residual, query16), (row, row_residual, row16) = query_norms, bank_norms
-    bound = (query16 * row_residual + query_residual * row + gamma * (query16 * row16 + query * row)
-             + output_roundoff / (1 - output_roundoff) * similarity.abs() + 2 * dim * 2.0 ** -126)
-    return BOUND_SCALE * (1 + 2.0 ** -20) * bound
-
-
-def _float32_at_most(values: torch.Tensor) -> torch.Tensor:
-    """The float64 `values` as float32, rounded down (so that `x >= result` keeps every x >= value)."""
-    rounded = values.float()
-    return torch.where(rounded.double() > values, torch.nextafter(rounded, rounded.new_tensor(-torch.inf)), rounded)
-
-
-def _top_k_per_query(query_index: torch.Tensor, row: torch.Tensor, similarity: torch.Tensor, queries: int,
-                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(queries, k) largest similarities of each query's candidate pairs, decreasing, and their rows (every query
-    has at least k candidates)."""
-    order = torch.argsort(similarity, descending=True, stable=True)
-    order = order[torch.argsort(query_index[order], stable=True)]  # by query, each query's pairs decreasing
-    query_index, row, similarity = query_index[order], row[order], similarity[order]
-    counts = torch.bincount(query_index, minlength=queries)
-    rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[query_index]
-    first = rank < k
-    values = torch.empty((queries, k), device=similarity.device)
-    rows = torch.empty((queries, k), dtype=torch.int64, device=similarity.device)
-    values[query_index[first], rank[first]] = similarity[first]
-    rows[query_index[first], rank[first]] = row[first]
-    return values, rows
 
 
 def _shards_fit(rows: int, dim: int, devices: list[int]) -> bool:

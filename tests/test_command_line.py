@@ -3,8 +3,10 @@ output folder, a --help that lists the names, and the provenance config.yaml rec
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,29 @@ def test_help_describes_every_flag_once_and_lists_the_registered_names():
     for kind in ("models", "datasets", "detectors"):
         assert f"{kind} (configs/{kind}): {', '.join(available(kind))}" in flat
     assert "--model, --model_name, -m MODEL" in text  # aliases named once, before the value
+
+
+# prints OPENBLAS_THREAD_TIMEOUT as it is when numpy is first imported, the moment OpenBLAS reads it
+NUMPY_LOAD_WATCH = """
+import os, sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            print("at numpy's load:", os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+            sys.meta_path.remove(self)
+sys.meta_path.insert(0, Watch())
+import main
+"""
+
+
+@pytest.mark.parametrize("given, expected", [(None, "20"), ("24", "24")])
+def test_main_sets_openblas_thread_timeout_before_numpy_loads_unless_the_user_did(given, expected):
+    """OpenBLAS reads it once, at load: set later, its idle threads would spin and slow the search's top-k."""
+    env = {key: value for key, value in os.environ.items() if key != "OPENBLAS_THREAD_TIMEOUT"}
+    env.update({"OPENBLAS_THREAD_TIMEOUT": given} if given else {})
+    printed = subprocess.run([sys.executable, "-c", NUMPY_LOAD_WATCH], cwd=REPO, env=env, capture_output=True,
+                             text=True, check=True).stdout
+    assert printed.splitlines() == [f"at numpy's load: {expected}"]
 
 
 @pytest.mark.parametrize("argv", [["--output-dir", "somewhere"], ["--data-root", "d", "--ood-data", "svhn"],

@@ -59,6 +59,19 @@ def test_auto_uses_numpys_matmul_for_large_cpu_searches_and_torchs_for_small_one
     assert index.matmul_for(torch.zeros(3, 100, device="meta")) == "torch"  # any accelerator: torch's
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_searches_of_other_sizes_reuse_the_similarity_buffer_exactly(backend):
+    """The index keeps its similarity buffer between searches: a small search, a larger one (the buffer grows),
+    then a small one again (the front of the larger buffer) each give a fresh index's neighbours."""
+    bank = random_unit_rows(3000, 16, seed=4)
+    options = {"backend": backend, "chunk_bytes": 4 * 40 * 1000, "bank_block_rows": 1000}
+    index = InnerProductSearch(bank, **options)
+    for queries in (random_unit_rows(5, 16, seed=5), random_unit_rows(90, 16, seed=6), random_unit_rows(7, 16, 7)):
+        values, rows = index.top_k(queries, 5)
+        fresh_values, fresh_rows = InnerProductSearch(bank, **options).top_k(queries, 5)
+        assert torch.equal(rows, fresh_rows) and torch.equal(values, fresh_values)
+
+
 @pytest.mark.parametrize("matmul", MATMULS)
 def test_each_cpu_matmul_writes_the_product_into_the_buffer(matmul):
     queries, block, out = random_unit_rows(5, 8, seed=15), random_unit_rows(7, 8, seed=16), torch.full((5, 7), 9.0)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ood_detectors.search as search
+import ood_detectors.bf16 as bf16
 from ood_detectors import create_detector
-from ood_detectors.search import InnerProductSearch, rounding_bound
+from ood_detectors.bf16 import rounding_bound
+from ood_detectors.search import InnerProductSearch
 
 
 def relu_features(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -81,7 +82,7 @@ def test_a_near_tie_at_the_bound_gives_the_fp32_neighbour():
 
 def test_half_the_bound_loses_the_true_neighbour(monkeypatch):
     """The bound is not loose by 2x: halved, it drops A from the candidates and returns B."""
-    monkeypatch.setattr(search, "BOUND_SCALE", 0.5)
+    monkeypatch.setattr(bf16, "BOUND_SCALE", 0.5)
     bank, query = near_tie_at_the_bound()
     values, rows = InnerProductSearch(bank, backend="torch", precision="bf16").top_k(query, 1)
     assert rows.item() == 21 and values.item() == 256.875
@@ -90,13 +91,13 @@ def test_half_the_bound_loses_the_true_neighbour(monkeypatch):
 def test_auto_uses_bf16_only_for_large_searches_where_it_is_native(monkeypatch):
     bank = torch.randn(1000, 100)
     index = InnerProductSearch(bank)
-    monkeypatch.setattr(search, "native_bf16", lambda device: True)
-    assert not index.uses_bf16(torch.zeros(499_999, 100))  # just under BF16_MIN_FLOPS (1e11)
+    monkeypatch.setattr(bf16, "native_bf16", lambda device: True)
+    assert not index.uses_bf16(torch.zeros(499_999, 100))  # just under bf16.MIN_FLOPS (1e11)
     assert index.uses_bf16(torch.empty(500_000, 100))
     assert not InnerProductSearch(bank, backend="numpy").uses_bf16(torch.empty(500_000, 100))  # numpy: fp32
     assert not InnerProductSearch(bank, bank_dtype="float16").uses_bf16(torch.empty(500_000, 100))
     assert not InnerProductSearch(bank, precision="fp32").uses_bf16(torch.empty(500_000, 100))
-    monkeypatch.setattr(search, "native_bf16", lambda device: False)
+    monkeypatch.setattr(bf16, "native_bf16", lambda device: False)
     assert not index.uses_bf16(torch.empty(500_000, 100))
     assert InnerProductSearch(bank, precision="bf16").uses_bf16(torch.zeros(1, 100))  # asked for: always
 
