@@ -200,7 +200,7 @@ class InnerProductSearch:
 
     def _buffer(self, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A similarity buffer of at least `size` elements, kept for the next search: a fresh one's pages fault
-        inside the first matmul (5% of a search on a 2-core VM)."""
+        inside the first matmul, 5-7% of a search on a 2-core VM."""
         key = (device, dtype)
         if key not in self._buffers or self._buffers[key].numel() < size:
             self._buffers[key] = similarity_buffer(size, dtype, device)
