@@ -1,6 +1,6 @@
 """precision="bf16": candidates from a bfloat16 product, ranked by fp32 similarity, give exactly the fp32 search's
-neighbours, on random data, on ReLU features with confidence-scaled rows, and on a constructed case at the
-rounding bound, which a halved bound gets wrong."""
+neighbours, on random data, on ReLU features with confidence-scaled rows, and on constructed cases at the
+rounding bound, which a halved bound gets wrong; on the CPU's branch (bf16 output) and on the GPUs' (float32)."""
 from __future__ import annotations
 
 import pytest
@@ -86,6 +86,45 @@ def test_half_the_bound_loses_the_true_neighbour(monkeypatch):
     bank, query = near_tie_at_the_bound()
     values, rows = InnerProductSearch(bank, backend="torch", precision="bf16").top_k(query, 1)
     assert rows.item() == 21 and values.item() == 256.875
+
+
+def gpu_branch_top_k(bank: torch.Tensor, queries: torch.Tensor, k: int, monkeypatch, bank_rows: int = 0,
+                     query_rows: int = 0):
+    """bf16.top_k on the branch GPUs take: the product returned in float32 (`out_dtype`), so no output rounding
+    enters the bound. torch has no such product on CPUs; the same one, bf16 inputs summed in float32, stands in."""
+    buffers = []
+    monkeypatch.setattr(bf16, "_bf16_product", lambda queries16, block16, buffer: buffers.append(buffer) or
+                        queries16.float() @ block16.float().T)
+    bank16, norms = bf16.round_bank(bank, chunk_bytes=1 << 20)
+    found = bf16.top_k(queries, k, bank, bank16, norms, bank_rows or len(bank), query_rows or len(queries),
+                       chunk_bytes=1 << 20, buffer=None)
+    assert buffers and set(buffers) == {None}
+    return found
+
+
+def test_the_gpu_branch_gives_the_fp32_neighbours_of_scaled_relu_features(monkeypatch):
+    confidence = 1 + 19 * torch.rand(4000, generator=torch.Generator().manual_seed(11))
+    bank, queries = relu_features(4000, 128, seed=10) * confidence[:, None], relu_features(300, 128, seed=12)
+    values, rows = gpu_branch_top_k(bank, queries, 10, monkeypatch, bank_rows=700, query_rows=50)
+    exact_values, exact_rows = InnerProductSearch(bank, backend="torch", precision="fp32").top_k(queries, 10)
+    assert torch.equal(rows, exact_rows)
+    torch.testing.assert_close(values, exact_values, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("scale", "row"), [(1.0, 20), (0.5, 21)])
+def test_the_gpu_branch_keeps_a_near_tie_at_its_bound_and_loses_it_with_half(scale, row, monkeypatch):
+    """Without output rounding the bound is the two rows' input rounding, 0.25 each (plus 0.016 of accumulation):
+    A (257.125 in fp32) comes out 256.875 in bf16 and B (257.0) 257.25, 0.375 behind, within 0.53 of bounds
+    but not within half of them."""
+    monkeypatch.setattr(bf16, "BOUND_SCALE", scale)
+    a, b = torch.ones(256), torch.ones(256)
+    a[0], b[0] = 1.875, 2.25
+    noise = 0.1 * torch.rand(50, 256, generator=torch.Generator().manual_seed(13))
+    bank, query = torch.cat([noise[:20], torch.stack([a + 2.0 ** -10, b - 2.0 ** -10]), noise[20:]]), torch.ones(1, 256)
+    assert (bank[20:22] @ query.T).flatten().tolist() == [257.125, 257.0]
+    assert (bank[20:22].bfloat16().float() @ query.T).flatten().tolist() == [256.875, 257.25]
+    values, rows = gpu_branch_top_k(bank, query, 1, monkeypatch)
+    assert rows.item() == row and values.item() == [257.125, 257.0][row - 20]
 
 
 def test_auto_uses_bf16_only_for_large_searches_where_it_is_native(monkeypatch):
