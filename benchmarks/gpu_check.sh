@@ -14,11 +14,13 @@ if [[ "${1:-}" == "--cpu" ]]; then
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$python_bin" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_detectors.py tests/test_search.py
-echo "## detectors, 1% ImageNet bank"
+"$python_bin" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_detectors.py tests/test_search.py \
+    tests/test_search_bf16.py
+echo "## detectors, 1% ImageNet bank (precision auto: bf16 candidates on a GPU)"
 "$python_bin" benchmarks/detectors.py --device cuda --backend auto
-echo "## top-k search, full ImageNet bank (1,281,167 x 2048)"
-"$python_bin" benchmarks/detectors.py --device cuda --backend auto --detectors knn nnguide --bank-size 1281167 --repeats 1
+echo "## top-k search, full ImageNet bank (1,281,167 x 2048), fp32 and bf16 candidates"
+"$python_bin" benchmarks/detectors.py --device cuda --backend auto --detectors knn nnguide --bank-size 1281167 --repeats 1 --precision fp32
+"$python_bin" benchmarks/detectors.py --device cuda --backend auto --detectors knn nnguide --bank-size 1281167 --repeats 1 --precision bf16
 echo "## the same with a float16 bank"
 "$python_bin" benchmarks/detectors.py --device cuda --backend auto --detectors knn nnguide --bank-size 1281167 --repeats 1 --bank-dtype float16
 echo "## extraction"

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import main
-from ood_detectors import available_detectors, create_detector
+from ood_detectors import available_detectors, bf16, create_detector
 from ood_detectors.search import InnerProductSearch, faiss_gpu_count
 from tests.test_detectors import make_outputs
+from tests.test_search_bf16 import float32_output_near_tie, relu_features
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,8 +50,27 @@ def test_a_bank_too_large_for_the_gpu_is_streamed_from_host_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 1 << 40))  # "1 KiB free"
     streamed_index = InnerProductSearch(bank, backend="torch", bank_block_rows=512)
     streamed = streamed_index.search(queries, 7)
-    assert streamed.device.type == "cuda" and streamed_index._bank_on(queries.device).device.type == "cpu"
+    assert streamed.device.type == "cuda" and list(streamed_index._resident) == [torch.device("cpu")]  # no copy
     torch.testing.assert_close(streamed, resident)
+
+
+def test_bf16_on_cuda_gives_the_fp32_neighbours():
+    """Tensor cores: the bf16 product returned in float32, candidates re-ranked in fp32 (whole bank resident)."""
+    confidence = 1 + 19 * torch.rand(4000, generator=torch.Generator().manual_seed(2))
+    bank, queries = (relu_features(4000, 128, seed=1) * confidence[:, None]).cuda(), relu_features(300, 128, 3).cuda()
+    exact_values, exact_rows = InnerProductSearch(bank, backend="torch", precision="fp32").top_k(queries, 10)
+    index = InnerProductSearch(bank, precision="bf16", bank_block_rows=700)
+    values, rows = index.top_k(queries, 10)
+    assert index.uses_bf16(queries) and torch.equal(rows, exact_rows)
+    torch.testing.assert_close(values, exact_values, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("scale", "row", "value"), [(1.0, 20, 257.125), (0.5, 21, 257.0)])
+def test_bf16_on_cuda_keeps_a_near_tie_at_its_bound_and_loses_it_with_half(scale, row, value, monkeypatch):
+    monkeypatch.setattr(bf16, "BOUND_SCALE", scale)
+    bank, query = float32_output_near_tie()
+    values, rows = InnerProductSearch(bank.cuda(), precision="bf16").top_k(query.cuda(), 1)
+    assert rows.item() == row and values.item() == value
 
 
 def test_float16_bank_on_the_gpu_stays_close_to_float32():

@@ -111,20 +111,24 @@ def test_the_gpu_branch_gives_the_fp32_neighbours_of_scaled_relu_features(monkey
     torch.testing.assert_close(values, exact_values, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(("scale", "row"), [(1.0, 20), (0.5, 21)])
-def test_the_gpu_branch_keeps_a_near_tie_at_its_bound_and_loses_it_with_half(scale, row, monkeypatch):
-    """Without output rounding the bound is the two rows' input rounding, 0.25 each (plus 0.016 of accumulation):
-    A (257.125 in fp32) comes out 256.875 in bf16 and B (257.0) 257.25, 0.375 behind, within 0.53 of bounds
-    but not within half of them."""
-    monkeypatch.setattr(bf16, "BOUND_SCALE", scale)
+def float32_output_near_tie() -> tuple[torch.Tensor, torch.Tensor]:
+    """A near-tie for a bf16 product returned in float32 (no output rounding; the bound is the two rows' input
+    rounding, 0.25 each, plus 0.016 of accumulation): A (row 20, 257.125 in fp32) comes out 256.875 in bf16 and
+    B (row 21, 257.0) 257.25, 0.375 ahead, within the 0.53 of their bounds but not within half of it."""
     a, b = torch.ones(256), torch.ones(256)
     a[0], b[0] = 1.875, 2.25
     noise = 0.1 * torch.rand(50, 256, generator=torch.Generator().manual_seed(13))
     bank, query = torch.cat([noise[:20], torch.stack([a + 2.0 ** -10, b - 2.0 ** -10]), noise[20:]]), torch.ones(1, 256)
     assert (bank[20:22] @ query.T).flatten().tolist() == [257.125, 257.0]
     assert (bank[20:22].bfloat16().float() @ query.T).flatten().tolist() == [256.875, 257.25]
-    values, rows = gpu_branch_top_k(bank, query, 1, monkeypatch)
-    assert rows.item() == row and values.item() == [257.125, 257.0][row - 20]
+    return bank, query
+
+
+@pytest.mark.parametrize(("scale", "row", "value"), [(1.0, 20, 257.125), (0.5, 21, 257.0)])
+def test_the_gpu_branch_keeps_a_near_tie_at_its_bound_and_loses_it_with_half(scale, row, value, monkeypatch):
+    monkeypatch.setattr(bf16, "BOUND_SCALE", scale)
+    values, rows = gpu_branch_top_k(*float32_output_near_tie(), 1, monkeypatch)
+    assert rows.item() == row and values.item() == value
 
 
 def test_auto_uses_bf16_only_for_large_searches_where_it_is_native(monkeypatch):
