@@ -225,6 +225,7 @@ def test_a_checkpoint_of_another_architecture_lists_the_first_missing_and_unexpe
 
 
 @pytest.mark.slow  # 80 builders, forwarded on the meta device: about 20 s
+@pytest.mark.filterwarnings("ignore:The default weight initialization of:FutureWarning")  # googlenet, inception_v3
 def test_every_torchvision_classification_builder_gives_a_feature_or_one_line_why_not():
     outcomes = {}
     for builder in torchvision.models.list_models(module=torchvision.models):
