@@ -1,7 +1,7 @@
 """Time the exact top-k search against the matmul it is built on, faiss's IndexFlatIP, and the bf16 path.
 
 For the issue's shapes (a 1% ImageNet bank, 12,811 x 2048, 15,000 queries, k=10) and for one bank block of the
-full 1.28M bank (65,536 rows, the queries of one 256 MB similarity block), it prints our fp32 search's time as a
+full 1.28M bank (65,536 rows, the 4,096 queries of one 1 GB similarity block), it prints our fp32 search's time as a
 fraction of (a) the best fp32 matmul of the same shape in this process (numpy's and torch's, into a fresh and
 into a reused output; timed in turn with our search, round by round), (b) numpy's matmul in a subprocess
 without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, with the kernel threadpoolctl reports, and (c) faiss-cpu's
@@ -30,7 +30,7 @@ from ood_detectors.bf16 import native_bf16  # noqa: E402
 from ood_detectors import search  # noqa: E402
 from ood_detectors.search import InnerProductSearch, faiss_available  # noqa: E402
 
-SHAPES = {"issue": (12811, 15000), "block": (65536, 1024)}  # (bank rows, queries); width 2048, k = 10
+SHAPES = {"issue": (12811, 15000), "block": (65536, 4096)}  # (bank rows, queries); width 2048, k = 10
 SUBPROCESS = """
 import json, sys, time, numpy as np, threadpoolctl
 rows, queries, dim, repeats = map(int, sys.argv[1:])

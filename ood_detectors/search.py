@@ -88,7 +88,7 @@ class InnerProductSearch:
     """
 
     def __init__(self, bank: torch.Tensor, backend: str = "auto", bank_dtype: str = "float32",
-                 precision: str = "auto", chunk_bytes: int = 1 << 28, bank_block_rows: int = 1 << 16) -> None:
+                 precision: str = "auto", chunk_bytes: int = 1 << 30, bank_block_rows: int = 1 << 16) -> None:
         if bank.ndim != 2 or bank.shape[0] == 0 or not bank.is_floating_point():
             raise ValueError(f"the search bank must be a non-empty 2-D float tensor, got {bank.dtype} "
                              f"{tuple(bank.shape)}")
@@ -98,7 +98,7 @@ class InnerProductSearch:
         self.precision = precision
         self.size, self.dim = bank.shape
         self.dtype = BANK_DTYPES[bank_dtype]
-        self.chunk_bytes = chunk_bytes            # budget for one (queries x bank block) similarity matrix
+        self.chunk_bytes = chunk_bytes  # one (queries x bank block) similarity matrix: 1 GB holds 15,000 x 12,811
         self.bank_block_rows = bank_block_rows    # blocked backends: bank rows per matmul
         if self.backend == "faiss":
             devices = list(range(faiss_gpu_count())) or [None]
