@@ -64,11 +64,16 @@ def near_tie_at_the_bound() -> tuple[torch.Tensor, torch.Tensor]:
     to the query). Their bf16 sums, 256.875 and 257.125, straddle bf16's midpoint 257 and round to 256 and 258,
     about bf16's unit roundoff times the value each. So A trails B by 2 while the two bounds add up to 2.55:
     A is a candidate, and with half the bound it is not."""
+    return rows_a_and_b(1.875, 2.125, noise_seed=6)
+
+
+def rows_a_and_b(a_first: float, b_first: float, noise_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An all-ones query and a bank of 52 rows: A (row 20) is ones with first entry a_first, every entry 2^-10
+    above its bf16 value; B (row 21) ones with b_first, every entry 2^-10 below; the rest noise far below both."""
     a, b = torch.ones(256), torch.ones(256)
-    a[0], b[0] = 1.875, 2.125
-    bank = torch.stack([a + 2.0 ** -10, b - 2.0 ** -10])
-    noise = 0.1 * torch.rand(50, 256, generator=torch.Generator().manual_seed(6))  # far below both
-    return torch.cat([noise[:20], bank, noise[20:]]), torch.ones(1, 256)
+    a[0], b[0] = a_first, b_first
+    noise = 0.1 * torch.rand(50, 256, generator=torch.Generator().manual_seed(noise_seed))
+    return torch.cat([noise[:20], torch.stack([a + 2.0 ** -10, b - 2.0 ** -10]), noise[20:]]), torch.ones(1, 256)
 
 
 def test_a_near_tie_at_the_bound_gives_the_fp32_neighbour():
@@ -115,10 +120,7 @@ def float32_output_near_tie() -> tuple[torch.Tensor, torch.Tensor]:
     """A near-tie for a bf16 product returned in float32 (no output rounding; the bound is the two rows' input
     rounding, 0.25 each, plus 0.016 of accumulation): A (row 20, 257.125 in fp32) comes out 256.875 in bf16 and
     B (row 21, 257.0) 257.25, 0.375 ahead, within the 0.53 of their bounds but not within half of it."""
-    a, b = torch.ones(256), torch.ones(256)
-    a[0], b[0] = 1.875, 2.25
-    noise = 0.1 * torch.rand(50, 256, generator=torch.Generator().manual_seed(13))
-    bank, query = torch.cat([noise[:20], torch.stack([a + 2.0 ** -10, b - 2.0 ** -10]), noise[20:]]), torch.ones(1, 256)
+    bank, query = rows_a_and_b(1.875, 2.25, noise_seed=13)
     assert (bank[20:22] @ query.T).flatten().tolist() == [257.125, 257.0]
     assert (bank[20:22].bfloat16().float() @ query.T).flatten().tolist() == [256.875, 257.25]
     return bank, query
